@@ -1,0 +1,143 @@
+"""Write the embedded world's data sets as jsonl (``moslim world build --out DIR``).
+
+Files (one JSON object a line):
+- ``rm_train.jsonl`` / ``rm_eval.jsonl``: ``{"prompt_id", "prompt", "response", "ratings": {dim: raw}}``,
+  several rated responses per prompt, like UltraFeedback's completions. Eval prompts use prompt
+  texts that never occur in training.
+- ``sft.jsonl``: ``{"prompt", "response"}`` without prefixes (the neutral warm start).
+- ``policy_train.jsonl`` / ``policy_eval.jsonl``: ``{"prompt", "targets": {dim: level}}`` where the
+  prompt starts with a random 1-3 dimension prefix (paper §3.2).
+- ``world.json``: the preference spec and the counts.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+from pathlib import Path
+
+from ..prefs import PreferenceSpec, SpecError, format_prefix
+from . import oracle, task
+
+
+def check_world_spec(spec: PreferenceSpec) -> None:
+    """The world can score only its own dimensions, on their native scales."""
+    for dim in spec.dimensions:
+        if dim.name not in oracle.ORACLE_SCALES:
+            raise SpecError(
+                f"the embedded world has no dimension {dim.name!r}; it has {', '.join(oracle.ORACLE_SCALES)}"
+            )
+        if tuple(dim.raw_range) != tuple(float(x) for x in oracle.ORACLE_SCALES[dim.name]):
+            raise SpecError(f"dimension {dim.name!r}: raw_range {dim.raw_range} is not the oracle's scale")
+
+
+def all_prompt_texts() -> list[str]:
+    return [
+        " ".join(p for p in (opener, topic, closer) if p)
+        for topic in task.TOPICS
+        for opener in task.PROMPT_OPENERS
+        for closer in task.PROMPT_CLOSERS
+    ]
+
+
+def split_prompt_texts(seed: int, eval_fraction: float = 0.15) -> tuple[list[str], list[str]]:
+    """Disjoint train/eval prompt texts, stratified by topic so every topic is in both."""
+    rng = random.Random(seed * 7919 + 1)
+    train, held = [], []
+    for topic in task.TOPICS:
+        texts = [p for p in all_prompt_texts() if task.topic_of_prompt(p) == topic]
+        rng.shuffle(texts)
+        n_eval = max(1, int(len(texts) * eval_fraction))
+        held += texts[:n_eval]
+        train += texts[n_eval:]
+    return train, held
+
+
+def _pick_prompt(rng: random.Random, texts: list[str], harmful_fraction: float) -> str:
+    harmful, benign = _by_harm(tuple(texts))
+    return rng.choice(harmful if rng.random() < harmful_fraction else benign)
+
+
+@functools.lru_cache(maxsize=8)
+def _by_harm(texts: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    harmful = [p for p in texts if task.is_harmful(task.topic_of_prompt(p))]
+    return harmful, [p for p in texts if p not in set(harmful)]
+
+
+def rm_records(rng, texts, num_prompts, responses_per_prompt, harmful_fraction, spec, id_prefix):
+    rows = []
+    for i in range(num_prompts):
+        prompt = _pick_prompt(rng, texts, harmful_fraction)
+        for _ in range(responses_per_prompt):
+            response = task.sample_response(rng, prompt)
+            rows.append(
+                {
+                    "prompt_id": f"{id_prefix}{i}",
+                    "prompt": prompt,
+                    "response": response,
+                    "ratings": oracle.score(prompt, response, spec.names),
+                }
+            )
+    return rows
+
+
+def random_targets(rng: random.Random, spec: PreferenceSpec, max_dims: int = 3) -> dict[str, int]:
+    """1..min(3, n) distinct dimensions in random order, each with a uniform random class."""
+    k = rng.randint(1, min(max_dims, len(spec)))
+    names = rng.sample(list(spec.names), k)
+    return {n: rng.randrange(spec[n].num_classes) for n in names}
+
+
+def policy_records(rng, texts, n, harmful_fraction, spec):
+    rows = []
+    for _ in range(n):
+        targets = random_targets(rng, spec)
+        prompt = format_prefix(targets, spec) + _pick_prompt(rng, texts, harmful_fraction)
+        rows.append({"prompt": prompt, "targets": {k: spec[k].first_level + v for k, v in targets.items()}})
+    return rows
+
+
+def write_jsonl(path: Path, rows) -> None:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def build_world(world_cfg, spec: PreferenceSpec, out_dir: str | Path) -> dict[str, Path]:
+    """Generate every set deterministically from ``world_cfg.seed``; returns name → path."""
+    check_world_spec(spec)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_texts, eval_texts = split_prompt_texts(world_cfg.seed)
+    hf = world_cfg.harmful_fraction
+    # One generator per set, so changing one set's size leaves the others unchanged.
+    sets = {
+        "rm_train": rm_records(
+            random.Random(f"{world_cfg.seed}-rm-train"), train_texts, world_cfg.num_rm_prompts,
+            world_cfg.responses_per_prompt, hf, spec, "t",
+        ),
+        "rm_eval": rm_records(
+            random.Random(f"{world_cfg.seed}-rm-eval"), eval_texts, world_cfg.num_rm_eval_prompts,
+            world_cfg.responses_per_prompt, hf, spec, "e",
+        ),
+        "sft": [
+            {"prompt": p, "response": task.sample_response(rng, p)}
+            for rng in [random.Random(f"{world_cfg.seed}-sft")]
+            for p in (_pick_prompt(rng, train_texts, hf) for _ in range(world_cfg.num_sft))
+        ],
+        "policy_train": policy_records(
+            random.Random(f"{world_cfg.seed}-policy"), train_texts, world_cfg.num_policy_prompts, hf, spec
+        ),
+        "policy_eval": policy_records(
+            random.Random(f"{world_cfg.seed}-policy-eval"), eval_texts, max(50, world_cfg.num_policy_prompts // 10),
+            hf, spec,
+        ),
+    }
+    paths = {}
+    for name, rows in sets.items():
+        paths[name] = out / f"{name}.jsonl"
+        write_jsonl(paths[name], rows)
+    meta = {"seed": world_cfg.seed, "spec": spec.to_dict(), "counts": {k: len(v) for k, v in sets.items()}}
+    (out / "world.json").write_text(json.dumps(meta, indent=2))
+    return paths
