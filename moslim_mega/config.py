@@ -169,8 +169,24 @@ _CHOICES = {
 
 
 # ---- reading ---------------------------------------------------------------------------------
+class _Override:
+    """A command-line value: YAML-parsed, but string and boolean fields fall back to the typed
+    text, so ``run.data_dir=2024`` is the string ``2024`` and ``rm.calibrate=1`` is True rather
+    than integers that fail the type check."""
+
+    __slots__ = ("raw", "parsed")
+
+    def __init__(self, raw: str, parsed):
+        self.raw, self.parsed = raw, parsed
+
+    def __repr__(self) -> str:
+        return repr(self.raw)
+
+
 def _coerce(value, tp, key: str):
     """Check/convert one leaf value to the annotated type; ConfigError names the key."""
+    if isinstance(value, _Override):
+        value = value.raw.strip() if tp in (str, bool) and not isinstance(value.parsed, tp) else value.parsed
     origin = typing.get_origin(tp)
     if tp is bool:
         if isinstance(value, bool):
@@ -247,7 +263,9 @@ def _parse_override(text: str) -> tuple[list[str], object]:
         value = raw
     if value is None:
         value = raw
-    return key.strip().split("."), value
+    if isinstance(value, (dict, list)):  # a section or a list: YAML's typing stands, as in a file
+        return key.strip().split("."), value
+    return key.strip().split("."), _Override(raw, value)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), cls=Config):

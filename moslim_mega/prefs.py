@@ -13,6 +13,7 @@ Public API: :class:`Dimension`, :class:`PreferenceSpec`, :func:`parse_prefix`,
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 
@@ -63,6 +64,8 @@ _DEFAULT_ALIASES: dict[str, tuple[str, ...]] = {
     "politeness": ("polite",),
     "conciseness": ("concise",),
 }
+
+_ALIAS_TO_NAME: dict[str, str] = {a: name for name, aliases in _DEFAULT_ALIASES.items() for a in aliases}
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -125,7 +128,7 @@ class Dimension:
         """Bin a raw rating into a class index; raises :class:`LabelError` when it cannot."""
         if isinstance(rating, bool):
             rating = int(rating)
-        if not isinstance(rating, (int, float, str)):
+        if not isinstance(rating, (numbers.Real, str)):  # numbers.Real also admits numpy scalars
             raise LabelError(f"rating for {self.name!r} must be a number, got {rating!r}")
         try:
             value = float(rating)
@@ -172,7 +175,7 @@ class PreferenceSpec:
             raise SpecError(f"{len(names)} dimension names but {len(num_classes)} class counts")
         dims = []
         for name, k in zip(names, num_classes):
-            name = name.lower()
+            name = _ALIAS_TO_NAME.get(name.lower(), name.lower())  # `harmless` → `harmlessness`
             binary = name == "harmlessness"
             first = (first_levels or {}).get(name, 0 if binary else 1)
             dims.append(
@@ -295,7 +298,7 @@ def parse_prefix(text: str, spec: PreferenceSpec) -> tuple[dict[str, int], str]:
         else:
             try:
                 cls = dim.level_to_class(int(level))
-            except PrefixError as e:
+            except ValueError as e:  # PrefixError, or int() refusing a >4300-digit level
                 raise PrefixError(f"in tag {tag!r}: {e}") from None
         targets[dim.name] = cls
         pos = end + 1
