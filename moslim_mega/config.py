@@ -81,6 +81,8 @@ class ModelConfig:
 class RewardConfig:
     """Multi-head classification reward model training (paper §2.2, Eq. 6-10)."""
 
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The reward model's backbone."""
     loss: str = "per_head_ce"
     """`per_head_ce` (Eq. 6-9, default) or `paper_eq10` (Eq. 10 taken literally)."""
     class_weights: str = "none"
@@ -126,6 +128,123 @@ class MappingConfig:
 
 
 @dataclass(frozen=True)
+class SamplingConfig:
+    """How the rollout engine samples responses."""
+
+    temperature: float = 1.0
+    """Softmax temperature (0 = greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1 = off)."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0 = off)."""
+    max_new_tokens: int = 12
+    """Longest response in tokens (EOS ends a response earlier)."""
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Supervised warm start on prefix-free (prompt, response) pairs: the stand-in for an
+    off-the-shelf model (the paper starts from any SFT checkpoint)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy architecture (or a local checkpoint to fine-tune)."""
+    lr: float = 2e-3
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 20
+    """Linear warm-up steps, then linear decay to 10% of lr."""
+    epochs: float = 3.0
+    """Passes over the SFT set."""
+    batch_size: int = 64
+    """Examples per optimizer step."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 = off)."""
+    max_length: int = 64
+    """Truncate prompt+response to this many tokens."""
+    max_minutes: float = 0.0
+    """Stop after this many minutes (0 = no limit)."""
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """MOSLIM policy optimisation (paper §2.3, Eq. 12) with PPO, RLOO or Online-DPO."""
+
+    algo: str = "rloo"
+    """`ppo` (critic + GAE), `rloo` (leave-one-out baseline) or `online_dpo`."""
+    init: str = ""
+    """Policy start: a HF checkpoint directory (e.g. an SFT run's `model/`); empty = the demo's SFT."""
+    rm_dir: str = ""
+    """A trained reward-model directory (`moslim rm train --out`); empty = the demo's RM."""
+    steps: int = 150
+    """Rollout → update iterations."""
+    prompts_per_step: int = 32
+    """Prompts sampled per iteration."""
+    samples_per_prompt: int = 4
+    """Responses per prompt (RLOO needs ≥ 2; Online-DPO ranks them)."""
+    lr: float = 5e-4
+    """Policy AdamW learning rate."""
+    critic_lr: float = 1e-3
+    """Critic AdamW learning rate (PPO)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 10
+    """Linear warm-up of both learning rates."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 = off)."""
+    update_epochs: int = 1
+    """Passes over each rollout batch."""
+    mini_batch_size: int = 64
+    """Sequences per optimizer step within a rollout batch."""
+    micro_batch_size: int = 0
+    """Sequences per forward/backward (gradient accumulation); 0 = the mini-batch."""
+    clip_range: float = 0.2
+    """PPO ratio clip ε (also used by RLOO's clipped surrogate)."""
+    value_clip_range: float = 0.2
+    """PPO value clip (0 = unclipped value loss)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 0.95
+    """GAE λ."""
+    whiten_advantages: bool = True
+    """Normalise advantages to zero mean and unit std per batch."""
+    kl_coef: float = 0.05
+    """β of Eq. 12 (initial value when adaptive)."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimator: `k1` (log ratio), `k2` (½ log² ratio) or `k3` (exp − 1 − log)."""
+    kl_in_reward: bool = True
+    """True: −β·KL in the per-token reward (PPO style, Eq. 12); False: β·KL as a loss term."""
+    adaptive_kl: bool = False
+    """Adapt β towards kl_target (Ziegler et al. 2019)."""
+    kl_target: float = 1.0
+    """Target sequence KL for the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon of the adaptive controller in samples."""
+    dpo_beta: float = 0.1
+    """β of the (online) DPO loss."""
+    dpo_loss: str = "sigmoid"
+    """`sigmoid` (DPO) or `ipo`."""
+    eval_every: int = 50
+    """Controllability eval (oracle) every N steps (0 = only at the end)."""
+    max_minutes: float = 0.0
+    """Stop after this many minutes (0 = no limit); evaluation and saving still happen."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Oracle-measured controllability evaluation (Figures 5-6 analogues)."""
+
+    prompts_per_target: int = 48
+    """Held-out prompts per (dimension, level) point."""
+    temperature: float = 0.0
+    """Sampling temperature at evaluation (0 = greedy)."""
+    seed: int = 1234
+    """Seed of prompt choice and sampling."""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Where and how a run executes."""
 
@@ -149,22 +268,31 @@ class Config:
     """Preference dimensions."""
     world: WorldConfig = field(default_factory=WorldConfig)
     """Embedded world."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """Reward-model backbone."""
     rm: RewardConfig = field(default_factory=RewardConfig)
     """Reward-model training."""
     mapping: MappingConfig = field(default_factory=MappingConfig)
     """Reward mapping."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Rollout sampling."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """Supervised warm start of the policy."""
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    """Policy optimisation."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Controllability evaluation."""
 
 
 # ---- choices that are checked beyond their type --------------------------------------------
 _CHOICES = {
-    "rm.loss": ("per_head_ce", "paper_eq10"),
-    "rm.class_weights": ("none", "balanced"),
-    "rm.stats_mode": ("welford", "ema"),
-    "mapping.kind": ("zscore", "logprob", "neg_abs_dist"),
-    "mapping.normalize_by": ("all", "named"),
-    "model.dtype": ("float32", "bfloat16"),
+    (RewardConfig, "loss"): ("per_head_ce", "paper_eq10"),
+    (RewardConfig, "class_weights"): ("none", "balanced"),
+    (RewardConfig, "stats_mode"): ("welford", "ema"),
+    (MappingConfig, "kind"): ("zscore", "logprob", "neg_abs_dist"),
+    (MappingConfig, "normalize_by"): ("all", "named"),
+    (ModelConfig, "dtype"): ("float32", "bfloat16"),
+    (PolicyConfig, "algo"): ("ppo", "rloo", "online_dpo"),
+    (PolicyConfig, "kl_estimator"): ("k1", "k2", "k3"),
+    (PolicyConfig, "dpo_loss"): ("sigmoid", "ipo"),
 }
 
 
@@ -247,8 +375,9 @@ def _build(cls, data: dict, prefix: str):
             kwargs[f.name] = _build(tp, data[f.name], key)
         else:
             value = _coerce(data[f.name], tp, key)
-            if key in _CHOICES and value not in _CHOICES[key]:
-                raise ConfigError(f"{key}: {value!r} is not one of {', '.join(_CHOICES[key])}")
+            choices = _CHOICES.get((cls, f.name))
+            if choices and value not in choices:
+                raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
             kwargs[f.name] = value
     return cls(**kwargs)
 

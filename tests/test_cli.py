@@ -32,7 +32,7 @@ def test_config_doc_lists_every_key(capsys):
 def rm_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("rmcli")
     args = ["rm", "train", "--out", str(out), "world.num_rm_prompts=200", "world.num_rm_eval_prompts=30",
-            "model.hidden_size=32", "model.intermediate_size=64", "rm.epochs=0.5", "run.tensorboard=false"]
+            "rm.model.hidden_size=32", "rm.model.intermediate_size=64", "rm.epochs=0.5", "run.tensorboard=false"]
     assert main(args) == 0
     return out
 

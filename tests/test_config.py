@@ -60,7 +60,7 @@ world:
     assert cfg.rm.epochs == 2.0 and isinstance(cfg.rm.epochs, float)  # int accepted for a float
     assert cfg.world.harmful_fraction == 0.5
     # untouched fields keep their defaults
-    assert cfg.rm.warmup_steps == RewardConfig().warmup_steps and cfg.model == Config().model
+    assert cfg.rm.warmup_steps == RewardConfig().warmup_steps and cfg.rm.model == Config().rm.model
 
 
 def test_empty_yaml_file_is_the_defaults(tmp_path):
@@ -78,7 +78,7 @@ def test_overrides_coerce_types():
             "run.seed=-2",
             "prefs.dimensions=[helpfulness,honesty]",
             "prefs.num_classes=[5, 3]",
-            "model.name_or_path=tiny-qwen2",
+            "rm.model.name_or_path=tiny-qwen2",
             "world.harmful_fraction=1",
         ]
     )
@@ -89,7 +89,7 @@ def test_overrides_coerce_types():
     assert cfg.run.seed == -2
     assert cfg.prefs.dimensions == ("helpfulness", "honesty")
     assert cfg.prefs.num_classes == (5, 3) and all(type(k) is int for k in cfg.prefs.num_classes)
-    assert cfg.model.name_or_path == "tiny-qwen2"
+    assert cfg.rm.model.name_or_path == "tiny-qwen2"
     assert cfg.world.harmful_fraction == 1.0 and isinstance(cfg.world.harmful_fraction, float)
 
 
@@ -112,8 +112,8 @@ def test_bool_override_spellings(raw):
 
 
 def test_string_field_keeps_numeric_looking_text():
-    cfg = load_config(overrides=["run.data_dir=2024", "model.name_or_path=1.50"])
-    assert cfg.run.data_dir == "2024" and cfg.model.name_or_path == "1.50"
+    cfg = load_config(overrides=["run.data_dir=2024", "rm.model.name_or_path=1.50"])
+    assert cfg.run.data_dir == "2024" and cfg.rm.model.name_or_path == "1.50"
     assert load_config(overrides=['run.data_dir="my data"']).run.data_dir == "my data"
 
 
@@ -170,8 +170,8 @@ def test_wrong_types(override, key):
 
 
 def test_wrong_types_in_file(tmp_path):
-    with pytest.raises(ConfigError, match="model.name_or_path"):
-        load_config(write(tmp_path, "model:\n  name_or_path: [a, b]\n"))
+    with pytest.raises(ConfigError, match="rm.model.name_or_path"):
+        load_config(write(tmp_path, "rm:\n  model:\n    name_or_path: [a, b]\n"))
     with pytest.raises(ConfigError, match="rm: expected a mapping"):
         load_config(write(tmp_path, "rm: 3\n"))
     with pytest.raises(ConfigError, match="top level"):
@@ -186,7 +186,7 @@ def test_wrong_types_in_file(tmp_path):
         ("rm.stats_mode=running", "rm.stats_mode"),
         ("mapping.kind=linear", "mapping.kind"),
         ("mapping.normalize_by=some", "mapping.normalize_by"),
-        ("model.dtype=float16", "model.dtype"),
+        ("rm.model.dtype=float16", "rm.model.dtype"), ("policy.algo=ppo2", "policy.algo"), ("sft.model.dtype=half", "sft.model.dtype"),
     ],
 )
 def test_invalid_choices(override, key):
@@ -195,8 +195,8 @@ def test_invalid_choices(override, key):
 
 
 def test_valid_choices():
-    cfg = load_config(overrides=["rm.loss=paper_eq10", "mapping.kind=neg_abs_dist", "model.dtype=bfloat16"])
-    assert (cfg.rm.loss, cfg.mapping.kind, cfg.model.dtype) == ("paper_eq10", "neg_abs_dist", "bfloat16")
+    cfg = load_config(overrides=["rm.loss=paper_eq10", "mapping.kind=neg_abs_dist", "rm.model.dtype=bfloat16"])
+    assert (cfg.rm.loss, cfg.mapping.kind, cfg.rm.model.dtype) == ("paper_eq10", "neg_abs_dist", "bfloat16")
 
 
 def test_bad_override_syntax():
@@ -239,10 +239,13 @@ def test_every_field_is_documented():
     keys = [key for key, *_ in rows]
     assert "rm.lr" in keys and "prefs.dimensions" in keys and "mapping.std_floor" in keys
     assert len(keys) == len(set(keys))
-    # every leaf of the tree appears once
-    assert set(keys) == {
-        f"{section}.{leaf}" for section, sub in to_dict(Config()).items() for leaf in sub
-    }
+    # every leaf of the tree (nested sections included) appears once
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+
+    assert set(keys) == set(leaves(to_dict(Config())))
+    assert "rm.model.hidden_size" in keys and "policy.kl_coef" in keys
 
 
 def test_configs_are_frozen():

@@ -100,11 +100,11 @@ def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = T
     rc = cfg.rm
     spec = spec_from_config(cfg.prefs)
     train_path, eval_path = _data_paths(cfg, out, spec)
-    tokenizer = build_tokenizer(cfg.model, spec.names)
+    tokenizer = build_tokenizer(cfg.rm.model, spec.names)
     pad_id = tokenizer.pad_token_id
     train = load_rm_examples(train_path, spec, tokenizer, rc.max_length)
     held = load_rm_examples(eval_path, spec, tokenizer, rc.max_length)
-    model = MultiHeadRewardModel(build_backbone(cfg.model, tokenizer, cfg.run.seed), spec.num_classes)
+    model = MultiHeadRewardModel(build_backbone(cfg.rm.model, tokenizer, cfg.run.seed), spec.num_classes)
     model.train()
 
     weights = balanced_class_weights(train.labels_NH, spec.num_classes) if rc.class_weights == "balanced" else None
