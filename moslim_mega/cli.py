@@ -1,6 +1,10 @@
 """The ``moslim`` command line. Thin: parse, build from config, run.
 
+    moslim demo [--algo rloo|ppo|online_dpo] [--seed N] [--quick] --out DIR
     moslim world build --out DIR [--config FILE] [a.b=value ...]
+    moslim sft train --data FILE --out DIR [--config FILE] [a.b=value ...]
+    moslim policy train --prompts FILE --out DIR [--config FILE] policy.init=DIR policy.rm_dir=DIR
+    moslim eval controllability --policy DIR [--reference DIR] --out DIR
     moslim rm train [--config FILE] [a.b=value ...] --out DIR
     moslim rm eval --rm DIR --data FILE --json OUT
     moslim rm score --rm DIR --prompt TEXT --response TEXT
@@ -62,6 +66,59 @@ def cmd_rm_score(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .demo import demo_config, run_demo
+
+    cfg = demo_config(args.algo, args.seed, args.quick, args.overrides)
+    run_demo(cfg, args.out)
+    return 0
+
+
+def cmd_sft_train(args) -> int:
+    from .sft import train_sft
+
+    cfg = load_config(args.config, args.overrides)
+    result = train_sft(cfg, args.data, args.out)
+    print(f"final loss {result['final_loss']:.4f} after {result['steps']} steps; model in {result['model_dir']}")
+    return 0
+
+
+def cmd_policy_train(args) -> int:
+    from .policy.controller import train_policy
+
+    cfg = load_config(args.config, args.overrides)
+    pc = cfg.policy
+    if not pc.init or not pc.rm_dir:
+        raise ConfigError("policy train needs policy.init (an HF policy directory) and policy.rm_dir (a trained RM)")
+    summary = train_policy(cfg, args.out, pc.init, pc.rm_dir, args.prompts)
+    print(json.dumps(summary["final"], indent=2))
+    print(f"policy saved to {summary['policy_dir']}")
+    return 0
+
+
+def cmd_eval_controllability(args) -> int:
+    from .demo import evaluate_policy_dir
+    from .eval.report import write_report
+    from .prefs import spec_from_config
+    from .world.build import split_prompt_texts
+
+    cfg = load_config(args.config, args.overrides)
+    spec = spec_from_config(cfg.prefs)
+    _, eval_texts = split_prompt_texts(cfg.world.seed)
+    result = evaluate_policy_dir(args.policy, cfg, spec, eval_texts)
+    if args.reference:
+        ref = evaluate_policy_dir(args.reference, cfg, spec, eval_texts)
+    else:
+        ref = result
+    report = {"algo": "n/a", "seed": cfg.run.seed, "wall_seconds": None,
+              "controllability": result["controllability"], "pairs": result["pairs"],
+              "untargeted": result["untargeted"], "sft": ref["targeted_max"], "moslim": result["targeted_max"],
+              "sft_eval": ref, "moslim_eval": result, "stages": {}}
+    write_report(args.out, report)
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
 def cmd_config_show(args) -> int:
     import yaml
 
@@ -112,6 +169,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--response", required=True)
     p.add_argument("overrides", nargs="*", help="mapping overrides, e.g. mapping.normalize_by=named")
     p.set_defaults(func=cmd_rm_score)
+
+    p = sub.add_parser("demo", help="world → SFT → RM → MOSLIM policy → oracle-measured report")
+    p.add_argument("--algo", default="rloo", choices=("rloo", "ppo", "online_dpo"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a few-minute version for tests")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("overrides", nargs="*", help="config overrides a.b=value")
+    p.set_defaults(func=cmd_demo)
+
+    sft = sub.add_parser("sft", help="supervised warm start").add_subparsers(dest="cmd", required=True)
+    p = sft.add_parser("train", help="fine-tune a causal LM on {prompt, response} jsonl")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    _add_config_args(p)
+    p.set_defaults(func=cmd_sft_train)
+
+    pol = sub.add_parser("policy", help="MOSLIM policy optimisation").add_subparsers(dest="cmd", required=True)
+    p = pol.add_parser("train", help="PPO / RLOO / Online-DPO against a multi-head RM")
+    p.add_argument("--prompts", required=True, help="jsonl with prefixed prompts (world: policy_train.jsonl)")
+    p.add_argument("--out", required=True)
+    _add_config_args(p)
+    p.set_defaults(func=cmd_policy_train)
+
+    ev = sub.add_parser("eval", help="evaluation").add_subparsers(dest="cmd", required=True)
+    p = ev.add_parser("controllability", help="oracle-measured controllability of a policy (embedded world)")
+    p.add_argument("--policy", required=True, help="HF policy directory")
+    p.add_argument("--reference", default=None, help="a second policy (e.g. the SFT) to compare against")
+    p.add_argument("--out", required=True)
+    _add_config_args(p)
+    p.set_defaults(func=cmd_eval_controllability)
 
     conf = sub.add_parser("config", help="inspect the configuration tree").add_subparsers(dest="cmd", required=True)
     p = conf.add_parser("show", help="print the resolved config")

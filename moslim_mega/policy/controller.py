@@ -1,0 +1,291 @@
+"""The MOSLIM policy-optimisation loop (paper §2.3, Eq. 11-12, Appendix A).
+
+One iteration, as in the paper's pipeline:
+  prompts with preference prefixes → policy rollouts → prefixes stripped for the RM ("prompt
+  alignment") → RM head probabilities → reward mapping (Eq. 11) → reference log-probs (and
+  values for PPO) → advantages → mini-batch updates → metrics → periodic evaluation.
+
+Legend: B rows (= P prompts × K samples), T tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from ..algos import core, dpo, kl, ppo, rloo
+from ..config import Config, PolicyConfig, save_config
+from ..models.value import ValueModel
+from ..prefs import PrefixError, parse_prefix
+from ..reward.data import RecordError, read_jsonl
+from ..reward.io import load_reward_model
+from ..reward.mapping import RewardMapper
+from ..rollout.hf import HFGenerator
+from ..sft import load_policy
+from ..utils.logging import MetricsWriter
+from ..utils.seed import seed_everything
+from .workers import LogprobWorker, RewardWorker, Updater
+
+
+@dataclass
+class Experience:
+    """A rollout batch with everything the updates need (all detached)."""
+
+    ids_BT: torch.Tensor
+    attn_BT: torch.Tensor
+    mask_BT: torch.Tensor  # response tokens
+    old_logp_BT: torch.Tensor
+    ref_logp_BT: torch.Tensor
+    adv_BT: torch.Tensor | None = None  # PPO / RLOO
+    returns_BT: torch.Tensor | None = None  # PPO
+    old_values_BT: torch.Tensor | None = None  # PPO
+    chosen_P: torch.Tensor | None = None  # Online-DPO: row index of the preferred sample per pair
+    rejected_P: torch.Tensor | None = None
+
+    def rows(self, idx: torch.Tensor) -> "Experience":
+        pick = lambda x: None if x is None or x.dim() != 2 else x[idx]  # noqa: E731
+        return Experience(*(pick(getattr(self, f)) for f in ("ids_BT", "attn_BT", "mask_BT", "old_logp_BT",
+                                                              "ref_logp_BT", "adv_BT", "returns_BT", "old_values_BT")))
+
+
+def load_policy_prompts(path, spec) -> list[str]:
+    """Prompts (with prefixes) from a jsonl file; each prefix must parse with the RM's spec."""
+    prompts = []
+    for where, rec in read_jsonl(path):
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+            raise RecordError(f"{where}: missing string field 'prompt'")
+        try:
+            parse_prefix(rec["prompt"], spec)
+        except PrefixError as e:
+            raise RecordError(f"{where}: field 'prompt': {e}") from None
+        prompts.append(rec["prompt"])
+    if not prompts:
+        raise RecordError(f"{path}: no prompts")
+    return prompts
+
+
+# ---- losses on one micro-batch -------------------------------------------------------------
+def actor_loss(pc: PolicyConfig, logp_BT, entropy_BT, exp: Experience, kl_coef: float) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate (PPO and RLOO) + optional KL loss term − entropy bonus; token mean."""
+    loss, stats = ppo.ppo_policy_loss(logp_BT, exp.old_logp_BT, exp.adv_BT, exp.mask_BT, pc.clip_range)
+    if not pc.kl_in_reward:
+        kl_BT = kl.kl_penalty(logp_BT, exp.ref_logp_BT, pc.kl_estimator)
+        loss = loss + kl_coef * core.masked_mean(kl_BT, exp.mask_BT)
+    if pc.entropy_coef:
+        loss = loss - pc.entropy_coef * core.masked_mean(entropy_BT, exp.mask_BT)
+    return loss, stats
+
+
+def update_actor(actor, updater: Updater, exp: Experience, pc: PolicyConfig, kl_coef: float, gen: torch.Generator, temperature: float = 1.0) -> dict:
+    """update_epochs × mini-batches × micro-batches (gradient accumulation).
+
+    Each micro-batch's token-mean loss is re-weighted by its share of the mini-batch's tokens,
+    so accumulating 8 micro-batches of 1 equals one batch of 8 exactly (a tested invariant).
+    """
+    worker = LogprobWorker(actor, temperature)
+    if exp.chosen_P is not None:
+        return _update_dpo(worker, updater, exp, pc, gen)
+    B = exp.ids_BT.shape[0]
+    micro = pc.micro_batch_size or pc.mini_batch_size
+    logs: list[dict] = []
+    for _ in range(pc.update_epochs):
+        order = torch.randperm(B, generator=gen)
+        for m0 in range(0, B, pc.mini_batch_size):
+            mini = order[m0 : m0 + pc.mini_batch_size]
+            mini_tokens = exp.mask_BT[mini].sum().clamp(min=1)
+            updater.zero_grad()
+            for u0 in range(0, len(mini), micro):
+                part = exp.rows(mini[u0 : u0 + micro])
+                logp_BT, ent_BT = worker.logprobs(part.ids_BT, part.attn_BT, grad=True)
+                loss, stats = actor_loss(pc, logp_BT, ent_BT, part, kl_coef)
+                weight = part.mask_BT.sum() / mini_tokens
+                (loss * weight).backward()
+                stats["entropy"] = float(core.masked_mean(ent_BT.detach(), part.mask_BT))
+                logs.append({"pg_loss": float(loss), **stats})
+            logs[-1]["grad_norm"] = updater.step()
+    return _mean_logs(logs)
+
+
+def _update_dpo(worker: LogprobWorker, updater: Updater, exp: Experience, pc: PolicyConfig, gen) -> dict:
+    P = exp.chosen_P.shape[0]
+    pairs_per_mini = max(1, pc.mini_batch_size // 2)
+    micro = max(1, (pc.micro_batch_size or pc.mini_batch_size) // 2)
+    seq_ref_B = core.masked_sum(exp.ref_logp_BT, exp.mask_BT, dim=1)
+    logs = []
+    for _ in range(pc.update_epochs):
+        order = torch.randperm(P, generator=gen)
+        for m0 in range(0, P, pairs_per_mini):
+            mini = order[m0 : m0 + pairs_per_mini]
+            updater.zero_grad()
+            for u0 in range(0, len(mini), micro):
+                pairs = mini[u0 : u0 + micro]
+                rows = torch.cat([exp.chosen_P[pairs], exp.rejected_P[pairs]])
+                part = exp.rows(rows)
+                logp_BT, _ = worker.logprobs(part.ids_BT, part.attn_BT, grad=True)
+                seq_B = core.masked_sum(logp_BT, part.mask_BT, dim=1)
+                n = len(pairs)
+                loss, stats = dpo.dpo_loss(seq_B[:n], seq_B[n:], seq_ref_B[rows[:n]], seq_ref_B[rows[n:]], pc.dpo_beta, pc.dpo_loss)
+                (loss * n / len(mini)).backward()
+                logs.append({"dpo_loss": float(loss), **stats})
+            logs[-1]["grad_norm"] = updater.step()
+    return _mean_logs(logs)
+
+
+def update_critic(critic, updater: Updater, exp: Experience, pc: PolicyConfig, gen) -> dict:
+    B = exp.ids_BT.shape[0]
+    micro = pc.micro_batch_size or pc.mini_batch_size
+    logs = []
+    for _ in range(pc.update_epochs):
+        order = torch.randperm(B, generator=gen)
+        for m0 in range(0, B, pc.mini_batch_size):
+            mini = order[m0 : m0 + pc.mini_batch_size]
+            mini_tokens = exp.mask_BT[mini].sum().clamp(min=1)
+            updater.zero_grad()
+            for u0 in range(0, len(mini), micro):
+                part = exp.rows(mini[u0 : u0 + micro])
+                values_BT = critic(part.ids_BT, part.attn_BT)
+                loss, stats = ppo.ppo_value_loss(values_BT, part.old_values_BT, part.returns_BT, part.mask_BT, pc.value_clip_range)
+                (loss * part.mask_BT.sum() / mini_tokens).backward()
+                logs.append({"value_loss": float(loss), **stats})
+            updater.step()
+    return _mean_logs(logs)
+
+
+def _mean_logs(logs: list[dict]) -> dict:
+    keys = {k for row in logs for k in row}
+    return {k: sum(r[k] for r in logs if k in r) / max(1, sum(1 for r in logs if k in r)) for k in sorted(keys)}
+
+
+# ---- advantages ------------------------------------------------------------------------------
+def compute_advantages(pc: PolicyConfig, exp: Experience, reward_B, kl_coef: float, K: int, critic=None, step: int = 0) -> dict:
+    """Fill the Experience with the algorithm's advantages (PPO: GAE; RLOO: leave-one-out;
+    Online-DPO: best/worst pairs by mapped reward). Returns metrics."""
+    kl_BT = kl.kl_penalty(exp.old_logp_BT, exp.ref_logp_BT, pc.kl_estimator) * exp.mask_BT
+    beta = kl_coef if pc.kl_in_reward else 0.0
+    metrics = {"kl": float(core.masked_sum(kl_BT, exp.mask_BT, dim=1).mean())}
+    if pc.algo == "ppo":
+        with torch.no_grad():
+            exp.old_values_BT = critic(exp.ids_BT, exp.attn_BT)
+        rewards_BT = ppo.token_level_rewards(reward_B, kl_BT, exp.mask_BT, beta)
+        adv_BT, exp.returns_BT = ppo.gae_advantages(rewards_BT, exp.old_values_BT, exp.mask_BT, pc.gamma, pc.lam)
+        exp.adv_BT = core.masked_whiten(adv_BT, exp.mask_BT) if pc.whiten_advantages else adv_BT
+    elif pc.algo == "rloo":
+        seq_B = rloo.sequence_kl_rewards(reward_B, kl_BT, exp.mask_BT, beta)
+        adv_B = rloo.rloo_advantages(seq_B.view(-1, K)).flatten()
+        if pc.whiten_advantages:
+            adv_B = (adv_B - adv_B.mean()) / (adv_B.std() + 1e-8)
+        exp.adv_BT = adv_B[:, None] * exp.mask_BT
+    else:
+        chosen_P, rejected_P, valid_P = dpo.select_pairs(reward_B.view(-1, K))
+        base_P = torch.arange(chosen_P.shape[0]) * K
+        exp.chosen_P, exp.rejected_P = (base_P + chosen_P)[valid_P], (base_P + rejected_P)[valid_P]
+        metrics["dpo_pairs"] = int(valid_P.sum())
+    if exp.adv_BT is not None:
+        core.check_finite(exp.adv_BT, "advantages", step)
+    return metrics
+
+
+# ---- the loop --------------------------------------------------------------------------------
+def train_policy(
+    cfg: Config,
+    out_dir,
+    init_dir,
+    rm_dir,
+    prompts_path,
+    eval_fn: Callable[[int, Callable], dict] | None = None,
+    show_progress: bool = True,
+) -> dict:
+    """Train a MOSLIM policy from ``init_dir`` (HF checkpoint) against the RM in ``rm_dir``."""
+    pc, sc = cfg.policy, cfg.sampling
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out)
+    seed_everything(cfg.run.seed, cfg.run.num_threads)
+    K = pc.samples_per_prompt
+    if pc.algo == "rloo" and K < 2:
+        raise ValueError(f"policy.samples_per_prompt={K}: RLOO needs at least 2 samples per prompt")
+    if pc.algo == "online_dpo" and K < 2:
+        raise ValueError(f"policy.samples_per_prompt={K}: Online-DPO needs at least 2 samples per prompt to rank")
+
+    rm = load_reward_model(rm_dir)
+    rewarder = RewardWorker(rm, RewardMapper.from_config(rm.stats, cfg.mapping))
+    prompts = load_policy_prompts(prompts_path, rm.spec)
+    actor, tokenizer = load_policy(init_dir)
+    reference = copy.deepcopy(actor).eval().requires_grad_(False)  # π_SFT of Eq. 12
+    actor.train()
+    generator = HFGenerator(actor, tokenizer)
+    ref_worker, old_worker = LogprobWorker(reference, sc.temperature), LogprobWorker(actor, sc.temperature)
+    actor_upd = Updater(actor.parameters(), pc.lr, pc.weight_decay, pc.warmup_steps, pc.grad_clip)
+    critic = critic_upd = None
+    if pc.algo == "ppo":
+        critic = ValueModel(copy.deepcopy(getattr(actor, actor.base_model_prefix))).train()
+        critic_upd = Updater(critic.parameters(), pc.critic_lr, pc.weight_decay, pc.warmup_steps, pc.grad_clip)
+    kl_ctl = (kl.AdaptiveKLController(pc.kl_coef, pc.kl_target, pc.kl_horizon) if pc.adaptive_kl
+              else kl.FixedKLController(pc.kl_coef))
+    writer = MetricsWriter(out, tensorboard=cfg.run.tensorboard)
+    rng, gen = random.Random(cfg.run.seed), torch.Generator().manual_seed(cfg.run.seed)
+    names = rm.spec.names
+
+    def sample_greedy(batch_prompts: list[str]) -> list[str]:
+        from ..config import SamplingConfig
+
+        greedy = SamplingConfig(temperature=0.0, max_new_tokens=sc.max_new_tokens)
+        return generator.generate(batch_prompts, 1, greedy, seed=cfg.eval.seed).responses
+
+    start, history, step = time.time(), [], -1
+    bar = tqdm(range(pc.steps), desc=f"policy {pc.algo}", disable=not show_progress, dynamic_ncols=True)
+    for step in bar:
+        t0 = time.time()
+        batch_prompts = [rng.choice(prompts) for _ in range(pc.prompts_per_step)]
+        rollout = generator.generate(batch_prompts, K, sc, seed=cfg.run.seed * 100003 + step)
+        t_gen = time.time() - t0
+        scored = rewarder.score(rollout.prompts, rollout.responses)
+        core.check_finite(scored.reward_B, "mapped reward", step)
+        ids, attn, mask = rollout.input_ids_BT, rollout.attention_mask_BT, rollout.response_mask_BT.float()
+        old_logp, _ = old_worker.logprobs(ids, attn)
+        ref_logp, _ = ref_worker.logprobs(ids, attn)
+        exp = Experience(ids, attn, mask, old_logp * mask, ref_logp * mask)
+        metrics = compute_advantages(pc, exp, scored.reward_B, kl_ctl.value, K, critic, step)
+        metrics.update(update_actor(actor, actor_upd, exp, pc, kl_ctl.value, gen, sc.temperature))
+        if critic is not None:
+            metrics.update(update_critic(critic, critic_upd, exp, pc, gen))
+        for key in ("pg_loss", "dpo_loss", "value_loss"):
+            if key in metrics:
+                core.check_finite(torch.tensor(metrics[key]), key, step)
+        kl_ctl.update(metrics["kl"], ids.shape[0])
+        generator.sync_weights(actor)
+        metrics.update(_reward_metrics(scored, names), kl_coef=kl_ctl.value, gen_seconds=t_gen,
+                       step_seconds=time.time() - t0, response_length=float(mask.sum(1).mean()))
+        writer.write(step, metrics)
+        history.append(metrics)
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}")
+        if eval_fn is not None and pc.eval_every and step > 0 and step % pc.eval_every == 0:
+            writer.write(step, eval_fn(step, sample_greedy), tag="eval")
+        if pc.max_minutes and time.time() - start > pc.max_minutes * 60:
+            bar.write(f"policy: stopping at step {step} (policy.max_minutes={pc.max_minutes})")
+            break
+    bar.close()
+    writer.close()
+    actor.save_pretrained(out / "policy", safe_serialization=True)
+    tokenizer.save_pretrained(out / "policy")
+    summary = {"steps": step + 1, "train_seconds": time.time() - start, "algo": pc.algo,
+               "final": history[-1] if history else {}, "policy_dir": str(out / "policy")}
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _reward_metrics(scored, names) -> dict:
+    out = {"reward": float(scored.reward_B.mean())}
+    for i, name in enumerate(names):
+        named_B = scored.targets_BH[:, i] >= 0
+        if bool(named_B.any()):
+            out[f"reward_{name}"] = float(scored.terms_BH[named_B, i].mean())
+    return out

@@ -1,0 +1,71 @@
+"""Workers the controller calls through narrow interfaces: generate (rollout engine), score
+(reward), logprobs / values (forward passes), train_step (updates).
+
+Legend: B rows (sequences), T tokens, H reward heads, K samples per prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..algos.logprob import sequence_logprobs
+from ..prefs import parse_prefix, targets_to_tensor
+from ..reward.io import LoadedRewardModel
+from ..reward.mapping import RewardMapper
+
+
+@dataclass
+class RewardOutput:
+    reward_B: torch.Tensor  # Eq. 11 mapped reward
+    terms_BH: torch.Tensor  # each named head's term (0 where not named)
+    targets_BH: torch.Tensor  # target class per head, −1 = not named
+
+
+class RewardWorker:
+    """The multi-head RM plus the reward mapping: prefix → targets, stripped prompt → RM."""
+
+    def __init__(self, rm: LoadedRewardModel, mapper: RewardMapper):
+        self.rm, self.mapper = rm, mapper
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], responses: list[str]) -> RewardOutput:
+        parsed = [parse_prefix(p, self.rm.spec) for p in prompts]
+        # "Prompt alignment" (paper §2.3): the RM sees the prompt without its preference prefix.
+        probs = self.rm.probs([stripped for _, stripped in parsed], responses)
+        targets_BH = targets_to_tensor([t for t, _ in parsed], self.rm.spec)
+        return RewardOutput(self.mapper(probs, targets_BH), self.mapper.per_head(probs, targets_BH), targets_BH)
+
+
+class LogprobWorker:
+    """Token log-probs / entropy of a causal LM over rollout sequences (actor or reference)."""
+
+    def __init__(self, model, temperature: float = 1.0):
+        self.model = model
+        # Log-probs are taken under the same temperature the sampler used, so that ratios and KL
+        # compare like with like (as verl/OpenRLHF do).
+        self.temperature = temperature if temperature > 0 else 1.0
+
+    def logprobs(self, ids_BT, mask_BT, grad: bool = False):
+        with torch.set_grad_enabled(grad):
+            return sequence_logprobs(self.model, ids_BT, mask_BT, temperature=self.temperature)
+
+
+class Updater:
+    """An optimizer with warm-up, gradient clipping and a finite-gradient check."""
+
+    def __init__(self, params, lr: float, weight_decay: float, warmup_steps: int, grad_clip: float):
+        self.params = [p for p in params if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+        self.grad_clip = grad_clip
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+
+    def step(self) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip if self.grad_clip > 0 else float("inf"))
+        self.opt.step()
+        self.sched.step()
+        return float(norm)

@@ -1,0 +1,184 @@
+"""Supervised warm start of the policy on prefix-free ``{"prompt", "response"}`` records.
+
+The stand-in for an off-the-shelf SFT checkpoint (the paper starts from one). The loss is
+token-level cross-entropy on the response tokens only (EOS included): the prompt conditions the
+model but is not a target. The result is a standard HF directory ``out_dir/model`` that
+``load_policy`` (or ``AutoModelForCausalLM.from_pretrained``) reads back.
+
+Shape legend: B = sequences in a batch, T = tokens, V = vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .config import Config, save_config
+from .data.template import pad_batch, render_pair, render_prompt
+from .models.build import ModelLoadError, build_causal_lm, build_tokenizer
+from .prefs import spec_from_config
+from .reward.data import RecordError, read_jsonl
+from .reward.trainer import TrainingError, _lr_lambda, check_finite
+from .utils.logging import MetricsWriter
+from .utils.seed import seed_everything
+
+IGNORE = -100
+"""Label of tokens that carry no loss (prompt and padding); F.cross_entropy's ignore_index."""
+
+
+@dataclass
+class SFTExamples:
+    """A tokenised SFT set: the rendered pair's ids and how many of them are prompt."""
+
+    input_ids: list[list[int]]
+    prompt_lens: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def batch(self, idx: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded (ids_BT, mask_BT, labels_BT); labels are IGNORE on prompt and padding."""
+        ids_BT, mask_BT = pad_batch([self.input_ids[i] for i in idx], pad_id)
+        labels_BT = ids_BT.masked_fill(mask_BT == 0, IGNORE)
+        for b, i in enumerate(idx):
+            labels_BT[b, : self.prompt_lens[i]] = IGNORE
+        return ids_BT, mask_BT, labels_BT
+
+
+def parse_sft_record(rec, where: str) -> tuple[str, str]:
+    """Validate one record → (prompt, response); RecordError names file:line and field."""
+    if not isinstance(rec, dict):
+        raise RecordError(f"{where}: record must be a JSON object, got {type(rec).__name__}")
+    for key in ("prompt", "response"):
+        if key not in rec:
+            raise RecordError(f"{where}: missing field {key!r}")
+        if not isinstance(rec[key], str):
+            raise RecordError(f"{where}: field {key!r} must be a string, got {type(rec[key]).__name__}")
+    if not rec["response"].strip():
+        raise RecordError(f"{where}: field 'response' is empty")
+    return rec["prompt"], rec["response"]
+
+
+def encode_sft_example(tokenizer, prompt: str, response: str, max_length: int) -> tuple[list[int], int]:
+    """(ids of the rendered pair, number of prompt tokens), truncated to ``max_length`` (0 = off).
+
+    The prompt is cut from the left first (keeping one token, which predicts the response's first
+    token); only a response longer than that is cut at its end.
+    """
+    ids = tokenizer(render_pair(tokenizer, prompt, response), add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    # The loss mask relies on the rendered prompt tokenising to a prefix of the rendered pair.
+    assert ids[: len(prompt_ids)] == prompt_ids, "render_prompt does not tokenise to a prefix of render_pair"
+    prompt_len = len(prompt_ids)
+    if max_length > 0 and len(ids) > max_length:
+        cut = min(len(ids) - max_length, max(0, prompt_len - 1))
+        ids, prompt_len = ids[cut:][:max_length], prompt_len - cut
+    return ids, prompt_len
+
+
+def load_sft_examples(path, tokenizer, max_length: int) -> SFTExamples:
+    ids, prompt_lens = [], []
+    for where, rec in read_jsonl(path):
+        prompt, response = parse_sft_record(rec, where)
+        seq, n_prompt = encode_sft_example(tokenizer, prompt, response, max_length)
+        if n_prompt >= len(seq):
+            raise RecordError(f"{where}: field 'response': no response token left within sft.max_length={max_length}")
+        ids.append(seq)
+        prompt_lens.append(n_prompt)
+    if not ids:
+        raise RecordError(f"{path}: no records")
+    return SFTExamples(ids, prompt_lens)
+
+
+def sft_loss(model, ids_BT: torch.Tensor, mask_BT: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled (response) tokens, in float32."""
+    logits_BTV = model(input_ids=ids_BT, attention_mask=mask_BT).logits
+    # Position t predicts token t+1.
+    return F.cross_entropy(
+        logits_BTV[:, :-1].float().flatten(0, 1), labels_BT[:, 1:].flatten(), ignore_index=IGNORE
+    )
+
+
+def train_sft(cfg: Config, data_path, out_dir, show_progress: bool = True) -> dict:
+    """Fine-tune ``cfg.sft.model`` on ``data_path``; save ``out_dir/model``; return a summary."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out)
+    seed_everything(cfg.run.seed, cfg.run.num_threads)
+    # The world tokenizer gets the spec's dimension names, so the policy can read every prefix.
+    tokenizer = build_tokenizer(cfg.sft.model, spec_from_config(cfg.prefs).names)
+    data = load_sft_examples(data_path, tokenizer, cfg.sft.max_length)
+    model = build_causal_lm(cfg.sft.model, tokenizer, cfg.run.seed)
+    writer = MetricsWriter(out, tensorboard=cfg.run.tensorboard)
+    try:
+        result = _train_loop(cfg, model, data, tokenizer.pad_token_id, writer, show_progress)
+        writer.write(result["steps"], {k: v for k, v in result.items() if k != "steps"}, tag="final")
+    finally:
+        writer.close()
+    model_dir = out / "model"
+    model.save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    return {**result, "model_dir": str(model_dir)}
+
+
+def _train_loop(cfg: Config, model, data: SFTExamples, pad_id: int, writer: MetricsWriter, show_progress: bool) -> dict:
+    sc = cfg.sft
+    device = next(model.parameters()).device
+    steps_per_epoch = math.ceil(len(data) / sc.batch_size)
+    total_steps = max(1, math.ceil(sc.epochs * steps_per_epoch))
+    opt = torch.optim.AdamW(model.parameters(), lr=sc.lr, weight_decay=sc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(sc.warmup_steps, total_steps))
+    gen = torch.Generator().manual_seed(cfg.run.seed)
+    model.train()
+    start = time.time()
+    order: list[int] = []
+    recent: list[float] = []
+    bar = tqdm(range(total_steps), desc="sft", disable=not show_progress, dynamic_ncols=True)
+    step = 0
+    for step in bar:
+        if step % steps_per_epoch == 0:
+            order = torch.randperm(len(data), generator=gen).tolist()
+        i0 = (step % steps_per_epoch) * sc.batch_size
+        batch = data.batch(order[i0 : i0 + sc.batch_size], pad_id)
+        ids_BT, mask_BT, labels_BT = (t.to(device) for t in batch)
+        loss = sft_loss(model, ids_BT, mask_BT, labels_BT)
+        check_finite(loss, "sft loss", step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), sc.grad_clip if sc.grad_clip > 0 else float("inf"))
+        check_finite(grad_norm, "sft grad norm", step)
+        opt.step()
+        sched.step()
+        recent = (recent + [loss.item()])[-10:]
+        if step % 10 == 0:
+            writer.write(step, {"loss": recent[-1], "lr": sched.get_last_lr()[0], "grad_norm": grad_norm.item()})
+            bar.set_postfix(loss=f"{recent[-1]:.3f}")
+        if sc.max_minutes and time.time() - start > sc.max_minutes * 60:
+            bar.write(f"sft: stopping at step {step} (sft.max_minutes={sc.max_minutes})")
+            break
+    bar.close()
+    model.eval()
+    # Mean of the last (up to) 10 steps: a single mini-batch loss is too noisy to compare runs.
+    return {"final_loss": sum(recent) / len(recent), "steps": step + 1, "train_seconds": time.time() - start}
+
+
+def load_policy(model_dir) -> tuple[torch.nn.Module, object]:
+    """(model in eval mode, tokenizer) from a HF directory such as an SFT run's ``model/``."""
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"policy directory {path}: not a HF model directory (no config.json)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load a policy from {path}: {e}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
