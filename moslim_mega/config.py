@@ -53,6 +53,8 @@ class WorldConfig:
     """Policy prompts with random 1-3 dimension prefixes (paper §3.2)."""
     harmful_fraction: float = 0.3
     """Fraction of prompts that are harmful requests."""
+    sft_prefix_fraction: float = 0.5
+    """SFT prompts given a random prefix that carries no information (response drawn independently)."""
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,8 @@ def actor_loss(pc: PolicyConfig, logp_BT, entropy_BT, exp: Experience, kl_coef: 
     return loss, stats
 
 
-def update_actor(actor, updater: Updater, exp: Experience, pc: PolicyConfig, kl_coef: float, gen: torch.Generator, temperature: float = 1.0) -> dict:
+def update_actor(actor, updater: Updater, exp: Experience, pc: PolicyConfig, kl_coef: float, gen: torch.Generator,
+                 temperature: float = 1.0, step: int = 0) -> dict:
     """update_epochs × mini-batches × micro-batches (gradient accumulation).
 
     Each micro-batch's token-mean loss is re-weighted by its share of the mini-batch's tokens,
@@ -92,7 +93,7 @@ def update_actor(actor, updater: Updater, exp: Experience, pc: PolicyConfig, kl_
     """
     worker = LogprobWorker(actor, temperature)
     if exp.chosen_P is not None:
-        return _update_dpo(worker, updater, exp, pc, gen)
+        return _update_dpo(worker, updater, exp, pc, gen, step)
     B = exp.ids_BT.shape[0]
     micro = pc.micro_batch_size or pc.mini_batch_size
     logs: list[dict] = []
@@ -106,15 +107,16 @@ def update_actor(actor, updater: Updater, exp: Experience, pc: PolicyConfig, kl_
                 part = exp.rows(mini[u0 : u0 + micro])
                 logp_BT, ent_BT = worker.logprobs(part.ids_BT, part.attn_BT, grad=True)
                 loss, stats = actor_loss(pc, logp_BT, ent_BT, part, kl_coef)
+                core.check_finite(loss, "pg_loss", step)
                 weight = part.mask_BT.sum() / mini_tokens
                 (loss * weight).backward()
                 stats["entropy"] = float(core.masked_mean(ent_BT.detach(), part.mask_BT))
-                logs.append({"pg_loss": float(loss), **stats})
-            logs[-1]["grad_norm"] = updater.step()
+                logs.append({"pg_loss": float(loss.detach()), **stats})
+            logs[-1]["grad_norm"] = updater.step(step, "policy gradient norm")
     return _mean_logs(logs)
 
 
-def _update_dpo(worker: LogprobWorker, updater: Updater, exp: Experience, pc: PolicyConfig, gen) -> dict:
+def _update_dpo(worker: LogprobWorker, updater: Updater, exp: Experience, pc: PolicyConfig, gen, step: int) -> dict:
     P = exp.chosen_P.shape[0]
     pairs_per_mini = max(1, pc.mini_batch_size // 2)
     micro = max(1, (pc.micro_batch_size or pc.mini_batch_size) // 2)
@@ -133,13 +135,14 @@ def _update_dpo(worker: LogprobWorker, updater: Updater, exp: Experience, pc: Po
                 seq_B = core.masked_sum(logp_BT, part.mask_BT, dim=1)
                 n = len(pairs)
                 loss, stats = dpo.dpo_loss(seq_B[:n], seq_B[n:], seq_ref_B[rows[:n]], seq_ref_B[rows[n:]], pc.dpo_beta, pc.dpo_loss)
+                core.check_finite(loss, "dpo_loss", step)
                 (loss * n / len(mini)).backward()
-                logs.append({"dpo_loss": float(loss), **stats})
-            logs[-1]["grad_norm"] = updater.step()
+                logs.append({"dpo_loss": float(loss.detach()), **stats})
+            logs[-1]["grad_norm"] = updater.step(step, "policy gradient norm")
     return _mean_logs(logs)
 
 
-def update_critic(critic, updater: Updater, exp: Experience, pc: PolicyConfig, gen) -> dict:
+def update_critic(critic, updater: Updater, exp: Experience, pc: PolicyConfig, gen, step: int = 0) -> dict:
     B = exp.ids_BT.shape[0]
     micro = pc.micro_batch_size or pc.mini_batch_size
     logs = []
@@ -153,9 +156,10 @@ def update_critic(critic, updater: Updater, exp: Experience, pc: PolicyConfig, g
                 part = exp.rows(mini[u0 : u0 + micro])
                 values_BT = critic(part.ids_BT, part.attn_BT)
                 loss, stats = ppo.ppo_value_loss(values_BT, part.old_values_BT, part.returns_BT, part.mask_BT, pc.value_clip_range)
+                core.check_finite(loss, "value_loss", step)
                 (loss * part.mask_BT.sum() / mini_tokens).backward()
-                logs.append({"value_loss": float(loss), **stats})
-            updater.step()
+                logs.append({"value_loss": float(loss.detach()), **stats})
+            updater.step(step, "critic gradient norm")
     return _mean_logs(logs)
 
 
@@ -234,18 +238,23 @@ def train_policy(
     rng, gen = random.Random(cfg.run.seed), torch.Generator().manual_seed(cfg.run.seed)
     names = rm.spec.names
 
-    def sample_greedy(batch_prompts: list[str]) -> list[str]:
+    def sample_for_eval(batch_prompts: list[str]) -> list[str]:
         from ..config import SamplingConfig
 
-        greedy = SamplingConfig(temperature=0.0, max_new_tokens=sc.max_new_tokens)
-        return generator.generate(batch_prompts, 1, greedy, seed=cfg.eval.seed).responses
+        sampling = SamplingConfig(temperature=cfg.eval.temperature, max_new_tokens=sc.max_new_tokens)
+        return generator.generate(batch_prompts, 1, sampling, seed=cfg.eval.seed).responses
 
     start, history, step = time.time(), [], -1
     bar = tqdm(range(pc.steps), desc=f"policy {pc.algo}", disable=not show_progress, dynamic_ncols=True)
     for step in bar:
         t0 = time.time()
         batch_prompts = [rng.choice(prompts) for _ in range(pc.prompts_per_step)]
-        rollout = generator.generate(batch_prompts, K, sc, seed=cfg.run.seed * 100003 + step)
+        try:
+            rollout = generator.generate(batch_prompts, K, sc, seed=cfg.run.seed * 100003 + step)
+        except RuntimeError as e:  # torch.multinomial on inf/nan logits: the policy has diverged
+            if "probability tensor" not in str(e):
+                raise
+            raise core.NonFiniteError(f"step {step}: policy sampling distribution is not finite") from e
         t_gen = time.time() - t0
         scored = rewarder.score(rollout.prompts, rollout.responses)
         core.check_finite(scored.reward_B, "mapped reward", step)
@@ -254,12 +263,9 @@ def train_policy(
         ref_logp, _ = ref_worker.logprobs(ids, attn)
         exp = Experience(ids, attn, mask, old_logp * mask, ref_logp * mask)
         metrics = compute_advantages(pc, exp, scored.reward_B, kl_ctl.value, K, critic, step)
-        metrics.update(update_actor(actor, actor_upd, exp, pc, kl_ctl.value, gen, sc.temperature))
+        metrics.update(update_actor(actor, actor_upd, exp, pc, kl_ctl.value, gen, sc.temperature, step))
         if critic is not None:
-            metrics.update(update_critic(critic, critic_upd, exp, pc, gen))
-        for key in ("pg_loss", "dpo_loss", "value_loss"):
-            if key in metrics:
-                core.check_finite(torch.tensor(metrics[key]), key, step)
+            metrics.update(update_critic(critic, critic_upd, exp, pc, gen, step))
         kl_ctl.update(metrics["kl"], ids.shape[0])
         generator.sync_weights(actor)
         metrics.update(_reward_metrics(scored, names), kl_coef=kl_ctl.value, gen_seconds=t_gen,
@@ -268,7 +274,7 @@ def train_policy(
         history.append(metrics)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}")
         if eval_fn is not None and pc.eval_every and step > 0 and step % pc.eval_every == 0:
-            writer.write(step, eval_fn(step, sample_greedy), tag="eval")
+            writer.write(step, eval_fn(step, sample_for_eval), tag="eval")
         if pc.max_minutes and time.time() - start > pc.max_minutes * 60:
             bar.write(f"policy: stopping at step {step} (policy.max_minutes={pc.max_minutes})")
             break

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..algos.core import NonFiniteError
 from ..algos.logprob import sequence_logprobs
 from ..prefs import parse_prefix, targets_to_tensor
 from ..reward.io import LoadedRewardModel
@@ -64,8 +65,11 @@ class Updater:
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)
 
-    def step(self) -> float:
+    def step(self, step: int | None = None, what: str = "gradient norm") -> float:
+        """Clip, check and apply; a non-finite gradient raises before any parameter changes."""
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip if self.grad_clip > 0 else float("inf"))
+        if not bool(torch.isfinite(norm)):
+            raise NonFiniteError(f"step {step}: {what} is not finite")
         self.opt.step()
         self.sched.step()
         return float(norm)

@@ -4,7 +4,8 @@ Files (one JSON object a line):
 - ``rm_train.jsonl`` / ``rm_eval.jsonl``: ``{"prompt_id", "prompt", "response", "ratings": {dim: raw}}``,
   several rated responses per prompt, like UltraFeedback's completions. Eval prompts use prompt
   texts that never occur in training.
-- ``sft.jsonl``: ``{"prompt", "response"}`` without prefixes (the neutral warm start).
+- ``sft.jsonl``: ``{"prompt", "response"}``, the neutral warm start; a fraction of prompts carry an
+  uninformative random prefix (see ``sft_records``).
 - ``policy_train.jsonl`` / ``policy_eval.jsonl``: ``{"prompt", "targets": {dim: level}}`` where the
   prompt starts with a random 1-3 dimension prefix (paper §3.2).
 - ``world.json``: the preference spec and the counts.
@@ -30,6 +31,11 @@ def check_world_spec(spec: PreferenceSpec) -> None:
             )
         if tuple(dim.raw_range) != tuple(float(x) for x in oracle.ORACLE_SCALES[dim.name]):
             raise SpecError(f"dimension {dim.name!r}: raw_range {dim.raw_range} is not the oracle's scale")
+
+
+def uses_style_words(spec: PreferenceSpec) -> bool:
+    """Polite/filler words appear in the data only when a dimension scores them."""
+    return bool({"politeness", "conciseness"} & set(spec.names))
 
 
 def all_prompt_texts() -> list[str]:
@@ -70,7 +76,7 @@ def rm_records(rng, texts, num_prompts, responses_per_prompt, harmful_fraction, 
     for i in range(num_prompts):
         prompt = _pick_prompt(rng, texts, harmful_fraction)
         for _ in range(responses_per_prompt):
-            response = task.sample_response(rng, prompt)
+            response = task.sample_response(rng, prompt, uses_style_words(spec))
             rows.append(
                 {
                     "prompt_id": f"{id_prefix}{i}",
@@ -79,6 +85,22 @@ def rm_records(rng, texts, num_prompts, responses_per_prompt, harmful_fraction, 
                     "ratings": oracle.score(prompt, response, spec.names),
                 }
             )
+    return rows
+
+
+def sft_records(rng, texts, world_cfg, spec):
+    """The neutral warm-start set. A fraction of prompts carry a random preference prefix whose
+    response is drawn *independently* of it: an off-the-shelf LLM has read such tags as ordinary
+    text, while our tiny world model would otherwise meet them as never-trained embeddings that
+    derail it. The prefix carries no information, so this teaches no preference behaviour — the
+    demo's report measures that (the SFT policy's controllability ρ stays ≈ 0)."""
+    rows = []
+    for _ in range(world_cfg.num_sft):
+        prompt = _pick_prompt(rng, texts, world_cfg.harmful_fraction)
+        response = task.sample_response(rng, prompt, uses_style_words(spec))
+        if rng.random() < world_cfg.sft_prefix_fraction:
+            prompt = format_prefix(random_targets(rng, spec), spec) + prompt
+        rows.append({"prompt": prompt, "response": response})
     return rows
 
 
@@ -121,11 +143,7 @@ def build_world(world_cfg, spec: PreferenceSpec, out_dir: str | Path) -> dict[st
             random.Random(f"{world_cfg.seed}-rm-eval"), eval_texts, world_cfg.num_rm_eval_prompts,
             world_cfg.responses_per_prompt, hf, spec, "e",
         ),
-        "sft": [
-            {"prompt": p, "response": task.sample_response(rng, p)}
-            for rng in [random.Random(f"{world_cfg.seed}-sft")]
-            for p in (_pick_prompt(rng, train_texts, hf) for _ in range(world_cfg.num_sft))
-        ],
+        "sft": sft_records(random.Random(f"{world_cfg.seed}-sft"), train_texts, world_cfg, spec),
         "policy_train": policy_records(
             random.Random(f"{world_cfg.seed}-policy"), train_texts, world_cfg.num_policy_prompts, hf, spec
         ),

@@ -87,10 +87,16 @@ class Behaviour:
     num_offtopic: int
     num_polite: int
     num_filler: int
+    num_repeats: int = 0
 
 
-def sample_behaviour(rng: random.Random, topic: str) -> Behaviour:
-    """A broad, roughly level-balanced behaviour distribution (RM data and the neutral SFT policy)."""
+def sample_behaviour(rng: random.Random, topic: str, style_words: bool = True) -> Behaviour:
+    """A broad, roughly level-balanced behaviour distribution (RM data and the neutral SFT policy).
+
+    ``style_words`` adds polite and filler words; the builder turns them off when neither
+    politeness nor conciseness is a dimension, so responses stay short and the default world's
+    policy learns the dimensions that matter instead of word-order noise.
+    """
     refuse = rng.random() < (0.35 if is_harmful(topic) else 0.1)
     n_content = 0 if refuse and rng.random() < 0.7 else rng.randint(0, MAX_CONTENT)
     n_facts = rng.randint(max(0, n_content - NUM_MYTHS), min(n_content, num_facts(topic)))
@@ -99,8 +105,11 @@ def sample_behaviour(rng: random.Random, topic: str) -> Behaviour:
         num_facts=n_facts,
         num_myths=n_content - n_facts,
         num_offtopic=1 if rng.random() < 0.1 else 0,
-        num_polite=rng.choice((0, 0, 1, 2, 3, 4)),
-        num_filler=rng.choice((0, 0, 1, 2, 3, 4)),
+        num_polite=rng.choice((0, 0, 1, 2, 3, 4)) if style_words else 0,
+        num_filler=rng.choice((0, 0, 1, 2, 3, 4)) if style_words else 0,
+        # Repeated words earn nothing from the oracle; showing some to the RM keeps a policy from
+        # gaming it by saying the same fact twice (the first reward hack a policy finds otherwise).
+        num_repeats=rng.choice((1, 2)) if n_content and rng.random() < 0.3 else 0,
     )
 
 
@@ -111,6 +120,7 @@ def render_response(rng: random.Random, topic: str, b: Behaviour) -> str:
     for _ in range(b.num_offtopic):
         other = rng.choice(others)
         content.append(rng.choice(facts(other) + myths(other)))
+    content += [rng.choice(content) for _ in range(b.num_repeats if content else 0)]
     content += rng.sample(FILLER_WORDS, b.num_filler)
     rng.shuffle(content)
     words = list(rng.sample(POLITE_WORDS, b.num_polite)) + content
@@ -119,6 +129,6 @@ def render_response(rng: random.Random, topic: str, b: Behaviour) -> str:
     return " ".join(words or NO_ANSWER)
 
 
-def sample_response(rng: random.Random, prompt: str) -> str:
+def sample_response(rng: random.Random, prompt: str, style_words: bool = True) -> str:
     topic = topic_of_prompt(prompt)
-    return render_response(rng, topic, sample_behaviour(rng, topic))
+    return render_response(rng, topic, sample_behaviour(rng, topic, style_words))

@@ -265,10 +265,33 @@ def test_eval_prompt_texts_never_train():
 def test_sft_set(built):
     spec, _, paths = built
     train_texts, _ = split_prompt_texts(SMALL.seed)
-    for row in read_jsonl(paths["sft"]):
+    rows = read_jsonl(paths["sft"])
+    with_prefix = 0
+    for row in rows:
         assert set(row) == {"prompt", "response"}
-        assert parse_prefix(row["prompt"], spec) == ({}, row["prompt"])  # no prefix
-        assert row["prompt"] in train_texts
+        targets, prompt = parse_prefix(row["prompt"], spec)
+        with_prefix += bool(targets)
+        assert prompt in train_texts
+    # About sft_prefix_fraction of the prompts carry an (uninformative) prefix.
+    assert abs(with_prefix / len(rows) - SMALL.sft_prefix_fraction) < 0.15
+
+
+def test_sft_prefixes_carry_no_information():
+    """The SFT set's responses are drawn independently of its prefixes: the oracle's mean
+    helpfulness is the same whatever helpfulness level the prefix names."""
+    import statistics
+
+    from moslim_mega.world.build import sft_records
+
+    cfg = WorldConfig(num_sft=6000, sft_prefix_fraction=1.0)
+    spec = PreferenceSpec.datatype(4)
+    by_level: dict = {}
+    for row in sft_records(random.Random(0), split_prompt_texts(0)[0], cfg, spec):
+        targets, prompt = parse_prefix(row["prompt"], spec)
+        if "helpfulness" in targets:
+            by_level.setdefault(targets["helpfulness"], []).append(oracle.score(prompt, row["response"])["helpfulness"])
+    means = [statistics.mean(v) for _, v in sorted(by_level.items())]
+    assert len(means) == 5 and max(means) - min(means) < 0.25
 
 
 def test_policy_sets(built):
@@ -328,7 +351,7 @@ def tok():
 def test_tokenizer_round_trips_world_text(tok, built):
     _, _, paths = built
     texts = [r["response"] for r in read_jsonl(paths["rm_train"]) + read_jsonl(paths["sft"])]
-    texts += [r["prompt"] for r in read_jsonl(paths["sft"])]
+    texts += [r["prompt"] for r in read_jsonl(paths["rm_train"])]
     assert any(texts)
     for text in texts:
         ids = tok.encode(text, add_special_tokens=False)

@@ -1,0 +1,232 @@
+"""train_policy end to end on a tiny world (CPU): saved artefacts and metrics for each algorithm, the
+non-finite guard (fault injection into our own workers), and the user-error messages."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from moslim_mega.algos.core import NonFiniteError
+from moslim_mega.config import WorldConfig, load_config
+from moslim_mega.models.value import ValueModel
+from moslim_mega.policy import workers
+from moslim_mega.policy.controller import load_policy_prompts, train_policy
+from moslim_mega.prefs import PreferenceSpec
+from moslim_mega.reward.data import RecordError
+from moslim_mega.reward.trainer import train_reward_model
+from moslim_mega.sft import load_policy, train_sft
+from moslim_mega.world.build import build_world
+
+TINY = ["hidden_size=32", "intermediate_size=64", "num_layers=1", "num_heads=2"]
+SMALL = [f"sft.model.{x}" for x in TINY] + [f"rm.model.{x}" for x in TINY] + [
+    "run.tensorboard=false",
+    "sft.epochs=1",
+    "sft.batch_size=16",
+    "sft.warmup_steps=1",
+    "sft.lr=0.01",
+    "rm.epochs=1",
+    "rm.batch_size=16",
+    "rm.eval_every=0",
+    "rm.warmup_steps=1",
+    "policy.steps=3",
+    "policy.prompts_per_step=4",
+    "policy.samples_per_prompt=2",
+    "policy.mini_batch_size=8",
+    "policy.micro_batch_size=4",
+    "policy.eval_every=0",
+    "sampling.max_new_tokens=6",
+]
+NUM_ROWS = 4 * 2
+ALGO_KEYS = {"rloo": {"pg_loss", "clipfrac"}, "ppo": {"pg_loss", "value_loss"}, "online_dpo": {"dpo_loss", "dpo_pairs"}}
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory):
+    """World → a 4-step SFT → a 4-step RM, built once: (overrides, paths)."""
+    root = tmp_path_factory.mktemp("policy_stage")
+    world_cfg = WorldConfig(num_sft=64, num_rm_prompts=16, num_rm_eval_prompts=4, num_policy_prompts=20)
+    paths = build_world(world_cfg, PreferenceSpec.datatype(4), root / "world")
+    overrides = SMALL + [f"run.data_dir={root / 'world'}"]
+    cfg = load_config(None, overrides)
+    sft = train_sft(cfg, paths["sft"], root / "sft", show_progress=False)
+    train_reward_model(cfg, root / "rm", show_progress=False)
+    return {"overrides": overrides, "init": sft["model_dir"], "rm": root / "rm", "prompts": paths["policy_train"]}
+
+
+def _train(stage, out, *extra, **kw):
+    cfg = load_config(None, stage["overrides"] + list(extra))
+    return cfg, train_policy(cfg, out, stage["init"], stage["rm"], stage["prompts"], show_progress=False, **kw)
+
+
+def _rows(out, tag="train"):
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["tag"] == tag]
+
+
+@pytest.mark.parametrize("algo", ["rloo", "ppo", "online_dpo"])
+def test_three_steps_write_policy_metrics_and_summary(stage, tmp_path, algo):
+    calls = []
+
+    def eval_fn(step, sample_fn):
+        responses = sample_fn(["<helpfulness 5> tell me about cats", "explain cooking"])
+        calls.append((step, responses))
+        return {"num_responses": len(responses)}
+
+    cfg, summary = _train(stage, tmp_path, f"policy.algo={algo}", "policy.eval_every=2", eval_fn=eval_fn)
+
+    assert summary["steps"] == 3 and summary["algo"] == algo
+    saved = json.loads((tmp_path / "train_summary.json").read_text())
+    assert saved["steps"] == 3 and saved["policy_dir"] == str(tmp_path / "policy")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert {"reward", "kl", "response_length", "kl_coef", "grad_norm"} | ALGO_KEYS[algo] <= set(r), sorted(r)
+        # MetricsWriter writes NaN as null: every logged number must be a finite float.
+        assert all(isinstance(v, (int, float)) and math.isfinite(v) for k, v in r.items() if k != "tag"), r
+        assert 1 <= r["response_length"] <= 6  # max_new_tokens=6
+    assert rows[0]["kl"] == 0.0  # the reference is the initial policy
+    if algo == "online_dpo":
+        assert all(1 <= r["dpo_pairs"] <= 4 for r in rows)
+
+    # eval_every=2 → the hook runs at step 2 only (never at step 0) with a greedy sampler.
+    assert [s for s, _ in calls] == [2]
+    assert all(isinstance(x, str) for x in calls[0][1]) and len(calls[0][1]) == 2
+    assert [(r["step"], r["num_responses"]) for r in _rows(tmp_path, "eval")] == [(2, 2.0)]
+
+    policy_dir = tmp_path / "policy"
+    assert (policy_dir / "config.json").is_file() and list(policy_dir.glob("*.safetensors"))
+    trained = AutoModelForCausalLM.from_pretrained(policy_dir).state_dict()
+    init = AutoModelForCausalLM.from_pretrained(stage["init"]).state_dict()
+    assert trained.keys() == init.keys()
+    assert all(bool(torch.isfinite(v).all()) for v in trained.values())
+    changed = [k for k in init if not torch.equal(init[k], trained[k])]
+    assert "lm_head.weight" in changed and len(changed) >= len(init) // 2, changed
+    _model, tok = load_policy(policy_dir)  # the tokenizer is saved beside the weights
+    assert tok.pad_token_id is not None and tok.chat_template
+
+
+# ---- the non-finite guard --------------------------------------------------------------------
+def test_nan_reward_stops_at_that_step_naming_the_mapped_reward(stage, tmp_path, monkeypatch):
+    real_score = workers.RewardWorker.score
+    calls = []
+
+    def score_with_nan_at_step_2(self, prompts, responses):
+        out = real_score(self, prompts, responses)
+        calls.append(len(prompts))
+        if len(calls) == 3:  # one score() per step: the third call is step 2
+            out.reward_B[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(workers.RewardWorker, "score", score_with_nan_at_step_2)
+    with pytest.raises(NonFiniteError, match=r"^step 2: mapped reward is not finite$"):
+        _train(stage, tmp_path, "policy.algo=rloo")
+    assert calls == [NUM_ROWS] * 3
+    assert [r["step"] for r in _rows(tmp_path)] == [0, 1]  # steps before the fault were logged
+    assert not (tmp_path / "policy").exists()  # a poisoned run saves no policy
+
+
+class StepFaults:
+    """Fault injection into our own workers: counts the frozen reference's log-prob pass (one per
+    step, right after the rollout) to know the step, and fills one quantity with NaN at ``at_step``."""
+
+    def __init__(self, monkeypatch, what: str, at_step: int = 1):
+        self.what, self.at_step, self.ref_rows = what, at_step, []
+        real_logprobs, real_values = workers.LogprobWorker.logprobs, ValueModel.forward
+        faults = self
+
+        def logprobs(worker, ids_BT, mask_BT, grad=False):
+            logp_BT, ent_BT = real_logprobs(worker, ids_BT, mask_BT, grad)
+            is_reference = not any(p.requires_grad for p in worker.model.parameters())
+            if is_reference:
+                faults.ref_rows.append(ids_BT.shape[0])
+            if faults.now and ((is_reference and what == "reference") or (grad and what == "policy_update")):
+                logp_BT = logp_BT + float("nan")  # keeps the autograd graph of the update pass
+            return logp_BT, ent_BT
+
+        def values(critic, ids_BT, attn_BT):
+            v_BT = real_values(critic, ids_BT, attn_BT)
+            if faults.now and what == "critic_update" and torch.is_grad_enabled():
+                v_BT = v_BT * float("nan")
+            return v_BT
+
+        monkeypatch.setattr(workers.LogprobWorker, "logprobs", logprobs)
+        monkeypatch.setattr(ValueModel, "forward", values)
+
+    @property
+    def now(self) -> bool:
+        return len(self.ref_rows) - 1 == self.at_step
+
+
+@pytest.mark.parametrize(
+    "algo, what, quantity",
+    [
+        # NaN reference log-probs → NaN KL → the KL-shaped rewards (kl_in_reward) → advantages.
+        ("rloo", "reference", "advantages"),
+        ("ppo", "reference", "advantages"),
+        # Online-DPO has no advantages: the reference enters the loss through its log-ratios.
+        ("online_dpo", "reference", "dpo_loss"),
+        # NaN in the update's own forward passes → the losses.
+        ("rloo", "policy_update", "pg_loss"),
+        ("online_dpo", "policy_update", "dpo_loss"),
+        ("ppo", "critic_update", "value_loss"),
+    ],
+)
+def test_nan_at_step_1_stops_the_run_naming_step_and_quantity(stage, tmp_path, monkeypatch, algo, what, quantity):
+    faults = StepFaults(monkeypatch, what, at_step=1)
+    with pytest.raises(NonFiniteError, match=rf"^step 1: {quantity} is not finite$"):
+        _train(stage, tmp_path, f"policy.algo={algo}", "policy.kl_in_reward=true")
+    assert faults.ref_rows == [NUM_ROWS] * 2  # stopped in step 1, not later
+    assert [r["step"] for r in _rows(tmp_path)] == [0]
+
+
+def test_diverging_learning_rate_stops_with_a_named_step(stage, tmp_path):
+    # lr=1e6 is not enough on this model: AdamW steps are ≈ lr·sign(g), the softmax saturates and
+    # every quantity stays finite (the run completes), so the divergence needs a step that overflows.
+    with pytest.raises(NonFiniteError, match=r"^step \d+: .* is not finite$"):
+        _train(stage, tmp_path, "policy.algo=rloo", "policy.lr=1e30", "policy.grad_clip=0", "policy.warmup_steps=0")
+
+
+# ---- user errors -----------------------------------------------------------------------------
+@pytest.mark.parametrize("algo", ["rloo", "online_dpo"])
+def test_one_sample_per_prompt_is_a_value_error_naming_the_field(stage, tmp_path, algo):
+    with pytest.raises(ValueError, match=r"policy\.samples_per_prompt=1: .*at least 2 samples per prompt"):
+        _train(stage, tmp_path, f"policy.algo={algo}", "policy.samples_per_prompt=1")
+
+
+def test_bad_prefix_in_the_prompt_file_is_a_record_error_naming_the_line(stage, tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    lines = ['{"prompt": "<helpfulness 5> tell me about cats"}', "", '{"prompt": "<helpfulness 9> explain cooking"}']
+    path.write_text("\n".join(lines) + "\n")
+    cfg = load_config(None, stage["overrides"])
+    with pytest.raises(RecordError, match=r"prompts\.jsonl:3: field 'prompt': .*helpfulness"):
+        train_policy(cfg, tmp_path / "run", stage["init"], stage["rm"], path, show_progress=False)
+    assert not (tmp_path / "run" / "policy").exists()
+
+
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        ('{"prompt": "<colour 3> tell me about cats"}', r"prompts\.jsonl:2: field 'prompt': .*colour"),
+        ('{"prompt": "<honesty 2 explain cooking"}', r"prompts\.jsonl:2: field 'prompt': unterminated tag"),
+        ('{"text": "explain cooking"}', r"prompts\.jsonl:2: missing string field 'prompt'"),
+        ('"explain cooking"', r"prompts\.jsonl:2: missing string field 'prompt'"),
+    ],
+)
+def test_load_policy_prompts_errors_name_the_line(tmp_path, line, match):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "<honesty max> explain cooking"}\n' + line + "\n")
+    with pytest.raises(RecordError, match=match):
+        load_policy_prompts(path, PreferenceSpec.datatype(4))
+
+
+def test_load_policy_prompts_keeps_prefixes_and_rejects_an_empty_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "<honesty max> explain cooking"}\n{"prompt": "tell me about cats"}\n')
+    prompts = load_policy_prompts(path, PreferenceSpec.datatype(4))
+    assert prompts == ["<honesty max> explain cooking", "tell me about cats"]
+    path.write_text("\n")
+    with pytest.raises(RecordError, match="no prompts"):
+        load_policy_prompts(path, PreferenceSpec.datatype(4))
