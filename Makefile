@@ -9,18 +9,17 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
+ALGO   ?= rloo
+SEED   ?= 0
+
 demo: $(STAMP)
-	$(VENV)/bin/moslim rm train --config configs/rm_world.yaml --out runs/demo_rm
-	$(VENV)/bin/moslim rm score --rm runs/demo_rm \
-		--prompt '<helpfulness 5><honesty 5>tell me about cooking' \
-		--response 'cooking_fact_a cooking_fact_b'
+	$(VENV)/bin/moslim demo --algo $(ALGO) --seed $(SEED) --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

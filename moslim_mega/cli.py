@@ -126,10 +126,25 @@ def cmd_config_show(args) -> int:
     return 0
 
 
-def cmd_config_doc(_args) -> int:
-    print("| key | type | default | meaning |\n|---|---|---|---|")
+def config_doc_markdown() -> str:
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key, tp, default, doc in field_docs():
-        print(f"| `{key}` | {tp} | `{default!r}` | {doc} |")
+        doc = doc.replace("|", "\\|")  # a pipe inside a cell would split the markdown column
+        rows.append(f"| `{key}` | {tp} | `{default!r}` | {doc} |")
+    return "\n".join(rows) + "\n"
+
+
+def cmd_config_doc(args) -> int:
+    text = config_doc_markdown()
+    if args.readme:
+        # Rewrite the generated block of README.md in place (between the config-doc markers).
+        readme = Path(__file__).resolve().parent.parent / "README.md"
+        head, rest = readme.read_text().split("<!-- config-doc:start -->\n", 1)
+        _, tail = rest.split("<!-- config-doc:end -->", 1)
+        readme.write_text(head + "<!-- config-doc:start -->\n" + text + "<!-- config-doc:end -->" + tail)
+        print(f"updated {readme}")
+    else:
+        print(text, end="")
     return 0
 
 
@@ -205,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_config_show)
     p = conf.add_parser("doc", help="print every config key with its meaning (markdown)")
+    p.add_argument("--readme", action="store_true", help="rewrite the README's config reference")
     p.set_defaults(func=cmd_config_doc)
     return parser
 

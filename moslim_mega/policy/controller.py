@@ -50,10 +50,11 @@ class Experience:
     chosen_P: torch.Tensor | None = None  # Online-DPO: row index of the preferred sample per pair
     rejected_P: torch.Tensor | None = None
 
+    _PER_ROW = ("ids_BT", "attn_BT", "mask_BT", "old_logp_BT", "ref_logp_BT", "adv_BT", "returns_BT", "old_values_BT")
+
     def rows(self, idx: torch.Tensor) -> "Experience":
-        pick = lambda x: None if x is None or x.dim() != 2 else x[idx]  # noqa: E731
-        return Experience(*(pick(getattr(self, f)) for f in ("ids_BT", "attn_BT", "mask_BT", "old_logp_BT",
-                                                              "ref_logp_BT", "adv_BT", "returns_BT", "old_values_BT")))
+        """The per-row tensors of the selected rows (pair indices are not carried over)."""
+        return Experience(**{f: None if getattr(self, f) is None else getattr(self, f)[idx] for f in self._PER_ROW})
 
 
 def load_policy_prompts(path, spec) -> list[str]:

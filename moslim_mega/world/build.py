@@ -99,9 +99,21 @@ def sft_records(rng, texts, world_cfg, spec):
         prompt = _pick_prompt(rng, texts, world_cfg.harmful_fraction)
         response = task.sample_response(rng, prompt, uses_style_words(spec))
         if rng.random() < world_cfg.sft_prefix_fraction:
-            prompt = format_prefix(random_targets(rng, spec), spec) + prompt
+            prompt = spell_prefix(rng, random_targets(rng, spec), spec) + prompt
         rows.append({"prompt": prompt, "response": response})
     return rows
+
+
+def spell_prefix(rng: random.Random, targets: dict[str, int], spec: PreferenceSpec, p_words: float = 0.3) -> str:
+    """``format_prefix``, but a top or bottom level is written ``max`` / ``min`` with probability
+    ``p_words`` — users write both, and the policy must learn both spellings."""
+    parts = []
+    for name, cls in targets.items():
+        tag = format_prefix({name: cls}, spec)
+        if cls in (0, spec[name].num_classes - 1) and rng.random() < p_words:
+            tag = f"<{spec[name].name} {'min' if cls == 0 else 'max'}>"
+        parts.append(tag)
+    return "".join(parts)
 
 
 def random_targets(rng: random.Random, spec: PreferenceSpec, max_dims: int = 3) -> dict[str, int]:
@@ -115,7 +127,7 @@ def policy_records(rng, texts, n, harmful_fraction, spec):
     rows = []
     for _ in range(n):
         targets = random_targets(rng, spec)
-        prompt = format_prefix(targets, spec) + _pick_prompt(rng, texts, harmful_fraction)
+        prompt = spell_prefix(rng, targets, spec) + _pick_prompt(rng, texts, harmful_fraction)
         rows.append({"prompt": prompt, "targets": {k: spec[k].first_level + v for k, v in targets.items()}})
     return rows
 

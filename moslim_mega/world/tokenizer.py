@@ -1,7 +1,12 @@
 """A word-level tokenizer for the embedded world, built locally (no downloads).
 
 Every world word, every dimension name/alias, the digits, ``max``/``min`` and the tag brackets
-are single tokens, so ``<helpfulness 5>`` is four tokens: ``<``, ``helpfulness``, ``5``, ``>``.
+are single tokens. Each canonical tag (``<helpfulness 5>``, ``<honesty max>``, …) is also one
+token — a control code, as in CTRL-style conditioning: a 2-layer model that must bind the
+dimension token to a level token three positions later learns "level n → n−1 items" for every
+dimension alike (measured: honesty ρ ≈ 0 after 1,500 RLOO steps), while one token per
+(dimension, level) makes the binding a lookup. Other spellings (aliases, extra spaces, capitals)
+still parse and tokenise piecewise: ``<``, ``helpful``, ``5``, ``>``.
 It carries a chat template (``{prompt} <sep> {response} <eos>``) so that world models go through
 the same ``apply_chat_template`` path as real HF models.
 """
@@ -59,5 +64,12 @@ def build_world_tokenizer(extra_names=()) -> PreTrainedTokenizerFast:
         eos_token="<eos>",
         sep_token="<sep>",
     )
+    fast.add_tokens(tag_tokens(extra_names))
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def tag_tokens(extra_names=()) -> list[str]:
+    """One token per canonical tag: every dimension × levels 0-9, ``max`` and ``min``."""
+    names = list(dict.fromkeys(list(ORACLE_SCALES) + list(extra_names)))
+    return [f"<{n} {lv}>" for n in names for lv in [*map(str, range(10)), "max", "min"]]

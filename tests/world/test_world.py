@@ -359,10 +359,14 @@ def test_tokenizer_round_trips_world_text(tok, built):
         assert tok.decode(ids) == text
 
 
-def test_tokenizer_splits_tags(tok):
-    assert tok.tokenize("<helpfulness 5>") == ["<", "helpfulness", "5", ">"]
-    assert tok.tokenize("<harmless max><honesty 3>explain cooking") == [
-        "<", "harmless", "max", ">", "<", "honesty", "3", ">", "explain", "cooking",
+def test_tokenizer_canonical_tags_are_one_token_other_spellings_split(tok):
+    assert tok.tokenize("<helpfulness 5>") == ["<helpfulness 5>"]
+    assert tok.tokenize("<harmlessness max><honesty 3>explain cooking") == [
+        "<harmlessness max>", "<honesty 3>", "explain", "cooking",
+    ]
+    # an alias is still understood, piece by piece
+    assert tok.tokenize("<harmless max><honest 3>explain cooking") == [
+        "<", "harmless", "max", ">", "<", "honest", "3", ">", "explain", "cooking",
     ]
     ids = tok.encode("<helpfulness 5><polite min> tell me about music", add_special_tokens=False)
     assert tok.unk_token_id not in ids

@@ -1,0 +1,36 @@
+"""`moslim demo --quick` end to end: every stage runs and the report honours its contract."""
+
+import json
+import math
+
+import pytest
+
+from moslim_mega.cli import main
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_the_report_contract(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--algo", "rloo", "--seed", "3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "helpfulness" in printed and "report:" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["algo"] == "rloo" and report["seed"] == 3 and report["wall_seconds"] > 0
+    dims = ("helpfulness", "honesty", "harmlessness")
+    for d in dims:
+        c = report["controllability"][d]
+        levels = [0, 1] if d == "harmlessness" else [1, 2, 3, 4, 5]
+        assert c["targets"] == levels and len(c["achieved"]) == len(levels)
+        assert c["spearman"] is None or -1 <= c["spearman"] <= 1
+        assert d in report["sft"] and d in report["moslim"]
+    assert set(report["pairs"]) == {"helpfulness+honesty", "helpfulness+harmlessness", "honesty+harmlessness"}
+    for scores in report["pairs"].values():
+        assert all(math.isfinite(v) for v in scores.values())
+    assert set(report["stages"]) >= {"world", "sft", "rm", "policy", "eval_sft", "eval_moslim"}
+    for name in ("report.md", "controllability.png", "pairs_radar.png", "scores.png",
+                 "sft/model/config.json", "rm/rm.json", "policy/policy/config.json", "policy/metrics.jsonl"):
+        assert (out / name).exists(), name
+    # The policy stage really trained: its logged mapped reward moved away from the SFT's.
+    rows = [json.loads(x) for x in (out / "policy" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["tag"] == "train"]
+    assert len(train) >= 10 and train[-1]["kl"] > 0
