@@ -24,8 +24,9 @@ from .config import Config, save_config
 from .data.template import pad_batch, render_pair, render_prompt
 from .models.build import ModelLoadError, build_causal_lm, build_tokenizer
 from .prefs import spec_from_config
-from .reward.data import RecordError, read_jsonl
-from .reward.trainer import TrainingError, _lr_lambda, check_finite
+from .reward.data import RecordError, check_prompt_response, read_jsonl
+from .algos.core import check_finite
+from .utils.optim import Updater
 from .utils.logging import MetricsWriter
 from .utils.seed import seed_everything
 
@@ -54,15 +55,7 @@ class SFTExamples:
 
 def parse_sft_record(rec, where: str) -> tuple[str, str]:
     """Validate one record → (prompt, response); RecordError names file:line and field."""
-    if not isinstance(rec, dict):
-        raise RecordError(f"{where}: record must be a JSON object, got {type(rec).__name__}")
-    for key in ("prompt", "response"):
-        if key not in rec:
-            raise RecordError(f"{where}: missing field {key!r}")
-        if not isinstance(rec[key], str):
-            raise RecordError(f"{where}: field {key!r} must be a string, got {type(rec[key]).__name__}")
-    if not rec["response"].strip():
-        raise RecordError(f"{where}: field 'response' is empty")
+    check_prompt_response(rec, where)
     return rec["prompt"], rec["response"]
 
 
@@ -133,8 +126,7 @@ def _train_loop(cfg: Config, model, data: SFTExamples, pad_id: int, writer: Metr
     device = next(model.parameters()).device
     steps_per_epoch = math.ceil(len(data) / sc.batch_size)
     total_steps = max(1, math.ceil(sc.epochs * steps_per_epoch))
-    opt = torch.optim.AdamW(model.parameters(), lr=sc.lr, weight_decay=sc.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(sc.warmup_steps, total_steps))
+    upd = Updater(model.parameters(), sc.lr, sc.weight_decay, sc.warmup_steps, sc.grad_clip, total_steps)
     gen = torch.Generator().manual_seed(cfg.run.seed)
     model.train()
     start = time.time()
@@ -150,15 +142,12 @@ def _train_loop(cfg: Config, model, data: SFTExamples, pad_id: int, writer: Metr
         ids_BT, mask_BT, labels_BT = (t.to(device) for t in batch)
         loss = sft_loss(model, ids_BT, mask_BT, labels_BT)
         check_finite(loss, "sft loss", step)
-        opt.zero_grad(set_to_none=True)
+        upd.zero_grad()
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), sc.grad_clip if sc.grad_clip > 0 else float("inf"))
-        check_finite(grad_norm, "sft grad norm", step)
-        opt.step()
-        sched.step()
+        grad_norm = upd.step(step, "sft grad norm")
         recent = (recent + [loss.item()])[-10:]
         if step % 10 == 0:
-            writer.write(step, {"loss": recent[-1], "lr": sched.get_last_lr()[0], "grad_norm": grad_norm.item()})
+            writer.write(step, {"loss": recent[-1], "lr": upd.lr, "grad_norm": grad_norm})
             bar.set_postfix(loss=f"{recent[-1]:.3f}")
         if sc.max_minutes and time.time() - start > sc.max_minutes * 60:
             bar.write(f"sft: stopping at step {step} (sft.max_minutes={sc.max_minutes})")

@@ -87,80 +87,79 @@ def actor_loss(pc: PolicyConfig, logp_BT, entropy_BT, exp: Experience, kl_coef: 
 
 def update_actor(actor, updater: Updater, exp: Experience, pc: PolicyConfig, kl_coef: float, gen: torch.Generator,
                  temperature: float = 1.0, step: int = 0) -> dict:
-    """update_epochs × mini-batches × micro-batches (gradient accumulation).
-
-    Each micro-batch's token-mean loss is re-weighted by its share of the mini-batch's tokens,
-    so accumulating 8 micro-batches of 1 equals one batch of 8 exactly (a tested invariant).
-    """
+    """Clipped-surrogate updates of the policy (PPO, RLOO) or the DPO loss (Online-DPO)."""
     worker = LogprobWorker(actor, temperature)
     if exp.chosen_P is not None:
         return _update_dpo(worker, updater, exp, pc, gen, step)
-    B = exp.ids_BT.shape[0]
+
+    def micro_loss(mini, rows):
+        part = exp.rows(rows)
+        logp_BT, ent_BT = worker.logprobs(part.ids_BT, part.attn_BT, grad=True)
+        loss, stats = actor_loss(pc, logp_BT, ent_BT, part, kl_coef)
+        core.check_finite(loss, "pg_loss", step)
+        stats.update(pg_loss=float(loss.detach()), entropy=float(core.masked_mean(ent_BT.detach(), part.mask_BT)))
+        return loss * _token_share(exp, rows, mini), stats
+
     micro = pc.micro_batch_size or pc.mini_batch_size
-    logs: list[dict] = []
-    for _ in range(pc.update_epochs):
-        order = torch.randperm(B, generator=gen)
-        for m0 in range(0, B, pc.mini_batch_size):
-            mini = order[m0 : m0 + pc.mini_batch_size]
-            mini_tokens = exp.mask_BT[mini].sum().clamp(min=1)
-            updater.zero_grad()
-            for u0 in range(0, len(mini), micro):
-                part = exp.rows(mini[u0 : u0 + micro])
-                logp_BT, ent_BT = worker.logprobs(part.ids_BT, part.attn_BT, grad=True)
-                loss, stats = actor_loss(pc, logp_BT, ent_BT, part, kl_coef)
-                core.check_finite(loss, "pg_loss", step)
-                weight = part.mask_BT.sum() / mini_tokens
-                (loss * weight).backward()
-                stats["entropy"] = float(core.masked_mean(ent_BT.detach(), part.mask_BT))
-                logs.append({"pg_loss": float(loss.detach()), **stats})
-            logs[-1]["grad_norm"] = updater.step(step, "policy gradient norm")
-    return _mean_logs(logs)
+    return _accumulate(exp.ids_BT.shape[0], pc.mini_batch_size, micro, pc, gen, updater, step, "policy", micro_loss)
 
 
 def _update_dpo(worker: LogprobWorker, updater: Updater, exp: Experience, pc: PolicyConfig, gen, step: int) -> dict:
-    P = exp.chosen_P.shape[0]
+    """Mini- and micro-batches count pairs (two rows each); each micro-batch's mean pair loss is
+    weighted by its share of the mini-batch's pairs."""
+    seq_ref_B = core.masked_sum(exp.ref_logp_BT, exp.mask_BT, dim=1)
+
+    def micro_loss(mini, pairs):
+        rows = torch.cat([exp.chosen_P[pairs], exp.rejected_P[pairs]])
+        part = exp.rows(rows)
+        logp_BT, _ = worker.logprobs(part.ids_BT, part.attn_BT, grad=True)
+        seq_B = core.masked_sum(logp_BT, part.mask_BT, dim=1)
+        n = len(pairs)
+        loss, stats = dpo.dpo_loss(seq_B[:n], seq_B[n:], seq_ref_B[rows[:n]], seq_ref_B[rows[n:]], pc.dpo_beta, pc.dpo_loss)
+        core.check_finite(loss, "dpo_loss", step)
+        stats["dpo_loss"] = float(loss.detach())
+        return loss * n / len(mini), stats
+
     pairs_per_mini = max(1, pc.mini_batch_size // 2)
     micro = max(1, (pc.micro_batch_size or pc.mini_batch_size) // 2)
-    seq_ref_B = core.masked_sum(exp.ref_logp_BT, exp.mask_BT, dim=1)
-    logs = []
-    for _ in range(pc.update_epochs):
-        order = torch.randperm(P, generator=gen)
-        for m0 in range(0, P, pairs_per_mini):
-            mini = order[m0 : m0 + pairs_per_mini]
-            updater.zero_grad()
-            for u0 in range(0, len(mini), micro):
-                pairs = mini[u0 : u0 + micro]
-                rows = torch.cat([exp.chosen_P[pairs], exp.rejected_P[pairs]])
-                part = exp.rows(rows)
-                logp_BT, _ = worker.logprobs(part.ids_BT, part.attn_BT, grad=True)
-                seq_B = core.masked_sum(logp_BT, part.mask_BT, dim=1)
-                n = len(pairs)
-                loss, stats = dpo.dpo_loss(seq_B[:n], seq_B[n:], seq_ref_B[rows[:n]], seq_ref_B[rows[n:]], pc.dpo_beta, pc.dpo_loss)
-                core.check_finite(loss, "dpo_loss", step)
-                (loss * n / len(mini)).backward()
-                logs.append({"dpo_loss": float(loss.detach()), **stats})
-            logs[-1]["grad_norm"] = updater.step(step, "policy gradient norm")
-    return _mean_logs(logs)
+    return _accumulate(exp.chosen_P.shape[0], pairs_per_mini, micro, pc, gen, updater, step, "policy", micro_loss)
 
 
 def update_critic(critic, updater: Updater, exp: Experience, pc: PolicyConfig, gen, step: int = 0) -> dict:
-    B = exp.ids_BT.shape[0]
+    def micro_loss(mini, rows):
+        part = exp.rows(rows)
+        values_BT = critic(part.ids_BT, part.attn_BT)
+        loss, stats = ppo.ppo_value_loss(values_BT, part.old_values_BT, part.returns_BT, part.mask_BT, pc.value_clip_range)
+        core.check_finite(loss, "value_loss", step)
+        stats["value_loss"] = float(loss.detach())
+        return loss * _token_share(exp, rows, mini), stats
+
     micro = pc.micro_batch_size or pc.mini_batch_size
-    logs = []
+    return _accumulate(exp.ids_BT.shape[0], pc.mini_batch_size, micro, pc, gen, updater, step, "critic", micro_loss)
+
+
+def _token_share(exp: Experience, rows, mini):
+    """A micro-batch's token-mean loss × this = its exact share of the mini-batch's token mean,
+    so accumulating 8 micro-batches of 1 equals one batch of 8 (a tested invariant)."""
+    return exp.mask_BT[rows].sum() / exp.mask_BT[mini].sum().clamp(min=1)
+
+
+def _accumulate(units: int, mini_size: int, micro_size: int, pc: PolicyConfig, gen, updater: Updater, step: int,
+                who: str, micro_loss) -> dict:
+    """update_epochs × shuffled mini-batches (one optimizer step each) × micro-batches (gradient
+    accumulation) over ``units`` rows or pairs; ``micro_loss(mini, micro)`` returns the micro-batch
+    loss already weighted by its share of the mini-batch, and its log row."""
+    logs: list[dict] = []
     for _ in range(pc.update_epochs):
-        order = torch.randperm(B, generator=gen)
-        for m0 in range(0, B, pc.mini_batch_size):
-            mini = order[m0 : m0 + pc.mini_batch_size]
-            mini_tokens = exp.mask_BT[mini].sum().clamp(min=1)
+        order = torch.randperm(units, generator=gen)
+        for m0 in range(0, units, mini_size):
+            mini = order[m0 : m0 + mini_size]
             updater.zero_grad()
-            for u0 in range(0, len(mini), micro):
-                part = exp.rows(mini[u0 : u0 + micro])
-                values_BT = critic(part.ids_BT, part.attn_BT)
-                loss, stats = ppo.ppo_value_loss(values_BT, part.old_values_BT, part.returns_BT, part.mask_BT, pc.value_clip_range)
-                core.check_finite(loss, "value_loss", step)
-                (loss * part.mask_BT.sum() / mini_tokens).backward()
-                logs.append({"value_loss": float(loss.detach()), **stats})
-            updater.step(step, "critic gradient norm")
+            for u0 in range(0, len(mini), micro_size):
+                loss, log = micro_loss(mini, mini[u0 : u0 + micro_size])
+                loss.backward()
+                logs.append(log)
+            logs[-1][f"{who}_grad_norm"] = updater.step(step, f"{who} gradient norm")
     return _mean_logs(logs)
 
 

@@ -1,5 +1,5 @@
 """Workers the controller calls through narrow interfaces: generate (rollout engine), score
-(reward), logprobs / values (forward passes), train_step (updates).
+(reward), logprobs / values (forward passes); updates go through ``utils.optim.Updater``.
 
 Legend: B rows (sequences), T tokens, H reward heads, K samples per prompt.
 """
@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..algos.core import NonFiniteError
 from ..algos.logprob import sequence_logprobs
 from ..prefs import parse_prefix, targets_to_tensor
 from ..reward.io import LoadedRewardModel
 from ..reward.mapping import RewardMapper
+from ..utils.optim import Updater  # noqa: F401  (re-exported: the controller's optimizer step)
 
 
 @dataclass
@@ -51,25 +51,3 @@ class LogprobWorker:
     def logprobs(self, ids_BT, mask_BT, grad: bool = False):
         with torch.set_grad_enabled(grad):
             return sequence_logprobs(self.model, ids_BT, mask_BT, temperature=self.temperature)
-
-
-class Updater:
-    """An optimizer with warm-up, gradient clipping and a finite-gradient check."""
-
-    def __init__(self, params, lr: float, weight_decay: float, warmup_steps: int, grad_clip: float):
-        self.params = [p for p in params if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
-        self.grad_clip = grad_clip
-
-    def zero_grad(self) -> None:
-        self.opt.zero_grad(set_to_none=True)
-
-    def step(self, step: int | None = None, what: str = "gradient norm") -> float:
-        """Clip, check and apply; a non-finite gradient raises before any parameter changes."""
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip if self.grad_clip > 0 else float("inf"))
-        if not bool(torch.isfinite(norm)):
-            raise NonFiniteError(f"step {step}: {what} is not finite")
-        self.opt.step()
-        self.sched.step()
-        return float(norm)

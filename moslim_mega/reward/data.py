@@ -40,17 +40,22 @@ class RMExamples:
         return ids_BT, mask_BT, self.labels_NH[idx]
 
 
-def parse_record(rec, spec: PreferenceSpec, where: str) -> tuple[str, str, str, list[int]]:
-    """Validate one record → (prompt without prefix, response, group id, labels per head)."""
+def check_prompt_response(rec, where: str) -> None:
+    """A record must be an object with string ``prompt`` and non-empty string ``response``."""
     if not isinstance(rec, dict):
         raise RecordError(f"{where}: record must be a JSON object, got {type(rec).__name__}")
     for key in ("prompt", "response"):
         if key not in rec:
             raise RecordError(f"{where}: missing field {key!r}")
         if not isinstance(rec[key], str):
-            raise RecordError(f"{where}: field {key!r} must be a string")
+            raise RecordError(f"{where}: field {key!r} must be a string, got {type(rec[key]).__name__}")
     if not rec["response"].strip():
         raise RecordError(f"{where}: field 'response' is empty")
+
+
+def parse_record(rec, spec: PreferenceSpec, where: str) -> tuple[str, str, str, list[int]]:
+    """Validate one record → (prompt without prefix, response, group id, labels per head)."""
+    check_prompt_response(rec, where)
     ratings = rec.get("ratings")
     if not isinstance(ratings, dict):
         raise RecordError(f"{where}: missing or non-object field 'ratings'")

@@ -19,7 +19,9 @@ from tqdm import tqdm
 from ..config import Config, save_config
 from ..models.build import build_backbone, build_tokenizer
 from ..prefs import PreferenceSpec, spec_from_config
+from ..algos.core import NonFiniteError, check_finite
 from ..utils.logging import MetricsWriter
+from ..utils.optim import Updater
 from ..utils.seed import seed_everything
 from .data import RMExamples, load_rm_examples
 from .io import save_reward_model
@@ -29,13 +31,9 @@ from .metrics import rm_report
 from .model import MultiHeadRewardModel
 
 
-class TrainingError(RuntimeError):
-    """Training hit a non-finite value; the message names the step and the quantity."""
-
-
-def check_finite(value: torch.Tensor, what: str, step: int) -> None:
-    if not bool(torch.isfinite(value).all()):
-        raise TrainingError(f"step {step}: {what} is not finite ({value.detach().flatten()[:4].tolist()})")
+# Training hit a non-finite value; the message names the step and the quantity. One class for
+# every stage (RM, SFT, policy), kept under this name for the RM/SFT callers.
+TrainingError = NonFiniteError
 
 
 @torch.no_grad()
@@ -71,16 +69,6 @@ def evaluate(model, examples: RMExamples, spec: PreferenceSpec, pad_id: int, map
     return rm_report(probs, examples.labels_NH, examples.groups, list(spec.names), rewards)
 
 
-def _lr_lambda(warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        frac = (step - warmup) / max(1, total - warmup)
-        return 1.0 - 0.9 * min(1.0, frac)
-
-    return f
-
-
 def _data_paths(cfg: Config, out: Path, spec: PreferenceSpec) -> tuple[Path, Path]:
     if cfg.run.data_dir:
         d = Path(cfg.run.data_dir)
@@ -113,8 +101,7 @@ def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = T
     )
     steps_per_epoch = math.ceil(len(train) / rc.batch_size)
     total_steps = max(1, math.ceil(rc.epochs * steps_per_epoch))
-    opt = torch.optim.AdamW(model.parameters(), lr=rc.lr, weight_decay=rc.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(rc.warmup_steps, total_steps))
+    upd = Updater(model.parameters(), rc.lr, rc.weight_decay, rc.warmup_steps, rc.grad_clip, total_steps)
     stats = RunningClassStats(spec.num_classes, mode=rc.stats_mode, momentum=rc.stats_momentum)
     mapper = RewardMapper.from_config(stats, cfg.mapping)
     writer = MetricsWriter(out, tensorboard=cfg.run.tensorboard)
@@ -133,16 +120,13 @@ def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = T
         logits = model(ids_BT, mask_BT)
         loss, per_head = loss_fn(logits, labels_BH)
         check_finite(loss, "rm loss", step)
-        opt.zero_grad(set_to_none=True)
+        upd.zero_grad()
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rc.grad_clip if rc.grad_clip > 0 else float("inf"))
-        check_finite(grad_norm, "rm grad norm", step)
-        opt.step()
-        sched.step()
+        grad_norm = upd.step(step, "rm grad norm")
         with torch.no_grad():
             stats.update([torch.softmax(x.detach().float(), -1) for x in logits])
         if step % 10 == 0:
-            row = {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": sched.get_last_lr()[0]}
+            row = {"loss": loss.item(), "grad_norm": grad_norm, "lr": upd.lr}
             row.update({f"loss_{n}": v.item() for n, v in zip(spec.names, per_head)})
             writer.write(step, row)
             bar.set_postfix(loss=f"{loss.item():.3f}")

@@ -83,7 +83,7 @@ def test_three_steps_write_policy_metrics_and_summary(stage, tmp_path, algo):
     rows = _rows(tmp_path)
     assert [r["step"] for r in rows] == [0, 1, 2]
     for r in rows:
-        assert {"reward", "kl", "response_length", "kl_coef", "grad_norm"} | ALGO_KEYS[algo] <= set(r), sorted(r)
+        assert {"reward", "kl", "response_length", "kl_coef", "policy_grad_norm"} | ALGO_KEYS[algo] <= set(r), sorted(r)
         # MetricsWriter writes NaN as null: every logged number must be a finite float.
         assert all(isinstance(v, (int, float)) and math.isfinite(v) for k, v in r.items() if k != "tag"), r
         assert 1 <= r["response_length"] <= 6  # max_new_tokens=6
