@@ -3,7 +3,7 @@
     moslim demo [--algo rloo|ppo|online_dpo] [--seed N] [--quick] --out DIR
     moslim world build --out DIR [--config FILE] [a.b=value ...]
     moslim sft train --data FILE --out DIR [--config FILE] [a.b=value ...]
-    moslim policy train --prompts FILE --out DIR [--config FILE] policy.init=DIR policy.rm_dir=DIR
+    moslim policy train --config FILE --out DIR [--prompts FILE] [a.b=value ...]
     moslim eval controllability --policy DIR [--reference DIR] --out DIR
     moslim rm train [--config FILE] [a.b=value ...] --out DIR
     moslim rm eval --rm DIR --data FILE --json OUT
@@ -88,9 +88,13 @@ def cmd_policy_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     pc = cfg.policy
-    if not pc.init or not pc.rm_dir:
-        raise ConfigError("policy train needs policy.init (an HF policy directory) and policy.rm_dir (a trained RM)")
-    summary = train_policy(cfg, args.out, pc.init, pc.rm_dir, args.prompts)
+    prompts = args.prompts or pc.prompts
+    if not pc.init or not pc.rm_dir or not prompts:
+        raise ConfigError(
+            "policy train needs policy.init (an HF policy directory), policy.rm_dir (a trained RM) "
+            "and policy.prompts (or --prompts: a jsonl of prefixed prompts)"
+        )
+    summary = train_policy(cfg, args.out, pc.init, pc.rm_dir, prompts)
     print(json.dumps(summary["final"], indent=2))
     print(f"policy saved to {summary['policy_dir']}")
     return 0
@@ -202,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pol = sub.add_parser("policy", help="MOSLIM policy optimisation").add_subparsers(dest="cmd", required=True)
     p = pol.add_parser("train", help="PPO / RLOO / Online-DPO against a multi-head RM")
-    p.add_argument("--prompts", required=True, help="jsonl with prefixed prompts (world: policy_train.jsonl)")
+    p.add_argument("--prompts", default="", help="jsonl of prefixed prompts (overrides policy.prompts)")
     p.add_argument("--out", required=True)
     _add_config_args(p)
     p.set_defaults(func=cmd_policy_train)

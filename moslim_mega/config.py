@@ -178,6 +178,8 @@ class PolicyConfig:
     """Policy start: a HF checkpoint directory (e.g. an SFT run's `model/`); empty = the demo's SFT."""
     rm_dir: str = ""
     """A trained reward-model directory (`moslim rm train --out`); empty = the demo's RM."""
+    prompts: str = ""
+    """jsonl of prefixed policy prompts (world: `policy_train.jsonl`); empty = the demo's."""
     steps: int = 150
     """Rollout → update iterations."""
     prompts_per_step: int = 32
@@ -230,6 +232,8 @@ class PolicyConfig:
     """`sigmoid` (DPO) or `ipo`."""
     eval_every: int = 50
     """Controllability eval (oracle) every N steps (0 = only at the end)."""
+    save_every: int = 0
+    """Save the policy as an HF checkpoint `checkpoints/step_N` every N steps (0 = final only)."""
     max_minutes: float = 0.0
     """Stop after this many minutes (0 = no limit); evaluation and saving still happen."""
 

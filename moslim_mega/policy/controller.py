@@ -275,17 +275,24 @@ def train_policy(
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}")
         if eval_fn is not None and pc.eval_every and step > 0 and step % pc.eval_every == 0:
             writer.write(step, eval_fn(step, sample_for_eval), tag="eval")
+        if pc.save_every and step > 0 and step % pc.save_every == 0:
+            _save_hf(actor, tokenizer, out / "checkpoints" / f"step_{step}")
         if pc.max_minutes and time.time() - start > pc.max_minutes * 60:
             bar.write(f"policy: stopping at step {step} (policy.max_minutes={pc.max_minutes})")
             break
     bar.close()
     writer.close()
-    actor.save_pretrained(out / "policy", safe_serialization=True)
-    tokenizer.save_pretrained(out / "policy")
+    _save_hf(actor, tokenizer, out / "policy")
     summary = {"steps": step + 1, "train_seconds": time.time() - start, "algo": pc.algo,
                "final": history[-1] if history else {}, "policy_dir": str(out / "policy")}
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _save_hf(model, tokenizer, path: Path) -> None:
+    """A standard HF directory (safetensors + config + tokenizer) that transformers loads as is."""
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
 
 
 def _reward_metrics(scored, names) -> dict:

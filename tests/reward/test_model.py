@@ -38,3 +38,15 @@ def test_head_layout_is_one_fused_linear_split_per_head():
     full = rm.heads(h)
     parts = torch.split(full, (3, 1, 2), dim=-1)
     assert [p.shape[1] for p in parts] == [3, 1, 2]
+
+
+def test_tiny_qwen2_backbone_works_as_a_reward_model():
+    cfg = ModelConfig(name_or_path="tiny-qwen2", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    tok = build_tokenizer(cfg)
+    rm = MultiHeadRewardModel(build_backbone(cfg, tok, seed=0), (5, 2))
+    assert type(rm.backbone).__name__ == "Qwen2Model"
+    ids = torch.tensor([tok.convert_tokens_to_ids(["explain", "music", "<sep>", "music_fact_a", "<eos>"])])
+    logits = rm(ids, torch.ones_like(ids))
+    assert [x.shape for x in logits] == [torch.Size([1, 5]), torch.Size([1, 2])]
+    logits[0].sum().backward()
+    assert rm.backbone.embed_tokens.weight.grad is not None
