@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from ..algos import core, dpo, kl, ppo, rloo
-from ..config import Config, PolicyConfig, save_config
+from ..config import Config, PolicyConfig, SamplingConfig, save_config
 from ..models.value import ValueModel
 from ..prefs import PrefixError, parse_prefix
 from ..reward.data import RecordError, read_jsonl
@@ -239,8 +239,6 @@ def train_policy(
     names = rm.spec.names
 
     def sample_for_eval(batch_prompts: list[str]) -> list[str]:
-        from ..config import SamplingConfig
-
         sampling = SamplingConfig(temperature=cfg.eval.temperature, max_new_tokens=sc.max_new_tokens)
         return generator.generate(batch_prompts, 1, sampling, seed=cfg.eval.seed).responses
 
