@@ -81,7 +81,7 @@ def actor_loss(pc: PolicyConfig, logp_BT, entropy_BT, exp: Experience, kl_coef: 
         kl_BT = kl.kl_penalty(logp_BT, exp.ref_logp_BT, pc.kl_estimator)
         loss = loss + kl_coef * core.masked_mean(kl_BT, exp.mask_BT)
     if pc.entropy_coef:
-        loss = loss - pc.entropy_coef * core.masked_mean(entropy_BT, exp.mask_BT)
+        loss = loss - pc.entropy_coef * ppo.entropy_bonus(entropy_BT, exp.mask_BT)
     return loss, stats
 
 
