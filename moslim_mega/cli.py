@@ -10,6 +10,7 @@
     moslim rm score --rm DIR --prompt TEXT --response TEXT
     moslim config show [--config FILE] [a.b=value ...]
     moslim config doc
+    moslim export hf --ckpt DIR --out DIR [--model NAME]
 """
 
 from __future__ import annotations
@@ -123,6 +124,15 @@ def cmd_eval_controllability(args) -> int:
     return 0
 
 
+def cmd_export_hf(args) -> int:
+    from .checkpoint.export import export_hf
+
+    summary = export_hf(args.ckpt, args.out, args.model)
+    print(f"exported {summary['kind']} model {summary['model']!r} of {summary['checkpoint']} "
+          f"(step {summary['step']}) to {summary['out']}")
+    return 0
+
+
 def cmd_config_show(args) -> int:
     import yaml
 
@@ -218,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     _add_config_args(p)
     p.set_defaults(func=cmd_eval_controllability)
+
+    exp = sub.add_parser("export", help="export checkpoints").add_subparsers(dest="cmd", required=True)
+    p = exp.add_parser("hf", help="a (sharded) training checkpoint → HF safetensors + config + tokenizer")
+    p.add_argument("--ckpt", required=True, help="a checkpoint step_N directory, or a checkpoint root with 'latest'")
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default=None, help="which model of the checkpoint (actor, model, rm); default: the only one")
+    p.set_defaults(func=cmd_export_hf)
 
     conf = sub.add_parser("config", help="inspect the configuration tree").add_subparsers(dest="cmd", required=True)
     p = conf.add_parser("show", help="print the resolved config")

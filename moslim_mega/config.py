@@ -251,6 +251,20 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    """Exact-resume training checkpoints (torch.distributed.checkpoint), for every stage."""
+
+    every: int = 0
+    """Write a resumable checkpoint every N optimizer/rollout steps (0 = never)."""
+    keep_last: int = 2
+    """Keep only the newest N checkpoints (0 = keep all)."""
+    resume: str = "auto"
+    """`auto` (resume from the stage's `latest` checkpoint if there is one), `never`, or a checkpoint path."""
+    dir: str = ""
+    """Checkpoint directory; empty = `<stage out>/ckpt`, a relative path is taken under the stage's out dir."""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Where and how a run executes."""
 
@@ -286,6 +300,8 @@ class Config:
     """Policy optimisation."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Controllability evaluation."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Resumable training checkpoints (SFT, RM and policy stages)."""
 
 
 # ---- choices that are checked beyond their type --------------------------------------------

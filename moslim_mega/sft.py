@@ -26,6 +26,8 @@ from .models.build import ModelLoadError, build_causal_lm, build_tokenizer
 from .prefs import spec_from_config
 from .reward.data import RecordError, check_prompt_response, read_jsonl
 from .algos.core import check_finite
+from .checkpoint.hooks import StageCheckpoints
+from .checkpoint.state import write_model_assets
 from .utils.optim import Updater
 from .utils.logging import MetricsWriter
 from .utils.seed import seed_everything
@@ -111,7 +113,7 @@ def train_sft(cfg: Config, data_path, out_dir, show_progress: bool = True) -> di
     model = build_causal_lm(cfg.sft.model, tokenizer, cfg.run.seed)
     writer = MetricsWriter(out, tensorboard=cfg.run.tensorboard)
     try:
-        result = _train_loop(cfg, model, data, tokenizer.pad_token_id, writer, show_progress)
+        result = _train_loop(cfg, model, data, tokenizer.pad_token_id, writer, show_progress, out, tokenizer)
         writer.write(result["steps"], {k: v for k, v in result.items() if k != "steps"}, tag="final")
     finally:
         writer.close()
@@ -121,7 +123,8 @@ def train_sft(cfg: Config, data_path, out_dir, show_progress: bool = True) -> di
     return {**result, "model_dir": str(model_dir)}
 
 
-def _train_loop(cfg: Config, model, data: SFTExamples, pad_id: int, writer: MetricsWriter, show_progress: bool) -> dict:
+def _train_loop(cfg: Config, model, data: SFTExamples, pad_id: int, writer: MetricsWriter, show_progress: bool,
+                out=None, tokenizer=None) -> dict:
     sc = cfg.sft
     device = next(model.parameters()).device
     steps_per_epoch = math.ceil(len(data) / sc.batch_size)
@@ -132,8 +135,15 @@ def _train_loop(cfg: Config, model, data: SFTExamples, pad_id: int, writer: Metr
     start = time.time()
     order: list[int] = []
     recent: list[float] = []
-    bar = tqdm(range(total_steps), desc="sft", disable=not show_progress, dynamic_ncols=True)
-    step = 0
+    ckpt = StageCheckpoints(cfg.checkpoint, out, {"model": model}, {"model": (model, upd.opt)}, writer,
+                            lambda d: write_model_assets(d, "model", "causal_lm", model, tokenizer)) if out else None
+    first = 0
+    if ckpt is not None and (state := ckpt.restore()) is not None:
+        first, order, recent = state["steps_done"], state["order"], state["recent"]
+        gen.set_state(state["gen"])
+        upd.sched.load_state_dict(state["sched"])
+    bar = tqdm(range(first, total_steps), desc="sft", disable=not show_progress, dynamic_ncols=True)
+    step = first - 1
     for step in bar:
         if step % steps_per_epoch == 0:
             order = torch.randperm(len(data), generator=gen).tolist()
@@ -149,6 +159,9 @@ def _train_loop(cfg: Config, model, data: SFTExamples, pad_id: int, writer: Metr
         if step % 10 == 0:
             writer.write(step, {"loss": recent[-1], "lr": upd.lr, "grad_norm": grad_norm})
             bar.set_postfix(loss=f"{recent[-1]:.3f}")
+        if ckpt is not None:
+            ckpt.after_step(step + 1, lambda: {"order": order, "recent": recent, "gen": gen.get_state(),
+                                               "sched": upd.sched.state_dict()})
         if sc.max_minutes and time.time() - start > sc.max_minutes * 60:
             bar.write(f"sft: stopping at step {step} (sft.max_minutes={sc.max_minutes})")
             break

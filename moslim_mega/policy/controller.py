@@ -22,6 +22,8 @@ import torch
 from tqdm import tqdm
 
 from ..algos import core, dpo, kl, ppo, rloo
+from ..checkpoint.hooks import StageCheckpoints
+from ..checkpoint.state import write_model_assets
 from ..config import Config, PolicyConfig, SamplingConfig, save_config
 from ..models.value import ValueModel
 from ..prefs import PrefixError, parse_prefix
@@ -243,7 +245,17 @@ def train_policy(
         return generator.generate(batch_prompts, 1, sampling, seed=cfg.eval.seed).responses
 
     start, history, step = time.time(), [], -1
-    bar = tqdm(range(pc.steps), desc=f"policy {pc.algo}", disable=not show_progress, dynamic_ncols=True)
+    ckpt, first = _checkpoints(cfg, out, actor, tokenizer, actor_upd, critic, critic_upd, writer), 0
+    if (state := ckpt.restore()) is not None:
+        first, history = state["steps_done"], state["history"]
+        rng.setstate(state["rng"])
+        gen.set_state(state["gen"])
+        kl_ctl.__dict__.update(state["kl_ctl"])
+        actor_upd.sched.load_state_dict(state["actor_sched"])
+        if critic_upd is not None:
+            critic_upd.sched.load_state_dict(state["critic_sched"])
+        step = first - 1
+    bar = tqdm(range(first, pc.steps), desc=f"policy {pc.algo}", disable=not show_progress, dynamic_ncols=True)
     for step in bar:
         t0 = time.time()
         batch_prompts = [rng.choice(prompts) for _ in range(pc.prompts_per_step)]
@@ -275,6 +287,10 @@ def train_policy(
             writer.write(step, eval_fn(step, sample_for_eval), tag="eval")
         if pc.save_every and step > 0 and step % pc.save_every == 0:
             _save_hf(actor, tokenizer, out / "checkpoints" / f"step_{step}")
+        ckpt.after_step(step + 1, lambda: {
+            "history": history, "rng": rng.getstate(), "gen": gen.get_state(), "kl_ctl": dict(vars(kl_ctl)),
+            "actor_sched": actor_upd.sched.state_dict(),
+            "critic_sched": critic_upd.sched.state_dict() if critic_upd is not None else None})
         if pc.max_minutes and time.time() - start > pc.max_minutes * 60:
             bar.write(f"policy: stopping at step {step} (policy.max_minutes={pc.max_minutes})")
             break
@@ -285,6 +301,21 @@ def train_policy(
                "final": history[-1] if history else {}, "policy_dir": str(out / "policy")}
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _checkpoints(cfg, out, actor, tokenizer, actor_upd, critic, critic_upd, writer) -> StageCheckpoints:
+    """Resumable checkpoints of the policy stage: actor (+ critic) and their optimizers. The
+    reference is not saved: it is the initial policy, reloaded from ``policy.init``."""
+    models, optims = {"actor": actor}, {"actor": (actor, actor_upd.opt)}
+    if critic is not None:
+        models["critic"], optims["critic"] = critic, (critic, critic_upd.opt)
+
+    def assets(d):
+        write_model_assets(d, "actor", "causal_lm", actor, tokenizer)
+        if critic is not None:
+            write_model_assets(d, "critic", "value", critic, tokenizer)
+
+    return StageCheckpoints(cfg.checkpoint, out, models, optims, writer, assets)
 
 
 def _save_hf(model, tokenizer, path: Path) -> None:

@@ -20,6 +20,8 @@ from ..config import Config, save_config
 from ..models.build import build_backbone, build_tokenizer
 from ..prefs import PreferenceSpec, spec_from_config
 from ..algos.core import NonFiniteError, check_finite
+from ..checkpoint.hooks import StageCheckpoints
+from ..checkpoint.state import write_reward_assets
 from ..utils.logging import MetricsWriter
 from ..utils.optim import Updater
 from ..utils.seed import seed_everything
@@ -108,8 +110,16 @@ def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = T
     gen = torch.Generator().manual_seed(cfg.run.seed)
     start = time.time()
     order: list[int] = []
-    bar = tqdm(range(total_steps), desc="rm train", disable=not show_progress, dynamic_ncols=True)
-    step = 0
+    ckpt = StageCheckpoints(cfg.checkpoint, out, {"rm": model}, {"rm": (model, upd.opt)}, writer,
+                            lambda d: write_reward_assets(d, "rm", model, tokenizer, spec, stats))
+    first = 0
+    if (state := ckpt.restore()) is not None:
+        first, order = state["steps_done"], state["order"]
+        gen.set_state(state["gen"])
+        upd.sched.load_state_dict(state["sched"])
+        stats.load_state_dict(state["stats"])
+    bar = tqdm(range(first, total_steps), desc="rm train", disable=not show_progress, dynamic_ncols=True)
+    step = first - 1
     for step in bar:
         if step % steps_per_epoch == 0:
             order = torch.randperm(len(train), generator=gen).tolist()
@@ -132,6 +142,8 @@ def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = T
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if rc.eval_every and step > 0 and step % rc.eval_every == 0:
             writer.write(step, evaluate(model, held, spec, pad_id)["mean"], tag="eval")
+        ckpt.after_step(step + 1, lambda: {"order": order, "gen": gen.get_state(), "sched": upd.sched.state_dict(),
+                                           "stats": stats.state_dict()})
         if rc.max_minutes and time.time() - start > rc.max_minutes * 60:
             bar.write(f"rm train: stopping at step {step} (rm.max_minutes={rc.max_minutes})")
             break

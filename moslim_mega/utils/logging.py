@@ -39,6 +39,18 @@ class MetricsWriter:
                 if not math.isnan(v):
                     self._tb.add_scalar(f"{tag}/{k}", v, step)
 
+    def offset(self) -> int:
+        """Bytes written to metrics.jsonl so far (a checkpoint records it)."""
+        self._file.flush()
+        return self._file.tell()
+
+    def truncate(self, offset: int) -> None:
+        """Cut metrics.jsonl back to ``offset`` bytes (resume: drop rows of the lost steps).
+        TensorBoard events are not cut back."""
+        self._file.flush()
+        self._file.truncate(offset)
+        self._file.seek(0, 2)
+
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:

@@ -1,0 +1,204 @@
+"""Atomic, resumable, sharded training checkpoints.
+
+Layout of a checkpoint root (``checkpoint.dir``, default ``<stage out>/ckpt``)::
+
+    step_12/              one checkpoint (step = optimizer/rollout steps completed)
+      .metadata, *.distcp   torch.distributed.checkpoint shards of models + optimizers
+      extra_rank<r>.pt      per-rank RNG states and loop state
+      assets/<name>/        HF config, tokenizer, model.json (for `moslim export hf`)
+      meta.json             step, world size, models, written last inside the directory
+    step_16/
+    latest                text file naming the newest complete checkpoint ("step_16")
+
+A save writes everything into ``step_N.tmp``, renames it to ``step_N`` and only then replaces
+``latest`` (temporary file + ``os.replace``); retention deletes old complete checkpoints last.
+A process killed at any moment therefore leaves ``latest`` naming a complete checkpoint (or no
+``latest`` at all), and ``resume=auto`` never reads a half-written one. Left-over ``*.tmp``
+directories are removed by the next save of the same step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from . import faults
+from .state import apply_tensor_state, rng_state, set_rng_state, tensor_state
+
+LATEST = "latest"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (missing, incomplete, other world size, bad setting)."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _no_dist() -> bool:
+    """One process without a process group: tell DCP so (it would warn and assume it anyway)."""
+    return not (dist.is_available() and dist.is_initialized())
+
+
+def _barrier() -> None:
+    if _world() > 1:
+        dist.barrier()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def is_complete(path: Path) -> bool:
+    return (path / "meta.json").is_file() and (path / ".metadata").is_file()
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from either the directory itself or a root holding ``latest``."""
+    path = Path(path)
+    if (path / LATEST).is_file():
+        path = path / (path / LATEST).read_text().strip()
+    if not is_complete(path):
+        raise CheckpointError(f"{path}: not a complete checkpoint (no meta.json/.metadata, and no '{LATEST}' pointer)")
+    return path
+
+
+class CheckpointManager:
+    """Save every ``cfg.every`` steps into ``root``; resume per ``cfg.resume``; keep ``cfg.keep_last``."""
+
+    def __init__(self, cfg, stage_out: str | Path):
+        if cfg.every < 0 or cfg.keep_last < 0:
+            raise CheckpointError(f"checkpoint.every={cfg.every}, checkpoint.keep_last={cfg.keep_last}: must be >= 0")
+        if not cfg.resume:
+            raise CheckpointError("checkpoint.resume: empty; use auto, never or a checkpoint path")
+        self.cfg = cfg
+        root = Path(cfg.dir) if cfg.dir else Path("ckpt")
+        self.root = root if root.is_absolute() else Path(stage_out) / root
+
+    # ---- saving ---------------------------------------------------------------------------
+    def due(self, steps_done: int) -> bool:
+        return self.cfg.every > 0 and steps_done % self.cfg.every == 0
+
+    def save(self, steps_done: int, models: dict, optimizers: dict, extra: dict,
+             assets: Callable[[Path], None] | None = None) -> Path:
+        """Write checkpoint ``step_<steps_done>`` atomically (collective: every rank calls it).
+
+        ``models`` {name: module}, ``optimizers`` {name: (module, optimizer)}: sharded through
+        DCP. ``extra``: per-rank picklable loop state (RNG states are added here). ``assets(dir)``
+        runs on rank 0 to write export files (see ``state.write_model_assets``).
+        """
+        final = self.root / f"step_{steps_done}"
+        tmp = self.root / f"step_{steps_done}.tmp"
+        if _rank() == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)  # a save that died earlier
+            tmp.mkdir()
+        _barrier()
+        dcp.save(tensor_state(models, optimizers), checkpoint_id=str(tmp), no_dist=_no_dist())
+        torch.save({**extra, "rng": rng_state()}, tmp / f"extra_rank{_rank()}.pt")
+        if _rank() == 0 and assets is not None:
+            assets(tmp)
+        _barrier()
+        if _rank() == 0:
+            meta = {"format_version": FORMAT_VERSION, "step": steps_done, "world_size": _world(),
+                    "models": sorted(models), "optimizers": sorted(optimizers)}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            for f in tmp.iterdir():  # shards must be durable before the rename makes them "complete"
+                if f.is_file():
+                    with open(f, "rb+") as fh:
+                        os.fsync(fh.fileno())
+            _fsync_dir(tmp)
+            faults.maybe_wait_for_kill("in_save", steps_done)
+            if final.exists():  # the same step saved again (e.g. after a resume from an older one)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
+            self._write_latest(final.name)
+            self._retain()
+        _barrier()
+        return final
+
+    def _write_latest(self, name: str) -> None:
+        tmp = self.root / f".{LATEST}.tmp"
+        with open(tmp, "w") as fh:
+            fh.write(name + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.root / LATEST)
+        _fsync_dir(self.root)
+
+    def complete_checkpoints(self) -> list[Path]:
+        """Complete ``step_N`` directories, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for p in self.root.iterdir():
+            if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit() and is_complete(p):
+                found.append((int(p.name[5:]), p))
+        return [p for _, p in sorted(found)]
+
+    def _retain(self) -> None:
+        if self.cfg.keep_last <= 0:
+            return
+        latest = (self.root / LATEST).read_text().strip()
+        for p in self.complete_checkpoints()[: -self.cfg.keep_last]:
+            if p.name != latest:
+                shutil.rmtree(p, ignore_errors=True)
+
+    # ---- resuming -------------------------------------------------------------------------
+    def resume_path(self) -> Path | None:
+        """The checkpoint to resume from, per ``checkpoint.resume`` (None = start fresh)."""
+        r = self.cfg.resume
+        if r == "never":
+            return None
+        if r == "auto":
+            pointer = self.root / LATEST
+            if not pointer.is_file():
+                return None
+            path = self.root / pointer.read_text().strip()
+            if not is_complete(path):
+                raise CheckpointError(f"{pointer}: names {path.name}, which is not a complete checkpoint")
+            return path
+        return resolve_checkpoint(r)
+
+    def load(self, path: Path, models: dict, optimizers: dict) -> dict:
+        """Restore models, optimizers and global RNG states from ``path``; return the loop state."""
+        meta = json.loads((path / "meta.json").read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{path}/meta.json: unsupported format_version {meta.get('format_version')!r}")
+        if meta["world_size"] != _world():
+            raise CheckpointError(
+                f"{path}: written by {meta['world_size']} process(es), resuming with {_world()}; "
+                "resume needs the same world size (export it with `moslim export hf` to change layout)")
+        if sorted(models) != meta["models"] or sorted(optimizers) != meta["optimizers"]:
+            raise CheckpointError(f"{path}: holds models {meta['models']} / optimizers {meta['optimizers']}, "
+                                  f"this run has {sorted(models)} / {sorted(optimizers)}")
+        sd = tensor_state(models, optimizers)
+        dcp.load(sd, checkpoint_id=str(path), no_dist=_no_dist())
+        apply_tensor_state(sd, models, optimizers)
+        extra = torch.load(path / f"extra_rank{_rank()}.pt", weights_only=False)  # our own file
+        set_rng_state(extra.pop("rng"))
+        return extra
