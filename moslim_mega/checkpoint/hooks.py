@@ -26,8 +26,12 @@ class StageCheckpoints:
         if path is None:
             return None
         state = self.manager.load(path, self.models, self.optimizers)
-        # Rows logged after the checkpoint belong to the lost timeline; the resumed run rewrites them.
-        self.writer.truncate(state.pop("metrics_offset"))
+        offset = state.pop("metrics_offset")
+        if path.parent.resolve() == self.manager.root.resolve():
+            # Same run: rows logged after the checkpoint belong to the lost timeline and the
+            # resumed run writes them again. (From another run's checkpoint: append.)
+            if not self.writer.truncate(offset):
+                self.log(f"{self.writer.path} is shorter than at {path.name}: left as is")
         self.log(f"resumed from {path} ({state['steps_done']} steps done)")
         return state
 

@@ -118,7 +118,7 @@ class CheckpointManager:
             tmp.mkdir()
         _barrier()
         dcp.save(tensor_state(models, optimizers), checkpoint_id=str(tmp), no_dist=_no_dist())
-        torch.save({**extra, "rng": rng_state()}, tmp / f"extra_rank{_rank()}.pt")
+        torch.save({**extra, "_global_rng": rng_state()}, tmp / f"extra_rank{_rank()}.pt")
         if _rank() == 0 and assets is not None:
             assets(tmp)
         _barrier()
@@ -200,5 +200,5 @@ class CheckpointManager:
         dcp.load(sd, checkpoint_id=str(path), no_dist=_no_dist())
         apply_tensor_state(sd, models, optimizers)
         extra = torch.load(path / f"extra_rank{_rank()}.pt", weights_only=False)  # our own file
-        set_rng_state(extra.pop("rng"))
+        set_rng_state(extra.pop("_global_rng"))
         return extra

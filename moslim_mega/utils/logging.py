@@ -44,12 +44,15 @@ class MetricsWriter:
         self._file.flush()
         return self._file.tell()
 
-    def truncate(self, offset: int) -> None:
-        """Cut metrics.jsonl back to ``offset`` bytes (resume: drop rows of the lost steps).
-        TensorBoard events are not cut back."""
+    def truncate(self, offset: int) -> bool:
+        """Cut metrics.jsonl back to ``offset`` bytes (resume: drop rows of the lost steps); False
+        (file left alone) if it is shorter than that. TensorBoard events are not cut back."""
         self._file.flush()
+        if offset > self._file.seek(0, 2):
+            return False
         self._file.truncate(offset)
         self._file.seek(0, 2)
+        return True
 
     def close(self) -> None:
         self._file.close()
