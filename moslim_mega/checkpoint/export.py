@@ -24,7 +24,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from .manager import CheckpointError, resolve_checkpoint
+from .manager import CheckpointError, quiet_single_process, resolve_checkpoint
 
 EXPORTABLE = ("causal_lm", "reward")
 
@@ -63,7 +63,8 @@ def load_model_tensors(ckpt: Path, key: str) -> dict[str, torch.Tensor]:
             sd[fqn] = torch.empty(md.size, dtype=md.properties.dtype)
     if not sd:
         raise CheckpointError(f"{ckpt}: no tensors under {key!r}")
-    dcp.load(sd, checkpoint_id=str(ckpt), no_dist=True)
+    with quiet_single_process():
+        dcp.load(sd, checkpoint_id=str(ckpt), no_dist=True)
     return {fqn[len(prefix):]: t for fqn, t in sd.items()}
 
 

@@ -19,9 +19,11 @@ directories are removed by the next save of the same step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -51,6 +53,14 @@ def _world() -> int:
 def _no_dist() -> bool:
     """One process without a process group: tell DCP so (it would warn and assume it anyway)."""
     return not (dist.is_available() and dist.is_initialized())
+
+
+@contextlib.contextmanager
+def quiet_single_process():
+    """DCP warns on every single-process save/load; one process is a supported case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _barrier() -> None:
@@ -117,7 +127,8 @@ class CheckpointManager:
                 shutil.rmtree(tmp)  # a save that died earlier
             tmp.mkdir()
         _barrier()
-        dcp.save(tensor_state(models, optimizers), checkpoint_id=str(tmp), no_dist=_no_dist())
+        with quiet_single_process():
+            dcp.save(tensor_state(models, optimizers), checkpoint_id=str(tmp), no_dist=_no_dist())
         torch.save({**extra, "_global_rng": rng_state()}, tmp / f"extra_rank{_rank()}.pt")
         if _rank() == 0 and assets is not None:
             assets(tmp)
@@ -197,7 +208,8 @@ class CheckpointManager:
             raise CheckpointError(f"{path}: holds models {meta['models']} / optimizers {meta['optimizers']}, "
                                   f"this run has {sorted(models)} / {sorted(optimizers)}")
         sd = tensor_state(models, optimizers)
-        dcp.load(sd, checkpoint_id=str(path), no_dist=_no_dist())
+        with quiet_single_process():
+            dcp.load(sd, checkpoint_id=str(path), no_dist=_no_dist())
         apply_tensor_state(sd, models, optimizers)
         extra = torch.load(path / f"extra_rank{_rank()}.pt", weights_only=False)  # our own file
         set_rng_state(extra.pop("_global_rng"))
