@@ -137,10 +137,12 @@ class CheckpointManager:
             meta = {"format_version": FORMAT_VERSION, "step": steps_done, "world_size": _world(),
                     "models": sorted(models), "optimizers": sorted(optimizers)}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            for f in tmp.iterdir():  # shards must be durable before the rename makes them "complete"
+            for f in sorted(tmp.rglob("*")):  # durable before the rename makes them "complete"
                 if f.is_file():
                     with open(f, "rb+") as fh:
                         os.fsync(fh.fileno())
+                else:
+                    _fsync_dir(f)
             _fsync_dir(tmp)
             faults.maybe_wait_for_kill("in_save", steps_done)
             if final.exists():  # the same step saved again (e.g. after a resume from an older one)
