@@ -65,6 +65,9 @@ def load_records(src: str, split: str | None = None) -> list[dict]:
                     r = {**r, "_file": f.stem}
                 rows.append(r)
         return rows
+    if path.suffix in SUFFIXES or src.startswith(("/", "./", "../", "~")):
+        # Clearly meant as a local path: do not send it to the hub.
+        raise BenchDataError(f"{src}: not a local file or folder (no such path)")
     try:
         import datasets
 

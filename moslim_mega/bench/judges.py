@@ -75,7 +75,8 @@ class OpenAIJudge(TextJudge):
                 last = f"HTTP {e.code}: {detail}"
             except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
                 last = str(e)
-            time.sleep(min(2.0**attempt, 10.0))
+            if attempt + 1 < self.cfg.max_retries:
+                time.sleep(min(2.0**attempt, 10.0))
         raise JudgeError(f"judge {self.spec}: no answer after {self.cfg.max_retries} attempts ({last})")
 
     @property
