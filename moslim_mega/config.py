@@ -266,6 +266,8 @@ class BenchConfig:
     """Preference prefix put before the first user turn of every policy prompt (empty = none)."""
     limit: int = 0
     """Use only the first N records of the benchmark (0 = all)."""
+    split: str = ""
+    """Split to read when --data is a hub data set (empty = its only split)."""
     judge_max_tokens: int = 512
     """Longest judge verdict generated, in tokens."""
     judge_temperature: float = 0.0

@@ -71,9 +71,13 @@ def load_records(src: str, split: str | None = None) -> list[dict]:
     try:
         import datasets
 
-        ds = datasets.load_dataset(src, split=split or "train")
+        ds = datasets.load_dataset(src, split=split or None)
     except Exception as e:  # the hub's errors vary (offline, gated, missing); one clear line instead
         raise BenchDataError(f"{src!r} is not a local file or folder and could not be loaded from the hub: {e}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if len(ds) != 1:
+            raise BenchDataError(f"{src!r} has splits {', '.join(ds)}: choose one with bench.split=NAME")
+        ds = next(iter(ds.values()))
     return [dict(r) for r in ds]
 
 

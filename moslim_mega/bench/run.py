@@ -31,7 +31,7 @@ def run_bench(suite: str, data: str, out_dir, cfg: Config, policy_dir: str | Non
         judge_spec = f"rm:{rm_dir}"
     if suite != "hackaprompt" and not judge_spec:
         raise JudgeError(f"suite {suite} needs --judge SPEC (openai:URL#MODEL, hf:PATH or rm:DIR) or --rm DIR")
-    records = load_records(data)
+    records = load_records(data, bc.split or None)
     if not records:
         raise BenchDataError(f"{data}: no records")
     if bc.limit > 0:

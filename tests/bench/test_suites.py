@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import HACKAPROMPT, HALUEVAL, MTBENCH, REWARDBENCH, write_jsonl
+from bench_fixture_data import HACKAPROMPT, HALUEVAL, MTBENCH, REWARDBENCH, write_jsonl
 
 from moslim_mega.bench import mtbench
 from moslim_mega.bench.generate import ChatModel
