@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -136,3 +137,19 @@ def tiny_rm(tmp_path_factory) -> Path:
     stats.to_json(out / "mapping_stats.json")
     _CACHE["rm"] = out
     return out
+
+
+# Fixtures shared by tests/bench and tests/serve (their conftest files import them).
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models on a shared 2-core machine: one intra-op thread is several times faster.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def judge_dir(tmp_path_factory):
+    """A tiny judge answering JUDGE_REPLY to everything."""
+    return fixed_reply_model(tmp_path_factory, JUDGE_REPLY)

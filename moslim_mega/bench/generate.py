@@ -48,6 +48,10 @@ def render_conversation(tokenizer, messages: list[dict]) -> str:
     return "".join(parts) + "\n\nAssistant:"
 
 
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 class ChatModel:
     """A HF causal LM answering conversations; thread-safe (one generate at a time)."""
 
@@ -66,11 +70,12 @@ class ChatModel:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_dir(cls, path) -> "ChatModel":
+    def from_dir(cls, path, device: str | None = None) -> "ChatModel":
+        """Load a HF directory; on the GPU when there is one (``device=None``)."""
         from ..sft import load_policy
 
         model, tokenizer = load_policy(path)
-        return cls(model, tokenizer, name=str(path))
+        return cls(model.to(device or default_device()), tokenizer, name=str(path))
 
     def _encode(self, conversations: list[list[dict]], max_new_tokens: int) -> list[list[int]]:
         seqs = []

@@ -143,7 +143,9 @@ class RMJudge:
         from ..reward.io import load_reward_model
 
         self.rm_dir, self.cfg = rm_dir, cfg
-        self.rm = load_reward_model(rm_dir)
+        from .generate import default_device
+
+        self.rm = load_reward_model(rm_dir, device=default_device())
         spec = self.rm.spec
         if cfg.rm_score == "mapped":
             prefix = cfg.rm_prefix or "".join(f"<{d.name} max>" for d in spec.dimensions)

@@ -1,17 +1,1 @@
-import pytest
-import torch
-import tiny_lm
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models on a shared 2-core machine: one intra-op thread is several times faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def judge_dir(tmp_path_factory):
-    return tiny_lm.fixed_reply_model(tmp_path_factory, tiny_lm.JUDGE_REPLY)
+from tiny_lm import judge_dir, one_thread  # noqa: F401  (fixtures)

@@ -125,3 +125,18 @@ def test_unreachable_endpoint_fails_after_bounded_retries():
     with pytest.raises(JudgeError, match="no answer after 2 attempts"):
         judge.complete([prompts.rating_single("q", "a")])
     assert time.time() - start < 30
+
+
+def test_cli_bench_run_with_the_http_judge_names_it_in_the_report(server, judge_dir, tmp_path):
+    from moslim_mega.cli import main
+
+    data = tmp_path / "question.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in MTBENCH_SMALL))
+    out = tmp_path / "out"
+    spec = f"openai:{server}#tiny-judge"
+    rc = main(["eval", "bench", "--suite", "mtbench", "--data", str(data), "--policy", str(judge_dir), "--judge", spec,
+               "--out", str(out), "bench.max_new_tokens=8", "bench.judge_max_tokens=24"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["judge"]["spec"] == spec and report["judge"]["kind"] == "openai"
+    assert report["score"] == 7.0 and report["num_verdicts"] == 2 and report["num_unparseable"] == 0
