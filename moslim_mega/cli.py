@@ -5,6 +5,9 @@
     moslim sft train --data FILE --out DIR [--config FILE] [a.b=value ...]
     moslim policy train --config FILE --out DIR [--prompts FILE] [a.b=value ...]
     moslim eval controllability --policy DIR [--reference DIR] --out DIR
+    moslim eval bench --suite mtbench|halueval|hackaprompt|rewardbench --data SRC
+                      [--policy DIR] [--rm DIR] [--judge SPEC] --out DIR [bench.x=value ...]
+    moslim serve --model DIR [--host H] [--port P] [--name NAME]
     moslim rm train [--config FILE] [a.b=value ...] --out DIR
     moslim rm eval --rm DIR --data FILE --json OUT
     moslim rm score --rm DIR --prompt TEXT --response TEXT
@@ -133,6 +136,23 @@ def cmd_export_hf(args) -> int:
     return 0
 
 
+def cmd_eval_bench(args) -> int:
+    from .bench.run import headline, run_bench
+
+    cfg = load_config(args.config, args.overrides)
+    report = run_bench(args.suite, args.data, args.out, cfg, policy_dir=args.policy, rm_dir=args.rm,
+                       judge_spec=args.judge)
+    print(headline(report))
+    print(f"report: {Path(args.out) / 'report.json'}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve.openai_server import serve
+
+    return serve(args.model, args.host, args.port, args.name)
+
+
 def cmd_config_show(args) -> int:
     import yaml
 
@@ -235,6 +255,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--model", default=None, help="which model of the checkpoint (actor, model, rm); default: the only one")
     p.set_defaults(func=cmd_export_hf)
+    p = ev.add_parser("bench", help="MT-Bench / HaluEval 2.0 / Hackaprompt / RewardBench with a pluggable judge")
+    p.add_argument("--suite", required=True, choices=("mtbench", "halueval", "hackaprompt", "rewardbench"))
+    p.add_argument("--data", required=True, help="benchmark file or folder (jsonl/json/parquet) or a hub name")
+    p.add_argument("--policy", default=None, help="HF policy directory whose answers are judged")
+    p.add_argument("--rm", default=None, help="reward model directory (rewardbench; short for --judge rm:DIR)")
+    p.add_argument("--judge", default=None, help="openai:URL#MODEL | hf:PATH | rm:DIR")
+    p.add_argument("--out", required=True)
+    _add_config_args(p)
+    p.set_defaults(func=cmd_eval_bench)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server for a local HF model (e.g. as a judge)")
+    p.add_argument("--model", required=True, help="HF causal LM directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 = any free port (printed on the first line)")
+    p.add_argument("--name", default=None, help="model name served (default: the directory name)")
+    p.set_defaults(func=cmd_serve)
 
     conf = sub.add_parser("config", help="inspect the configuration tree").add_subparsers(dest="cmd", required=True)
     p = conf.add_parser("show", help="print the resolved config")

@@ -265,6 +265,40 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class BenchConfig:
+    """Public benchmarks (MT-Bench, HaluEval 2.0, Hackaprompt, RewardBench) with a pluggable judge."""
+
+    max_new_tokens: int = 512
+    """Longest policy answer generated per turn, in tokens."""
+    temperature: float = 0.0
+    """Policy sampling temperature for benchmark answers (0 = greedy)."""
+    seed: int = 1234
+    """Seed of policy and local-judge sampling."""
+    batch_size: int = 8
+    """Conversations generated (or RM pairs scored) per forward batch."""
+    prefix: str = ""
+    """Preference prefix put before the first user turn of every policy prompt (empty = none)."""
+    limit: int = 0
+    """Use only the first N records of the benchmark (0 = all)."""
+    split: str = ""
+    """Split to read when --data is a hub data set (empty = its only split)."""
+    judge_max_tokens: int = 512
+    """Longest judge verdict generated, in tokens."""
+    judge_temperature: float = 0.0
+    """Judge sampling temperature (0 = greedy, the usual choice for grading)."""
+    request_timeout: float = 120.0
+    """Seconds before one HTTP judge request is abandoned."""
+    max_retries: int = 3
+    """Attempts per HTTP judge request (connection errors and 5xx) before the run fails."""
+    rm_score: str = "mapped"
+    """How a multi-head RM scores a response: Eq. 11 mapped reward for rm_prefix, or expected class."""
+    rm_prefix: str = ""
+    """Targets of the mapped reward, e.g. `<helpfulness 5><harmlessness 1>` (empty = every head at max)."""
+    rm_head: str = ""
+    """rm_score=expected: the head whose expected class is the score (empty = mean over heads, each scaled to 0-1)."""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Where and how a run executes."""
 
@@ -302,6 +336,8 @@ class Config:
     """Controllability evaluation."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Resumable training checkpoints (SFT, RM and policy stages)."""
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    """Public benchmarks and judges (`moslim eval bench`)."""
 
 
 # ---- choices that are checked beyond their type --------------------------------------------
@@ -315,6 +351,7 @@ _CHOICES = {
     (PolicyConfig, "algo"): ("ppo", "rloo", "online_dpo"),
     (PolicyConfig, "kl_estimator"): ("k1", "k2", "k3"),
     (PolicyConfig, "dpo_loss"): ("sigmoid", "ipo"),
+    (BenchConfig, "rm_score"): ("mapped", "expected"),
 }
 
 

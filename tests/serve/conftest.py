@@ -1,0 +1,1 @@
+from tiny_lm import judge_dir, one_thread  # noqa: F401  (fixtures)
