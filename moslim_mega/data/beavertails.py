@@ -1,0 +1,60 @@
+"""PKU-Alignment/BeaverTails → safety labels (extra harmlessness data, DPA baseline).
+
+Rows are ``{prompt, response, is_safe: bool, category: {name: bool}}``. The 330k splits
+annotate the same (prompt, response) pair several times, so pairs are grouped and ``is_safe``
+decided by majority vote; a tied vote has no label and is dropped (and reported). A record is
+``{"prompt", "response", "is_safe", "votes": {"safe", "unsafe"}, "category_votes": {name: n},
+"where"}``, where ``category_votes`` counts the annotations that flag each category.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from .fields import RowProblem, get_field, get_text
+from .sources import BadJSON, load_records
+from .stats import DropLog
+
+
+def load_beavertails(src: str, split: str | None = None, source: str = "beavertails"):
+    """``(records, DropLog)``: one record per distinct (prompt, response), majority-voted."""
+    log = DropLog()
+    groups: dict[tuple[str, str], dict] = {}
+    for row in load_records(src, split):
+        log.count(f"{source}.rows")
+        if isinstance(row.data, BadJSON):
+            log.drop(source, row.where, f"invalid JSON: {row.data.message}")
+            continue
+        try:
+            if not isinstance(row.data, dict):
+                raise RowProblem(f"not an object: row is {type(row.data).__name__}")
+            prompt = get_text(row.data, "prompt", "prompt")
+            response = get_text(row.data, "response", "response")
+            is_safe = get_field(row.data, "is_safe", "is_safe", bool)
+            category = row.data.get("category") or {}
+            if not isinstance(category, dict):
+                raise RowProblem(f"wrong type: category must be dict, got {type(category).__name__}")
+        except RowProblem as e:
+            log.drop(source, row.where, str(e))
+            continue
+        key = (prompt.strip(), response.strip())
+        group = groups.setdefault(
+            key, {"prompt": prompt, "response": response, "votes": Counter(), "cats": Counter(), "where": row.where}
+        )
+        group["votes"]["safe" if is_safe else "unsafe"] += 1
+        group["cats"].update(name for name, flagged in category.items() if flagged is True)
+    out = []
+    for g in groups.values():
+        safe, unsafe = g["votes"]["safe"], g["votes"]["unsafe"]
+        if safe + unsafe > 1:
+            log.count(f"{source}.duplicate_annotations", safe + unsafe - 1)
+        if safe and unsafe:
+            log.count(f"{source}.disagreements")
+        if safe == unsafe:
+            log.drop(source, g["where"], f"tied vote: {safe} safe vs {unsafe} unsafe annotations")
+            continue
+        out.append(
+            {"prompt": g["prompt"], "response": g["response"], "is_safe": safe > unsafe,
+             "votes": {"safe": safe, "unsafe": unsafe}, "category_votes": dict(g["cats"]), "where": g["where"]}
+        )
+    return out, log
