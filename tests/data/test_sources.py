@@ -2,12 +2,17 @@
 
 import gzip
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import datasets
 import pytest
 
 from moslim_mega.data.sources import BadJSON, SourceError, load_records
 
+REPO = Path(__file__).resolve().parents[2]
 ROWS = [{"prompt": "a", "n": 1}, {"prompt": "b", "n": 2}, {"prompt": "c", "n": 3}]
 
 
@@ -63,3 +68,16 @@ def test_missing_and_unsupported_sources_name_the_path(tmp_path):
     (tmp_path / "bad.json").write_text("[{]")
     with pytest.raises(SourceError, match="invalid JSON array"):
         load_records(tmp_path / "bad.json")
+
+
+def test_hub_name_goes_to_datasets_and_failures_name_it(tmp_path):
+    """No hub here: offline, the hub path must fail fast with an error naming the data set."""
+    code = (
+        "from moslim_mega.data.sources import load_records, SourceError\n"
+        "try:\n    load_records('openbmb/UltraSafety')\n"
+        "except SourceError as e:\n    print(e)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO),
+           "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert "cannot load hub data set 'openbmb/UltraSafety'" in proc.stdout, proc.stderr
