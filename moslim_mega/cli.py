@@ -125,9 +125,16 @@ def cmd_eval_controllability(args) -> int:
     return 0
 
 
+def _quiet_datasets() -> None:
+    import datasets
+
+    datasets.disable_progress_bars()  # save_to_disk's per-split bars drown the summary
+
+
 def cmd_data_build_rm(args) -> int:
     from .data.ultra import build_rm_data
 
+    _quiet_datasets()
     stats = build_rm_data(args.out, args.datatype, args.ultrafeedback, args.ultrasafety,
                           args.val_fraction, args.seed, args.split)
     for name, split in stats["splits"].items():
@@ -142,6 +149,7 @@ def cmd_data_build_prompts(args) -> int:
     from .data.prompts import build_policy_prompts
     from .prefs import PreferenceSpec
 
+    _quiet_datasets()
     stats = build_policy_prompts(args.hh_rlhf, args.out, args.n, PreferenceSpec.datatype(args.datatype),
                                  args.seed, args.exclude, args.split)
     print(f"wrote {stats['written']} prompts ({stats['multi_turn']} multi-turn) from a pool of {stats['pool']} "

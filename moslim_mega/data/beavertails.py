@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 
 from .fields import RowProblem, get_field, get_text
-from .sources import BadJSON, load_records
+from .sources import BadJSON, iter_records
 from .stats import DropLog
 
 
@@ -20,7 +20,7 @@ def load_beavertails(src: str, split: str | None = None, source: str = "beaverta
     """``(records, DropLog)``: one record per distinct (prompt, response), majority-voted."""
     log = DropLog()
     groups: dict[tuple[str, str], dict] = {}
-    for row in load_records(src, split):
+    for row in iter_records(src, split):
         log.count(f"{source}.rows")
         if isinstance(row.data, BadJSON):
             log.drop(source, row.where, f"invalid JSON: {row.data.message}")

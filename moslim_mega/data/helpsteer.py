@@ -12,7 +12,7 @@ those become hh-rlhf transcripts (``\\n\\nHuman: …\\n\\nAssistant: …\\n\\nAs
 from __future__ import annotations
 
 from .fields import RowProblem, get_text, parse_rating
-from .sources import BadJSON, load_records
+from .sources import BadJSON, iter_records
 from .stats import DropLog
 
 ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
@@ -40,7 +40,7 @@ def load_helpsteer(src: str, split: str | None = None, scale: bool = False, sour
     """``(records, DropLog)``: valid rows as regression examples, invalid ones logged with a reason."""
     log = DropLog()
     out = []
-    for row in load_records(src, split):
+    for row in iter_records(src, split):
         log.count(f"{source}.rows")
         if isinstance(row.data, BadJSON):
             log.drop(source, row.where, f"invalid JSON: {row.data.message}")

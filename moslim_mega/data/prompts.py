@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..prefs import PreferenceSpec, format_prefix
 from ..world.build import random_targets
-from .sources import BadJSON, Row, load_records
+from .sources import BadJSON, Row, iter_records
 from .stats import DropLog, write_stats
 
 ASSISTANT_MARK = "\n\nAssistant:"
@@ -67,7 +67,7 @@ def _exclusion_keys(src: str, log: DropLog) -> set[str]:
     """Normalised prompts of an SFT set: jsonl/parquet rows with ``prompt`` (any SFT format) or
     hh-rlhf rows (``chosen``)."""
     keys = set()
-    for row in load_records(src):
+    for row in iter_records(src):
         data = row.data
         if isinstance(data, dict) and isinstance(data.get("prompt"), str):
             keys.add(data["prompt"].strip())
@@ -97,7 +97,7 @@ def build_policy_prompts(
     log = DropLog()
     pool: list[str] = []
     seen: set[str] = set()
-    for row in load_records(hh_rlhf, split):
+    for row in iter_records(hh_rlhf, split):
         log.count(f"{source}.rows")
         prompt = _row_prompt(row, source, log)
         if prompt is None:

@@ -1,7 +1,7 @@
 """Read a public data set from wherever the user has it: a local file, a folder, a data set saved
 with ``datasets.save_to_disk``, or a hub name (``owner/name``, where the machine has access).
 
-``load_records(src)`` returns :class:`Row` objects: the raw row (a dict, exactly as stored) and a
+``iter_records(src)`` streams (``load_records(src)`` lists) :class:`Row` objects: the raw row (a dict, exactly as stored) and a
 ``where`` string (``file:line`` or ``split[index]``) that drop reports name.
 
 Why JSON is read with the standard library and not ``datasets``' JSON builder: Arrow infers one
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,27 +48,31 @@ def _open_text(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.name.lower().endswith(".gz") else open(path, encoding="utf-8")
 
 
-def _read_json_file(path: Path) -> list[Row]:
-    """A JSON array (``UltraSafety.json``) or JSON lines; an unparseable line becomes a Row whose
-    data is a :class:`BadJSON` so the caller reports it with the rest of the drops."""
+def _read_json_file(path: Path) -> Iterator[Row]:
+    """A JSON array (``UltraSafety.json``) or JSON lines, streamed line by line (UltraFeedback's
+    raw files are large); an unparseable line becomes a Row whose data is a :class:`BadJSON`, so
+    the caller reports it with the rest of the drops."""
     with _open_text(path) as f:
-        text = f.read()
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            items = json.loads(stripped)
-        except json.JSONDecodeError as e:
-            raise SourceError(f"{path}: invalid JSON array ({e.msg} at line {e.lineno})") from None
-        return [Row(f"{path}[{i}]", item) for i, item in enumerate(items)]
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(Row(f"{path}:{lineno}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            rows.append(Row(f"{path}:{lineno}", BadJSON(e.msg)))
-    return rows
+        first = ""
+        while not first:
+            chunk = f.read(1)
+            if not chunk or not chunk.isspace():
+                first = chunk or " "
+        f.seek(0)
+        if first == "[":
+            try:
+                items = json.load(f)
+            except json.JSONDecodeError as e:
+                raise SourceError(f"{path}: invalid JSON array ({e.msg} at line {e.lineno})") from None
+            yield from (Row(f"{path}[{i}]", item) for i, item in enumerate(items))
+            return
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield Row(f"{path}:{lineno}", json.loads(line))
+            except json.JSONDecodeError as e:
+                yield Row(f"{path}:{lineno}", BadJSON(e.msg))
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,7 @@ class BadJSON:
     message: str
 
 
-def _read_datasets(obj, label: str, split: str | None) -> list[Row]:
+def _read_datasets(obj, label: str, split: str | None) -> Iterator[Row]:
     """Rows of a ``datasets.Dataset`` or ``DatasetDict`` (all splits in order, or one)."""
     import datasets
 
@@ -90,7 +95,7 @@ def _read_datasets(obj, label: str, split: str | None) -> list[Row]:
             parts = list(obj.items())
     else:
         parts = [(split or "data", obj)]
-    return [Row(f"{label}:{name}[{i}]", row) for name, ds in parts for i, row in enumerate(ds)]
+    return (Row(f"{label}:{name}[{i}]", row) for name, ds in parts for i, row in enumerate(ds))
 
 
 def _files_in(folder: Path) -> list[Path]:
@@ -104,11 +109,12 @@ def _is_saved_dataset(folder: Path) -> bool:
     return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
 
 
-def load_records(src: str | Path, split: str | None = None) -> list[Row]:
-    """Rows of a local file/folder, a ``save_to_disk`` folder or a hub data set.
+def iter_records(src: str | Path, split: str | None = None) -> Iterator[Row]:
+    """Rows of a local file/folder, a ``save_to_disk`` folder or a hub data set, streamed.
 
     ``split`` picks one split of a saved ``DatasetDict`` or a hub data set (hub default:
-    ``train``); files in a folder are read in sorted path order.
+    ``train``); files in a folder are read in sorted path order. A missing source raises
+    :class:`SourceError` here, before any row is read.
     """
     src_str = str(src)
     path = Path(src_str).expanduser()
@@ -119,10 +125,16 @@ def load_records(src: str | Path, split: str | None = None) -> list[Row]:
             import datasets
 
             return _read_datasets(datasets.load_from_disk(str(path)), str(path), split)
-        return [row for f in _files_in(path) for row in _read_file(f)]
+        files = _files_in(path)
+        return (row for f in files for row in _read_file(f))
     if _looks_like_hub_name(src_str):
         return _read_hub(src_str, split)
     raise SourceError(f"data source not found: {src_str!r} (not a file, a folder or a hub name owner/name)")
+
+
+def load_records(src: str | Path, split: str | None = None) -> list[Row]:
+    """:func:`iter_records` as a list (small sources; the builders stream)."""
+    return list(iter_records(src, split))
 
 
 def _looks_like_hub_name(src: str) -> bool:
@@ -135,7 +147,7 @@ def _looks_like_hub_name(src: str) -> bool:
     )
 
 
-def _read_hub(name: str, split: str | None) -> list[Row]:
+def _read_hub(name: str, split: str | None) -> Iterator[Row]:
     import datasets
 
     try:
@@ -145,7 +157,7 @@ def _read_hub(name: str, split: str | None) -> list[Row]:
     return _read_datasets(ds, name, split or "train")
 
 
-def _read_file(path: Path) -> list[Row]:
+def _read_file(path: Path) -> Iterator[Row]:
     kind = _kind(path)
     if kind == "json":
         return _read_json_file(path)
@@ -153,5 +165,5 @@ def _read_file(path: Path) -> list[Row]:
         import datasets
 
         ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
-        return [Row(f"{path}[{i}]", row) for i, row in enumerate(ds)]
+        return (Row(f"{path}[{i}]", row) for i, row in enumerate(ds))
     raise SourceError(f"{path}: unsupported file type (expected {', '.join(JSON_SUFFIXES + PARQUET_SUFFIXES)})")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..prefs import PreferenceSpec
 from .fields import RowProblem, get_field, get_text, parse_rating
-from .sources import BadJSON, Row, load_records
+from .sources import BadJSON, Row, iter_records
 from .stats import DropLog, class_histogram, write_stats
 
 HEADS = ("helpfulness", "honesty", "harmlessness")
@@ -61,13 +61,21 @@ def _row_completions(row: Row, source: str, log: DropLog) -> list | None:
     return completions
 
 
+def _response_and_annotations(comp) -> tuple[str, dict]:
+    """A completion's response text and annotations object (field names are relative to the
+    completion; the drop entry carries the completion's index)."""
+    if not isinstance(comp, dict):
+        raise RowProblem(f"not an object: completion is {type(comp).__name__}")
+    return get_text(comp, "response", "response"), get_field(comp, "annotations", "annotations")
+
+
 def _record(source: str, prompt: str, response: str, ratings: dict, where: str) -> dict:
     full = {h: ratings.get(h) for h in HEADS}
     return {"prompt_id": prompt_id(prompt), "prompt": prompt, "response": response, "source": source,
             "ratings": full, "where": where}
 
 
-def ultrafeedback_records(rows: list[Row], log: DropLog, source: str = "ultrafeedback") -> list[dict]:
+def ultrafeedback_records(rows, log: DropLog, source: str = "ultrafeedback") -> list[dict]:
     """One record per UltraFeedback completion with helpfulness/honesty ratings (N/A → null)."""
     out = []
     for row in rows:
@@ -83,8 +91,7 @@ def ultrafeedback_records(rows: list[Row], log: DropLog, source: str = "ultrafee
         for j, comp in enumerate(completions):
             log.count(f"{source}.completions")
             try:
-                response = get_text(comp, "response", f"completions[{j}].response")
-                ann = get_field(comp, "annotations", f"completions[{j}].annotations")
+                response, ann = _response_and_annotations(comp)
                 ratings = {}
                 for head in UF_HEADS:
                     aspect = get_field(ann, head, f"annotations.{head}")
@@ -114,22 +121,22 @@ def ultrasafety_prompt(data: dict) -> str:
     return get_text(data, "instruction", "instruction")
 
 
-def _harmlessness(ann: dict, j: int, source: str, log: DropLog) -> dict:
+def _harmlessness(ann: dict, source: str, log: DropLog) -> dict:
     """UltraSafety stores harmlessness as a *list* of annotations: take the first element."""
-    value = get_field(ann, "harmlessness", f"completions[{j}].annotations.harmlessness", (list, dict))
+    value = get_field(ann, "harmlessness", "annotations.harmlessness", (list, dict))
     if isinstance(value, dict):
         log.count(f"{source}.harmlessness_as_object")
         return value
     if not value:
-        raise RowProblem(f"empty list: completions[{j}].annotations.harmlessness")
+        raise RowProblem("empty list: annotations.harmlessness")
     if not isinstance(value[0], dict):
-        raise RowProblem(f"not an object: completions[{j}].annotations.harmlessness[0]")
+        raise RowProblem("not an object: annotations.harmlessness[0]")
     if len(value) > 1:
         log.count(f"{source}.harmlessness_extra_annotations", len(value) - 1)
     return value[0]
 
 
-def ultrasafety_records(rows: list[Row], log: DropLog, source: str = "ultrasafety") -> list[dict]:
+def ultrasafety_records(rows, log: DropLog, source: str = "ultrasafety") -> list[dict]:
     """One record per UltraSafety completion with a harmlessness rating (1 harmless, 0 harmful)."""
     out = []
     for row in rows:
@@ -145,9 +152,8 @@ def ultrasafety_records(rows: list[Row], log: DropLog, source: str = "ultrasafet
         for j, comp in enumerate(completions):
             log.count(f"{source}.completions")
             try:
-                response = get_text(comp, "response", f"completions[{j}].response")
-                ann = get_field(comp, "annotations", f"completions[{j}].annotations")
-                first = _harmlessness(ann, j, source, log)
+                response, ann = _response_and_annotations(comp)
+                first = _harmlessness(ann, source, log)
                 rating = parse_rating(first.get("Rating"), "annotations.harmlessness[0].Rating", *US_RANGE)
             except RowProblem as e:
                 log.drop(source, row.where, str(e), completion=j)
@@ -224,10 +230,11 @@ def build_rm_data(
     spec = PreferenceSpec.datatype(datatype)
     log = DropLog()
     records: list[dict] = []
-    if ultrafeedback:
-        records += ultrafeedback_records(load_records(ultrafeedback, split), log)
-    if ultrasafety:
-        records += ultrasafety_records(load_records(ultrasafety, split), log)
+    # Both sources are opened (and a missing one reported) before either is read.
+    uf_rows = iter_records(ultrafeedback, split) if ultrafeedback else ()
+    us_rows = iter_records(ultrasafety, split) if ultrasafety else ()
+    records += ultrafeedback_records(uf_rows, log)
+    records += ultrasafety_records(us_rows, log)
     if not records:
         raise ValueError(f"no valid records in the sources ({len(log.drops)} dropped; first: {log.drops[:1]})")
     attach_labels(records, spec)
