@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .fields import RowProblem, get_field, get_text
-from .sources import BadJSON, iter_records
+from .fields import RowProblem, get_field, get_text, row_object
+from .sources import iter_records
 from .stats import DropLog
 
 
@@ -22,16 +22,12 @@ def load_beavertails(src: str, split: str | None = None, source: str = "beaverta
     groups: dict[tuple[str, str], dict] = {}
     for row in iter_records(src, split):
         log.count(f"{source}.rows")
-        if isinstance(row.data, BadJSON):
-            log.drop(source, row.where, f"invalid JSON: {row.data.message}")
-            continue
         try:
-            if not isinstance(row.data, dict):
-                raise RowProblem(f"not an object: row is {type(row.data).__name__}")
-            prompt = get_text(row.data, "prompt", "prompt")
-            response = get_text(row.data, "response", "response")
-            is_safe = get_field(row.data, "is_safe", "is_safe", bool)
-            category = row.data.get("category") or {}
+            data = row_object(row)
+            prompt = get_text(data, "prompt", "prompt")
+            response = get_text(data, "response", "response")
+            is_safe = get_field(data, "is_safe", "is_safe", bool)
+            category = data.get("category") or {}
             if not isinstance(category, dict):
                 raise RowProblem(f"wrong type: category must be dict, got {type(category).__name__}")
         except RowProblem as e:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 import numbers
 
+from .sources import BadJSON, Row
+
 
 class RowProblem(Exception):
     """Internal: why one row/completion is dropped (becomes a DropLog entry)."""
@@ -53,3 +55,12 @@ def get_text(obj: dict, key: str, field: str) -> str:
     if not value.strip():
         raise RowProblem(f"empty text: {field}")
     return value
+
+
+def row_object(row: Row) -> dict:
+    """The row's JSON object; :class:`RowProblem` for an invalid JSON line or a non-object row."""
+    if isinstance(row.data, BadJSON):
+        raise RowProblem(f"invalid JSON: {row.data.message}")
+    if not isinstance(row.data, dict):
+        raise RowProblem(f"not an object: row is {type(row.data).__name__}")
+    return row.data

@@ -11,8 +11,8 @@ those become hh-rlhf transcripts (``\\n\\nHuman: …\\n\\nAssistant: …\\n\\nAs
 
 from __future__ import annotations
 
-from .fields import RowProblem, get_text, parse_rating
-from .sources import BadJSON, iter_records
+from .fields import RowProblem, get_text, parse_rating, row_object
+from .sources import iter_records
 from .stats import DropLog
 
 ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
@@ -42,17 +42,13 @@ def load_helpsteer(src: str, split: str | None = None, scale: bool = False, sour
     out = []
     for row in iter_records(src, split):
         log.count(f"{source}.rows")
-        if isinstance(row.data, BadJSON):
-            log.drop(source, row.where, f"invalid JSON: {row.data.message}")
-            continue
         try:
-            if not isinstance(row.data, dict):
-                raise RowProblem(f"not an object: row is {type(row.data).__name__}")
-            prompt = unpack_turns(get_text(row.data, "prompt", "prompt"))
-            response = get_text(row.data, "response", "response")
+            data = row_object(row)
+            prompt = unpack_turns(get_text(data, "prompt", "prompt"))
+            response = get_text(data, "response", "response")
             targets = {}
             for attr in ATTRIBUTES:
-                value = parse_rating(row.data.get(attr), attr, 0.0, 4.0)
+                value = parse_rating(data.get(attr), attr, 0.0, 4.0)
                 if value is None:
                     raise RowProblem(f"non-numeric rating: {attr}='N/A'")
                 targets[attr] = value / 4.0 if scale else value

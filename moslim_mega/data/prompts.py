@@ -21,7 +21,8 @@ from pathlib import Path
 
 from ..prefs import PreferenceSpec, format_prefix
 from ..world.build import random_targets
-from .sources import BadJSON, Row, iter_records
+from .fields import RowProblem, row_object
+from .sources import Row, iter_records
 from .stats import DropLog, write_stats
 
 ASSISTANT_MARK = "\n\nAssistant:"
@@ -38,12 +39,10 @@ def hh_prompt(transcript: str) -> str | None:
 
 def _row_prompt(row: Row, source: str, log: DropLog) -> str | None:
     """The prompt of one hh-rlhf row, or None after logging why the row is dropped."""
-    data = row.data
-    if isinstance(data, BadJSON):
-        log.drop(source, row.where, f"invalid JSON: {data.message}")
-        return None
-    if not isinstance(data, dict):
-        log.drop(source, row.where, f"not an object: row is {type(data).__name__}")
+    try:
+        data = row_object(row)
+    except RowProblem as e:
+        log.drop(source, row.where, str(e))
         return None
     texts = {k: data.get(k) for k in ("chosen", "rejected") if isinstance(data.get(k), str)}
     if not texts:

@@ -24,8 +24,8 @@ import random
 from pathlib import Path
 
 from ..prefs import PreferenceSpec
-from .fields import RowProblem, get_field, get_text, parse_rating
-from .sources import BadJSON, Row, iter_records
+from .fields import RowProblem, get_field, get_text, parse_rating, row_object
+from .sources import Row, iter_records
 from .stats import DropLog, class_histogram, write_stats
 
 HEADS = ("helpfulness", "honesty", "harmlessness")
@@ -43,14 +43,8 @@ def prompt_id(prompt: str) -> str:
 
 def _row_completions(row: Row, source: str, log: DropLog) -> list | None:
     """The row's completion list, or None after logging why the row is dropped."""
-    if isinstance(row.data, BadJSON):
-        log.drop(source, row.where, f"invalid JSON: {row.data.message}")
-        return None
-    if not isinstance(row.data, dict):
-        log.drop(source, row.where, f"not an object: row is {type(row.data).__name__}")
-        return None
     try:
-        completions = get_field(row.data, "completions", "completions", list)
+        completions = get_field(row_object(row), "completions", "completions", list)
     except RowProblem as e:
         log.drop(source, row.where, str(e))
         return None
@@ -75,8 +69,10 @@ def _record(source: str, prompt: str, response: str, ratings: dict, where: str) 
             "ratings": full, "where": where}
 
 
-def ultrafeedback_records(rows, log: DropLog, source: str = "ultrafeedback") -> list[dict]:
-    """One record per UltraFeedback completion with helpfulness/honesty ratings (N/A → null)."""
+def completion_records(rows, log: DropLog, source: str, prompt_of, ratings_of) -> list[dict]:
+    """One record per rated completion of UltraFeedback-shaped rows (``completions`` list with
+    ``response`` and ``annotations``). ``prompt_of(row) -> str`` and ``ratings_of(annotations,
+    log) -> {head: rating | None}`` read the source-specific parts; both raise :class:`RowProblem`."""
     out = []
     for row in rows:
         log.count(f"{source}.rows")
@@ -84,7 +80,7 @@ def ultrafeedback_records(rows, log: DropLog, source: str = "ultrafeedback") -> 
         if completions is None:
             continue
         try:
-            prompt = get_text(row.data, "instruction", "instruction")
+            prompt = prompt_of(row.data)
         except RowProblem as e:
             log.drop(source, row.where, str(e))
             continue
@@ -92,21 +88,31 @@ def ultrafeedback_records(rows, log: DropLog, source: str = "ultrafeedback") -> 
             log.count(f"{source}.completions")
             try:
                 response, ann = _response_and_annotations(comp)
-                ratings = {}
-                for head in UF_HEADS:
-                    aspect = get_field(ann, head, f"annotations.{head}")
-                    ratings[head] = parse_rating(aspect.get("Rating"), f"annotations.{head}.Rating", *UF_RANGE)
+                ratings = ratings_of(ann, log)
             except RowProblem as e:
                 log.drop(source, row.where, str(e), completion=j)
                 continue
-            for head in UF_HEADS:
-                if ratings[head] is None:
+            for head, rating in ratings.items():
+                if rating is None:
                     log.count(f"{source}.na.{head}")
             if all(r is None for r in ratings.values()):
                 log.drop(source, row.where, "no labelled head: every rating is N/A", completion=j)
                 continue
             out.append(_record(source, prompt, response, ratings, row.where))
     return out
+
+
+def _uf_ratings(ann: dict, log: DropLog) -> dict:
+    ratings = {}
+    for head in UF_HEADS:
+        aspect = get_field(ann, head, f"annotations.{head}")
+        ratings[head] = parse_rating(aspect.get("Rating"), f"annotations.{head}.Rating", *UF_RANGE)
+    return ratings
+
+
+def ultrafeedback_records(rows, log: DropLog, source: str = "ultrafeedback") -> list[dict]:
+    """One record per UltraFeedback completion with helpfulness/honesty ratings (N/A → null)."""
+    return completion_records(rows, log, source, lambda d: get_text(d, "instruction", "instruction"), _uf_ratings)
 
 
 def ultrasafety_prompt(data: dict) -> str:
@@ -136,34 +142,14 @@ def _harmlessness(ann: dict, source: str, log: DropLog) -> dict:
     return value[0]
 
 
+def _us_ratings(ann: dict, log: DropLog, source: str = "ultrasafety") -> dict:
+    first = _harmlessness(ann, source, log)
+    return {"harmlessness": parse_rating(first.get("Rating"), "annotations.harmlessness[0].Rating", *US_RANGE)}
+
+
 def ultrasafety_records(rows, log: DropLog, source: str = "ultrasafety") -> list[dict]:
     """One record per UltraSafety completion with a harmlessness rating (1 harmless, 0 harmful)."""
-    out = []
-    for row in rows:
-        log.count(f"{source}.rows")
-        completions = _row_completions(row, source, log)
-        if completions is None:
-            continue
-        try:
-            prompt = ultrasafety_prompt(row.data)
-        except RowProblem as e:
-            log.drop(source, row.where, str(e))
-            continue
-        for j, comp in enumerate(completions):
-            log.count(f"{source}.completions")
-            try:
-                response, ann = _response_and_annotations(comp)
-                first = _harmlessness(ann, source, log)
-                rating = parse_rating(first.get("Rating"), "annotations.harmlessness[0].Rating", *US_RANGE)
-            except RowProblem as e:
-                log.drop(source, row.where, str(e), completion=j)
-                continue
-            if rating is None:
-                log.count(f"{source}.na.harmlessness")
-                log.drop(source, row.where, "no labelled head: every rating is N/A", completion=j)
-                continue
-            out.append(_record(source, prompt, response, {"harmlessness": rating}, row.where))
-    return out
+    return completion_records(rows, log, source, ultrasafety_prompt, lambda a, lg: _us_ratings(a, lg, source))
 
 
 def attach_labels(records: list[dict], spec: PreferenceSpec) -> None:
