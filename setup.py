@@ -17,6 +17,7 @@ setup(
         "tqdm>=4.60",
         "numpy>=1.24",
         "tensorboard>=2.14",
+        "datasets>=3.0",  # reading the public data sets (moslim data ...), save_to_disk outputs
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "scipy>=1.10", "matplotlib>=3.7"],

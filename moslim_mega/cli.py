@@ -11,6 +11,8 @@
     moslim rm train [--config FILE] [a.b=value ...] --out DIR
     moslim rm eval --rm DIR --data FILE --json OUT
     moslim rm score --rm DIR --prompt TEXT --response TEXT
+    moslim data build-rm --ultrafeedback SRC --ultrasafety SRC --datatype 1|2|3|4 --out DIR
+    moslim data build-prompts --hh-rlhf SRC --n N [--exclude FILE] [--seed S] --out DIR
     moslim config show [--config FILE] [a.b=value ...]
     moslim config doc
     moslim export hf --ckpt DIR --out DIR [--model NAME]
@@ -153,6 +155,40 @@ def cmd_serve(args) -> int:
     return serve(args.model, args.host, args.port, args.name)
 
 
+def _quiet_datasets() -> None:
+    import datasets
+
+    datasets.disable_progress_bars()  # save_to_disk's per-split bars drown the summary
+
+
+def cmd_data_build_rm(args) -> int:
+    from .data.ultra import build_rm_data
+
+    _quiet_datasets()
+    stats = build_rm_data(args.out, args.datatype, args.ultrafeedback, args.ultrasafety,
+                          args.val_fraction, args.seed, args.split)
+    for name, split in stats["splits"].items():
+        hist = "  ".join(f"{h} {v['classes']} masked {v['masked']}" for h, v in split["histograms"].items())
+        print(f"{name:10s} {split['records']:7d} records {split['prompts']:6d} prompts  {hist}")
+    print(f"dropped {len(stats['dropped'])} ({stats['drop_reasons']}); details in {Path(args.out) / 'stats.json'}")
+    print(f"train with: {stats['train_command']}")
+    return 0
+
+
+def cmd_data_build_prompts(args) -> int:
+    from .data.prompts import build_policy_prompts
+    from .prefs import PreferenceSpec
+
+    _quiet_datasets()
+    stats = build_policy_prompts(args.hh_rlhf, args.out, args.n, PreferenceSpec.datatype(args.datatype),
+                                 args.seed, args.exclude, args.split)
+    print(f"wrote {stats['written']} prompts ({stats['multi_turn']} multi-turn) from a pool of {stats['pool']} "
+          f"to {Path(args.out) / 'policy_train.jsonl'}; dropped {len(stats['dropped'])}")
+    if "warning" in stats:
+        print(f"warning: {stats['warning']}", file=sys.stderr)
+    return 0
+
+
 def cmd_config_show(args) -> int:
     import yaml
 
@@ -255,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--model", default=None, help="which model of the checkpoint (actor, model, rm); default: the only one")
     p.set_defaults(func=cmd_export_hf)
+
     p = ev.add_parser("bench", help="MT-Bench / HaluEval 2.0 / Hackaprompt / RewardBench with a pluggable judge")
     p.add_argument("--suite", required=True, choices=("mtbench", "halueval", "hackaprompt", "rewardbench"))
     p.add_argument("--data", required=True, help="benchmark file or folder (jsonl/json/parquet) or a hub name")
@@ -271,6 +308,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="0 = any free port (printed on the first line)")
     p.add_argument("--name", default=None, help="model name served (default: the directory name)")
     p.set_defaults(func=cmd_serve)
+
+    data = sub.add_parser("data", help="build training data from public data sets").add_subparsers(
+        dest="cmd", required=True)
+    p = data.add_parser("build-rm", help="UltraFeedback + UltraSafety → multi-head RM data (Table 5)")
+    p.add_argument("--ultrafeedback", default=None, help="file, folder, saved data set or hub name")
+    p.add_argument("--ultrasafety", default=None, help="file, folder, saved data set or hub name")
+    p.add_argument("--datatype", type=int, required=True, choices=(1, 2, 3, 4), help="paper Table 5 preset")
+    p.add_argument("--out", required=True)
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of prompts held out (split by prompt)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default=None, help="split of a saved DatasetDict or hub data set")
+    p.set_defaults(func=cmd_data_build_rm)
+    p = data.add_parser("build-prompts", help="hh-rlhf → policy prompts with random preference prefixes")
+    p.add_argument("--hh-rlhf", required=True, help="file, folder, saved data set or hub name")
+    p.add_argument("--n", type=int, required=True, help="prompts to sample (0 = all)")
+    p.add_argument("--exclude", default=None, help="prompts used for SFT (jsonl with prompt, or hh-rlhf rows)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--datatype", type=int, default=4, choices=(1, 2, 3, 4), help="heads and level ranges")
+    p.add_argument("--split", default=None, help="split of a saved DatasetDict or hub data set")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_data_build_prompts)
 
     conf = sub.add_parser("config", help="inspect the configuration tree").add_subparsers(dest="cmd", required=True)
     p = conf.add_parser("show", help="print the resolved config")

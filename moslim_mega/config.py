@@ -77,6 +77,8 @@ class ModelConfig:
     """Allow custom modelling code from a checkpoint (off by default)."""
     dtype: str = "float32"
     """Parameter dtype: float32 or bfloat16."""
+    chat_template: str = ""
+    """Chat template: '' = the tokenizer's own, `none` = plain text, else a Jinja file (policy and RM may differ)."""
 
 
 @dataclass(frozen=True)

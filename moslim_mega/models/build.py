@@ -19,6 +19,8 @@ from transformers import (
     Qwen2Config,
 )
 
+from ..data.template import apply_template_choice
+
 TINY = {"tiny-llama": LlamaConfig, "tiny-qwen2": Qwen2Config}
 
 
@@ -35,7 +37,7 @@ def build_tokenizer(model_cfg, extra_names=()):
     if model_cfg.name_or_path in TINY:
         from ..world.tokenizer import build_world_tokenizer
 
-        return build_world_tokenizer(extra_names)
+        return apply_template_choice(build_world_tokenizer(extra_names), model_cfg.chat_template)
     path = model_cfg.name_or_path
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
@@ -43,7 +45,7 @@ def build_tokenizer(model_cfg, extra_names=()):
         raise ModelLoadError(f"cannot load a tokenizer from model.name_or_path={path!r}: {e}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return tok
+    return apply_template_choice(tok, model_cfg.chat_template)
 
 
 def tiny_config(model_cfg, tokenizer) -> PretrainedConfig:
