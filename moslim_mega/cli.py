@@ -170,7 +170,8 @@ def cmd_data_build_rm(args) -> int:
     for name, split in stats["splits"].items():
         hist = "  ".join(f"{h} {v['classes']} masked {v['masked']}" for h, v in split["histograms"].items())
         print(f"{name:10s} {split['records']:7d} records {split['prompts']:6d} prompts  {hist}")
-    print(f"dropped {len(stats['dropped'])} ({stats['drop_reasons']}); details in {Path(args.out) / 'stats.json'}")
+    print(f"dropped {len(stats['dropped'])} ({stats['drop_reasons']}); {len(stats['masked_heads'])} kept with one "
+          f"head masked for a bad rating; details in {Path(args.out) / 'stats.json'}")
     print(f"train with: {stats['train_command']}")
     return 0
 

@@ -18,6 +18,7 @@ class DropLog:
     """Dropped records and named counters of one build."""
 
     drops: list[dict] = field(default_factory=list)
+    masked: list[dict] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
 
     def drop(self, source: str, where: str, reason: str, completion: int | None = None) -> None:
@@ -27,6 +28,14 @@ class DropLog:
         self.drops.append(entry)
         self.counts[f"{source}.dropped"] += 1
 
+    def mask_head(self, source: str, where: str, head: str, reason: str, completion: int | None = None) -> None:
+        """A kept record whose ``head`` label was unusable (masked, not dropped)."""
+        entry = {"source": source, "where": where, "head": head, "reason": reason}
+        if completion is not None:
+            entry["completion"] = completion
+        self.masked.append(entry)
+        self.counts[f"{source}.masked.{head}"] += 1
+
     def count(self, key: str, n: int = 1) -> None:
         self.counts[key] += n
 
@@ -35,7 +44,8 @@ class DropLog:
         return dict(Counter(d["reason"].split(":")[0] for d in self.drops))
 
     def to_dict(self) -> dict:
-        return {"counts": dict(sorted(self.counts.items())), "drop_reasons": self.reasons(), "dropped": self.drops}
+        return {"counts": dict(sorted(self.counts.items())), "drop_reasons": self.reasons(), "dropped": self.drops,
+                "masked_heads": self.masked}
 
 
 def class_histogram(labels: list[int], num_classes: int) -> dict:

@@ -72,7 +72,9 @@ def _record(source: str, prompt: str, response: str, ratings: dict, where: str) 
 def completion_records(rows, log: DropLog, source: str, prompt_of, ratings_of) -> list[dict]:
     """One record per rated completion of UltraFeedback-shaped rows (``completions`` list with
     ``response`` and ``annotations``). ``prompt_of(row) -> str`` and ``ratings_of(annotations,
-    log) -> {head: rating | None}`` read the source-specific parts; both raise :class:`RowProblem`."""
+    log) -> ({head: rating | None}, {head: problem})`` read the source-specific parts; both raise
+    :class:`RowProblem` for what makes the whole row/completion unusable. A per-head problem masks
+    that head only and is listed under ``masked_heads`` in the stats."""
     out = []
     for row in rows:
         log.count(f"{source}.rows")
@@ -88,12 +90,19 @@ def completion_records(rows, log: DropLog, source: str, prompt_of, ratings_of) -
             log.count(f"{source}.completions")
             try:
                 response, ann = _response_and_annotations(comp)
-                ratings = ratings_of(ann, log)
+                ratings, problems = ratings_of(ann, log)
             except RowProblem as e:
                 log.drop(source, row.where, str(e), completion=j)
                 continue
+            if problems and all(r is None for r in ratings.values()):
+                # Every head is unusable: nothing of this completion survives, so it is a drop.
+                log.drop(source, row.where, "; ".join(problems.values()), completion=j)
+                continue
+            for head, reason in problems.items():
+                # One bad rating masks only its own head: the other heads' valid labels are kept.
+                log.mask_head(source, row.where, head, reason, completion=j)
             for head, rating in ratings.items():
-                if rating is None:
+                if rating is None and head not in problems:
                     log.count(f"{source}.na.{head}")
             if all(r is None for r in ratings.values()):
                 log.drop(source, row.where, "no labelled head: every rating is N/A", completion=j)
@@ -102,12 +111,16 @@ def completion_records(rows, log: DropLog, source: str, prompt_of, ratings_of) -
     return out
 
 
-def _uf_ratings(ann: dict, log: DropLog) -> dict:
-    ratings = {}
+def _uf_ratings(ann: dict, log: DropLog) -> tuple[dict, dict]:
+    """``({head: rating | None}, {head: problem})``: a malformed aspect masks only its head."""
+    ratings, problems = {}, {}
     for head in UF_HEADS:
-        aspect = get_field(ann, head, f"annotations.{head}")
-        ratings[head] = parse_rating(aspect.get("Rating"), f"annotations.{head}.Rating", *UF_RANGE)
-    return ratings
+        try:
+            aspect = get_field(ann, head, f"annotations.{head}")
+            ratings[head] = parse_rating(aspect.get("Rating"), f"annotations.{head}.Rating", *UF_RANGE)
+        except RowProblem as e:
+            ratings[head], problems[head] = None, str(e)
+    return ratings, problems
 
 
 def ultrafeedback_records(rows, log: DropLog, source: str = "ultrafeedback") -> list[dict]:
@@ -142,9 +155,10 @@ def _harmlessness(ann: dict, source: str, log: DropLog) -> dict:
     return value[0]
 
 
-def _us_ratings(ann: dict, log: DropLog, source: str = "ultrasafety") -> dict:
+def _us_ratings(ann: dict, log: DropLog, source: str = "ultrasafety") -> tuple[dict, dict]:
+    # One head only: a malformed rating leaves nothing to keep, so it raises (the completion drops).
     first = _harmlessness(ann, source, log)
-    return {"harmlessness": parse_rating(first.get("Rating"), "annotations.harmlessness[0].Rating", *US_RANGE)}
+    return {"harmlessness": parse_rating(first.get("Rating"), "annotations.harmlessness[0].Rating", *US_RANGE)}, {}
 
 
 def ultrasafety_records(rows, log: DropLog, source: str = "ultrasafety") -> list[dict]:

@@ -58,9 +58,10 @@ def write_ultrafeedback(path: Path, num_generated: int = 40, seed: int = 0) -> d
     """jsonl with hand-written awkward rows plus ``num_generated`` plain rows.
 
     Returns ``valid`` (the (helpfulness, honesty) raw ratings, as ints or None, of every completion
-    that must be kept, in file order) and ``drops`` (expected (line, completion, reason kind)).
+    that must be kept, in file order), ``drops`` (expected (line, completion, reason kind)) and
+    ``masked`` (kept completions with one unusable head: (line, completion, head, reason kind)).
     """
-    lines, valid, drops = [], [], []
+    lines, valid, drops, masked = [], [], [], []
     # line 1: four completions, one honesty N/A (creative writing)
     lines.append(json.dumps(uf_row("sharegpt", "Plan a family trip to Rome.", [
         uf_completion("Day 1: the Colosseum.", "5", "4"),
@@ -86,8 +87,10 @@ def write_ultrafeedback(path: Path, num_generated: int = 40, seed: int = 0) -> d
         no_honesty,
         uf_completion("The capital is Paris.", "4", "1"),
     ])))
-    valid += [(4, 1)]
-    drops += [(3, 0, "empty text"), (3, 1, "non-numeric rating"), (3, 2, "missing field")]
+    # a bad honesty rating/aspect masks honesty only: helpfulness 4 of both completions is kept
+    valid += [(4, None), (4, None), (4, 1)]
+    drops += [(3, 0, "empty text")]
+    masked += [(3, 1, "honesty", "non-numeric rating"), (3, 2, "honesty", "missing field")]
     # line 4: no instruction
     row = uf_row("ultrachat", "x", [uf_completion("y", "3", "3")])
     del row["instruction"]
@@ -106,8 +109,8 @@ def write_ultrafeedback(path: Path, num_generated: int = 40, seed: int = 0) -> d
         uf_completion("Seven.", "7", "3"),
         uf_completion("Fish have no legs.", 3, 4.0),
     ])))
-    valid += [(3, 4)]
-    drops.append((7, 0, "rating out of range"))
+    valid += [(None, 3), (3, 4)]
+    masked.append((7, 0, "helpfulness", "rating out of range"))
     # line 8: no completions at all
     lines.append(json.dumps(uf_row("truthful_qa", "Is the moon made of cheese?", [])))
     drops.append((8, None, "no completions"))
@@ -120,7 +123,7 @@ def write_ultrafeedback(path: Path, num_generated: int = 40, seed: int = 0) -> d
             valid.append((h, o))
         lines.append(json.dumps(uf_row("sharegpt", f"generated question number {i}?", comps)))
     path.write_text("\n".join(lines) + "\n")
-    return {"valid": valid, "drops": drops, "rows": len(lines)}
+    return {"valid": valid, "drops": drops, "masked": masked, "rows": len(lines)}
 
 
 def write_ultrasafety(path: Path, num_generated: int = 12, seed: int = 1) -> dict:

@@ -69,10 +69,10 @@ def test_literal_hand_count_of_the_awkward_rows(tmp_path):
     write_ultrafeedback(uf, num_generated=0)
     write_ultrasafety(us, num_generated=0)
     stats = build_rm_data(tmp_path / "out", 4, str(uf), str(us), val_fraction=0.0)
-    # kept helpfulness 5,3,1,4,2,5,4,3 ; honesty 4,N/A,2,5,3,5,1,4 ; harmlessness 1,0,1,0,1,0,1
-    assert _summed_hist(stats, "helpfulness") == ([1, 1, 2, 2, 2], 7)
-    assert _summed_hist(stats, "honesty") == ([1, 1, 1, 2, 2], 1 + 7)
-    assert _summed_hist(stats, "harmlessness") == ([3, 4], 8)
+    # kept helpfulness 5,3,1,4,2,5,4,4,4,bad,3 ; honesty 4,N/A,2,5,3,5,bad,bad,1,3,4 ; harmlessness 1,0,1,0,1,0,1
+    assert _summed_hist(stats, "helpfulness") == ([1, 1, 2, 4, 2], 1 + 7)
+    assert _summed_hist(stats, "honesty") == ([1, 1, 2, 2, 2], 1 + 2 + 7)
+    assert _summed_hist(stats, "harmlessness") == ([3, 4], 11)
     # N/A ratings seen: honesty of "Go somewhere.", both heads of "Drip.", UltraSafety's "Hmm."
     assert stats["na_ratings"] == {"helpfulness": 1, "honesty": 2, "harmlessness": 1}
     assert stats["counts"]["ultrafeedback.completions_per_row.3"] == 1  # fewer than four completions
@@ -87,7 +87,9 @@ def test_every_malformed_row_is_reported_and_nothing_valid_is_lost(sources, tmp_
     want |= {("ultrasafety", f"{us}[{i}]", comp, kind) for i, comp, kind in us_exp["drops"]}
     assert got == want
     assert len(stats["dropped"]) == len(want)
-    reasons = {d["reason"] for d in stats["dropped"]}
+    masked = {(d["where"], d["completion"], d["head"], d["reason"].split(":")[0]) for d in stats["masked_heads"]}
+    assert masked == {(f"{uf}:{line}", comp, head, kind) for line, comp, head, kind in uf_exp["masked"]}
+    reasons = {d["reason"] for d in stats["masked_heads"]}
     assert "non-numeric rating: annotations.honesty.Rating='high'" in reasons
     assert "missing field: annotations.honesty" in reasons
     rows = [json.loads(x) for f in ("rm_train.jsonl", "rm_eval.jsonl") for x in (tmp_path / f).read_text().splitlines()]
