@@ -176,7 +176,7 @@ def run_compare(cfg: Config, out_dir, methods=None, show_progress: bool = True) 
                 return tuple(x / sum(w) for x in w), base
 
             evals["rsoup"] = evaluate("rsoup", RoutedSampler(route_soup, soup.get, sampling, cfg.eval.seed))
-            extra["rsoup_sweep"] = timer.bind("rsoup")("lambda_sweep", rsoup_sweep, soup, spec, eval_texts, cfg,
+            extra["rsoup_sweep"] = timer.bind("rsoup")("eval_lambda_sweep", rsoup_sweep, soup, spec, eval_texts, cfg,
                                                        sampling)
 
     if "dpa" in methods:
@@ -216,6 +216,12 @@ def rsoup_sweep(soup, spec, eval_texts, cfg: Config, sampling) -> dict:
     return out
 
 
+def best_methods(scores: dict[str, float], tol: float = 1e-9) -> list[str]:
+    """Every method within ``tol`` of the best score (ties are reported as ties)."""
+    top = max(scores.values())
+    return [m for m, v in scores.items() if v >= top - tol]
+
+
 def build_report(cfg: Config, spec, methods, evals: dict, seconds: dict, extra: dict, wall: float) -> dict:
     names = list(spec.names)
     ranges = {d.name: [float(d.raw_range[0]), float(d.raw_range[1])] for d in spec.dimensions}
@@ -229,15 +235,16 @@ def build_report(cfg: Config, spec, methods, evals: dict, seconds: dict, extra: 
     shared = seconds.get("shared", {})
     compute = {}
     for m in rows:
-        own = {k: v for k, v in seconds.get(m, {}).items() if k != "eval"}
+        own = {k: v for k, v in seconds.get(m, {}).items() if not k.startswith("eval")}
         train = sum(own.values()) + (sum(shared.values()) if m != "sft" else shared.get("world", 0) + shared.get("sft", 0))
         compute[m] = {"stages": own, "train_seconds_incl_shared": round(train, 1),
-                      "eval_seconds": seconds.get(m, {}).get("eval", 0.0), "devices": 1,
+                      "eval_seconds": round(sum(v for k, v in seconds.get(m, {}).items() if k.startswith("eval")), 2),
+                      "devices": 1,
                       "device_hours": round(train / 3600, 4)}
-    winners = {d: max(methods, key=lambda m: table2[m][d]) for d in names}
-    winners["mean_normalised"] = max(methods, key=lambda m: table2[m]["mean_normalised"])
+    winners = {d: best_methods({m: table2[m][d] for m in methods}) for d in names}
+    winners["mean_normalised"] = best_methods({m: table2[m]["mean_normalised"] for m in methods})
     for k in evals[methods[0]]["pairs"]:
-        winners[f"pair {k}"] = max(methods, key=lambda m: pair_score[m][k])
+        winners[f"pair {k}"] = best_methods({m: pair_score[m][k] for m in methods})
     return {
         "methods": list(methods), "dims": names, "raw_ranges": ranges, "seed": cfg.run.seed,
         "policy_algo": cfg.policy.algo, "policy_steps": cfg.policy.steps, "wall_seconds": round(wall, 1),

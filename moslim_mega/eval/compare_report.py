@@ -48,7 +48,7 @@ def _md(report: dict) -> str:
         t = report["table2"][m]
         L.append(f"| {LABELS[m]} | " + " | ".join(_fmt(t[d], digits=2) for d in dims)
                  + f" | {_fmt(t['mean_normalised'])} | {_fmt(report['random_target_mae'][m], digits=2)} |")
-    L += ["", "Winners: " + "; ".join(f"{k}: **{LABELS[v]}**" for k, v in report["winners"].items()), "",
+    L += ["", "Winners: " + "; ".join(f"{k}: **{' = '.join(LABELS[m] for m in v)}**" for k, v in report["winners"].items()), "",
           "## Figure 5 analogue: Spearman ρ(target level, achieved score)", "",
           "Only MOSLIM reads an intensity; the baselines get the same prompts and drop the level, so "
           "their ρ measures noise.", "",
