@@ -13,7 +13,9 @@ from moslim_mega.config import ConfigError
 TINY = ["world.num_rm_prompts=100", "world.num_rm_eval_prompts=20", "world.num_sft=200",
         "world.num_policy_prompts=60", "rm.epochs=1", "sft.epochs=1", "policy.steps=3", "policy.prompts_per_step=4",
         "eval.prompts_per_target=2", "compare.dpa_iterations=1", "compare.dpa_prompts_per_iter=8",
-        "compare.rsoup_lambda_steps=3", "compare.morlhf_weights=[\"1,1,1\",\"1,0,0\"]"]
+        "compare.rsoup_lambda_steps=3", "compare.morlhf_weights=[\"1,1,1\",\"1,0,0\"]",
+        # Step budgets only: a loaded machine must not cut a stage short and change what is asserted.
+        "rm.max_minutes=0", "sft.max_minutes=0", "policy.max_minutes=0", "compare.dpa_sft_max_minutes=0"]
 
 
 def test_methods_are_checked():
@@ -53,6 +55,15 @@ def test_tiny_compare_writes_the_report_contract(tmp_path, capsys):
     assert rep["morlhf_weights"] == [[1 / 3, 1 / 3, 1 / 3], [1.0, 0.0, 0.0]]
     sweep = rep["rsoup_sweep"]["helpfulness+honesty"]
     assert [p["lambda"] for p in sweep] == [[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 1.0, 0.0]]
+    # The controller's rewarder seam really trained MORLHF on Eq. 1: the logged mean reward is
+    # Σ w_i · (logged mean r_i) on every step, for both weight vectors.
+    for i, w in enumerate(rep["morlhf_weights"]):
+        rows = [json.loads(x) for x in (out / "morlhf" / f"policy_w{i}" / "metrics.jsonl").read_text().splitlines()]
+        train = [r for r in rows if r["tag"] == "train"]
+        assert len(train) == 3
+        for r in train:
+            assert r["reward"] == pytest.approx(sum(wi * r[f"reward_{d}"] for wi, d in zip(w, dims)), abs=1e-5)
+            assert all(0 <= r[f"reward_{d}"] <= 1 for d in dims)
     for w in rep["winners"].values():
         assert w and set(w) <= set(methods)
     for name in ("report.md", "table2.png", "controllability.png", "pairs_radar.png", "pair_fronts.png",
