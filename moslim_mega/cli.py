@@ -1,6 +1,7 @@
 """The ``moslim`` command line. Thin: parse, build from config, run.
 
     moslim demo [--algo rloo|ppo|online_dpo] [--seed N] [--quick] --out DIR
+    moslim compare [--methods moslim,morlhf,rsoup,dpa] [--quick] --out DIR [a.b=value ...]
     moslim world build --out DIR [--config FILE] [a.b=value ...]
     moslim sft train --data FILE --out DIR [--config FILE] [a.b=value ...]
     moslim policy train --config FILE --out DIR [--prompts FILE] [a.b=value ...]
@@ -77,6 +78,14 @@ def cmd_demo(args) -> int:
 
     cfg = demo_config(args.algo, args.seed, args.quick, args.overrides)
     run_demo(cfg, args.out)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare_config, run_compare
+
+    cfg = compare_config(args.quick, args.overrides)
+    run_compare(cfg, args.out, args.methods or None)
     return 0
 
 
@@ -263,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("overrides", nargs="*", help="config overrides a.b=value")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("compare", help="MOSLIM vs MORLHF / Rewarded Soups / DPA on the embedded world")
+    p.add_argument("--methods", default="", help="comma-separated subset of moslim,morlhf,rsoup,dpa")
+    p.add_argument("--quick", action="store_true", help="a ≤10-minute version")
+    p.add_argument("--out", default="runs/compare")
+    p.add_argument("overrides", nargs="*", help="config overrides a.b=value")
+    p.set_defaults(func=cmd_compare)
 
     sft = sub.add_parser("sft", help="supervised warm start").add_subparsers(dest="cmd", required=True)
     p = sft.add_parser("train", help="fine-tune a causal LM on {prompt, response} jsonl")

@@ -301,6 +301,35 @@ class BenchConfig:
 
 
 @dataclass(frozen=True)
+class CompareConfig:
+    """`moslim compare`: MOSLIM against MORLHF, Rewarded Soups and DPA on the embedded world
+    (same world, SFT start, RM backbone/budget `rm.*` and policy budget `policy.*` for all)."""
+
+    methods: tuple[str, ...] = ("moslim", "morlhf", "rsoup", "dpa")
+    """Methods to train and evaluate (any of moslim, morlhf, rsoup, dpa); `--methods` overrides."""
+    morlhf_weights: tuple[str, ...] = ("1,1,1",)
+    """MORLHF weight vectors (Eq. 1), one policy each, as comma-separated weights in `prefs` order."""
+    rsoup_lambda_steps: int = 5
+    """Points of the Rewarded Soups λ sweep between each pair of per-dimension policies (Eq. 2)."""
+    dpa_iterations: int = 3
+    """DPA rejection-sampling fine-tuning iterations T."""
+    dpa_prompts_per_iter: int = 128
+    """Prompts sampled per DPA iteration."""
+    dpa_directions_per_prompt: int = 4
+    """Preference directions sampled per prompt (DPA paper: 5)."""
+    dpa_samples: int = 8
+    """Responses drawn per (prompt, direction); the best by vᵀr is kept (DPA paper: 16)."""
+    dpa_replay_fraction: float = 0.15
+    """Share of each iteration's fine-tuning set that replays the original SFT data."""
+    dpa_lr: float = 5e-4
+    """Learning rate of each DPA fine-tuning iteration."""
+    dpa_sft_epochs: float = 2.0
+    """Passes over each iteration's selected responses."""
+    dpa_sft_max_minutes: float = 0.0
+    """Cap on each DPA fine-tuning iteration in minutes (0 = none)."""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Where and how a run executes."""
 
@@ -340,6 +369,8 @@ class Config:
     """Resumable training checkpoints (SFT, RM and policy stages)."""
     bench: BenchConfig = field(default_factory=BenchConfig)
     """Public benchmarks and judges (`moslim eval bench`)."""
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    """Baselines and `moslim compare`."""
 
 
 # ---- choices that are checked beyond their type --------------------------------------------

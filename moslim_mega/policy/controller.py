@@ -208,8 +208,14 @@ def train_policy(
     prompts_path,
     eval_fn: Callable[[int, Callable], dict] | None = None,
     show_progress: bool = True,
+    rewarder=None,
 ) -> dict:
-    """Train a MOSLIM policy from ``init_dir`` (HF checkpoint) against the RM in ``rm_dir``."""
+    """Train a MOSLIM policy from ``init_dir`` (HF checkpoint) against the RM in ``rm_dir``.
+
+    ``rewarder`` replaces the RM + Eq. 11 mapping (``rm_dir`` is then unused): any object with a
+    ``spec`` and ``score(prompts, responses) -> RewardOutput``, e.g. a baseline's reward
+    (moslim_mega.baselines.morlhf).
+    """
     pc, sc = cfg.policy, cfg.sampling
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -221,9 +227,10 @@ def train_policy(
     if pc.algo == "online_dpo" and K < 2:
         raise ValueError(f"policy.samples_per_prompt={K}: Online-DPO needs at least 2 samples per prompt to rank")
 
-    rm = load_reward_model(rm_dir)
-    rewarder = RewardWorker(rm, RewardMapper.from_config(rm.stats, cfg.mapping))
-    prompts = load_policy_prompts(prompts_path, rm.spec)
+    if rewarder is None:
+        rm = load_reward_model(rm_dir)
+        rewarder = RewardWorker(rm, RewardMapper.from_config(rm.stats, cfg.mapping))
+    prompts = load_policy_prompts(prompts_path, rewarder.spec)
     actor, tokenizer = load_policy(init_dir)
     reference = copy.deepcopy(actor).eval().requires_grad_(False)  # π_SFT of Eq. 12
     actor.train()
@@ -238,7 +245,7 @@ def train_policy(
               else kl.FixedKLController(pc.kl_coef))
     writer = MetricsWriter(out, tensorboard=cfg.run.tensorboard)
     rng, gen = random.Random(cfg.run.seed), torch.Generator().manual_seed(cfg.run.seed)
-    names = rm.spec.names
+    names = rewarder.spec.names
 
     def sample_for_eval(batch_prompts: list[str]) -> list[str]:
         sampling = SamplingConfig(temperature=cfg.eval.temperature, max_new_tokens=sc.max_new_tokens)

@@ -29,6 +29,7 @@ class RewardWorker:
 
     def __init__(self, rm: LoadedRewardModel, mapper: RewardMapper):
         self.rm, self.mapper = rm, mapper
+        self.spec = rm.spec
 
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str]) -> RewardOutput:
