@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import _figure, _fmt, report_to_jsonable
+from .report import _figure, _fmt, report_to_jsonable, style_level_axis
 
 COLORS = {"sft": "tab:gray", "moslim": "tab:red", "morlhf": "tab:blue", "rsoup": "tab:green", "dpa": "tab:purple"}
 LABELS = {"sft": "SFT", "moslim": "MOSLIM", "morlhf": "MORLHF", "rsoup": "RSoup", "dpa": "DPA"}
@@ -112,13 +112,7 @@ def plot_controllability(report: dict, path: Path) -> None:
             c = report["controllability"][m][d]
             ax.plot(c["targets"], c["achieved"], "o-" if m == "moslim" else ".--", color=COLORS[m],
                     label=f"{LABELS[m]} ρ={_fmt(c.get('spearman'), digits=2)}")
-        lo, hi = rng[d]
-        ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
-        ax.set_title(d)
-        ax.set_xlabel(f"target level <{d} n>")
-        ax.set_ylabel("achieved raw score")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        style_level_axis(ax, d, *rng[d], legend_size=7)
     fig.suptitle("Controllability of intensity (oracle)")
     fig.savefig(path, dpi=100)
 

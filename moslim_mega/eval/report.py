@@ -227,15 +227,20 @@ def plot_controllability(report: dict, path: Path) -> None:
             s = sft[d]
             label = f"SFT ρ={_fmt(s.get('spearman'), digits=2)}"
             ax.plot(s["targets"], s["achieved"], "s--", color="tab:blue", label=label)
-        pad = 0.05 * (hi - lo)
-        ax.set_ylim(lo - pad, hi + pad)
-        ax.set_title(d)
-        ax.set_xlabel(f"target level <{d} n>")
-        ax.set_ylabel("achieved raw score")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        style_level_axis(ax, d, lo, hi, legend_size=8)
     fig.suptitle("Controllability of intensity (oracle scores)")
     fig.savefig(path, dpi=100)
+
+
+def style_level_axis(ax, dim: str, lo: float, hi: float, legend_size: int) -> None:
+    """Axes of one controllability panel: target level → achieved raw oracle score."""
+    pad = 0.05 * (hi - lo)
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.set_title(dim)
+    ax.set_xlabel(f"target level <{dim} n>")
+    ax.set_ylabel("achieved raw score")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
 
 
 def plot_pairs_radar(report: dict, path: Path) -> None:
