@@ -61,6 +61,9 @@ def main():
             variants["torch_compile"] = compiled
         if no_triton is None:
             variants["fused_triton"] = lambda a, b, c: fused_linear_logprob(a, b, c, impl="triton")
+            if not args.small:  # larger chunks: fewer, bigger matmuls for N×C×4 more bytes of logits
+                variants["fused_triton_chunk16k"] = lambda a, b, c: fused_linear_logprob(
+                    a, b, c, chunk_size=16384, impl="triton")
         flops = 6.0 * n * h * v
         results = {}
         with torch.no_grad():

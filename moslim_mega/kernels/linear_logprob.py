@@ -148,22 +148,25 @@ def _local_state(h_NH, w_VH, t_local_N, inv_temp, chunk, impl):
     return m_N, s_N, zs_N, tlog_N
 
 
-def _chunk_grad(z_NC, t_N, logz_N, meanz_N, g_lp_N, g_ent_N, inv_temp, impl) -> Tensor:
+def _chunk_grad(z_NC, t_N, logz_N, meanz_N, g_lp_N, g_ent_N, inv_temp, impl, out_dtype) -> Tensor:
+    """dL/dz of one chunk in ``out_dtype`` (the backward matmuls' dtype)."""
     if impl == "triton":
         z_NC = z_NC.contiguous()
+        # In place when the dtypes agree; else written straight in the matmul dtype (no extra cast pass).
+        dz_NC = z_NC if z_NC.dtype == out_dtype else torch.empty(z_NC.shape, dtype=out_dtype, device=z_NC.device)
         n, c = z_NC.shape
         grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(c, BLOCK_V))
         _chunk_grad_kernel[grid](
-            z_NC, z_NC.stride(0), z_NC, z_NC.stride(0), t_N, logz_N, meanz_N, g_lp_N, g_ent_N, n, c, inv_temp,
+            z_NC, z_NC.stride(0), dz_NC, dz_NC.stride(0), t_N, logz_N, meanz_N, g_lp_N, g_ent_N, n, c, inv_temp,
             BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V,
         )
-        return z_NC
+        return dz_NC
     z_NC = z_NC.to(logz_N.dtype) * inv_temp
     p_NC = torch.exp(z_NC - logz_N[:, None])
     dz_NC = -(g_lp_N[:, None] + g_ent_N[:, None] * (z_NC - meanz_N[:, None])) * p_NC
     cols_C = torch.arange(z_NC.shape[1], device=z_NC.device)
     dz_NC = dz_NC + torch.where(cols_C[None, :] == t_N[:, None], g_lp_N[:, None], 0.0)
-    return dz_NC * inv_temp
+    return (dz_NC * inv_temp).to(out_dtype)
 
 
 class FusedLinearLogprob(torch.autograd.Function):
@@ -214,7 +217,7 @@ class FusedLinearLogprob(torch.autograd.Function):
             end = min(start + chunk, weight_VH.shape[0])
             w_CH = weight_VH[start:end].to(mm_dtype)
             z_NC = _chunk_logits(hidden_NH, weight_VH[start:end], impl)
-            dz_NC = _chunk_grad(z_NC, t_local_N - start, logz_N, meanz_N, g_lp_N, g_ent_N, inv_temp, impl).to(mm_dtype)
+            dz_NC = _chunk_grad(z_NC, t_local_N - start, logz_N, meanz_N, g_lp_N, g_ent_N, inv_temp, impl, mm_dtype)
             if need_h:
                 grad_h_NH += dz_NC @ w_CH
             if need_w:

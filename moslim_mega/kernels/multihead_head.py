@@ -23,6 +23,7 @@ Public API: :func:`fused_multihead_head`, :func:`fused_multihead_reward`,
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -132,7 +133,7 @@ if triton is not None:
             tl.store(reward_ptr + rows, reward, mask=rmask)
 
     @triton.jit
-    def _head_grad_z(logp_ptr, y_ptr, stride_yb, cw_ptr, scale_ptr, col_head_ptr, col_local_ptr, rows, cols, B, C,
+    def _head_grad_z(logp_ptr, y_ptr, stride_yb, cw_ptr, gtot_ptr, ghead_ptr, den_ptr, col_head_ptr, col_local_ptr, rows, cols, B, C,
                      BLOCK_C: tl.constexpr):
         """dL/dz = scale_head · w[y] · (p − 1[c = y]) on labelled rows, else 0."""
         cmask = cols < C
@@ -142,21 +143,24 @@ if triton is not None:
         y = tl.load(y_ptr + rows[:, None] * stride_yb + head[None, :], mask=valid, other=-1)
         labelled = valid & (y >= 0)
         w_y = tl.load(cw_ptr + (cols - local)[None, :] + y, mask=labelled, other=0.0)  # head start + label
-        scale = tl.load(scale_ptr + cols, mask=cmask, other=0.0)
+        # d total / d loss_h = g_total + g_head[h]; loss_h = Σ w·nll / den_h (0 when den_h = 0)
+        g = tl.load(gtot_ptr) + tl.load(ghead_ptr + head, mask=cmask, other=0.0)
+        den = tl.load(den_ptr + head, mask=cmask, other=0.0)
+        scale = tl.where(den > 0, g / tl.maximum(den, 1e-30), 0.0)
         p = tl.exp(tl.load(logp_ptr + rows[:, None] * BLOCK_C + cols[None, :], mask=valid, other=float("-inf")))
         dz = scale[None, :] * w_y * (p - tl.where(y == local[None, :], 1.0, 0.0))
         return tl.where(labelled, dz, 0.0)
 
     @triton.jit
     def _head_bwd_hidden_kernel(
-        logp_ptr, y_ptr, stride_yb, cw_ptr, scale_ptr, col_head_ptr, col_local_ptr, w_ptr, stride_wc, dh_ptr,
+        logp_ptr, y_ptr, stride_yb, cw_ptr, gtot_ptr, ghead_ptr, den_ptr, col_head_ptr, col_local_ptr, w_ptr, stride_wc, dh_ptr,
         stride_db, B, D, C,
         BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
         ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         cols = tl.arange(0, BLOCK_C)
-        dz = _head_grad_z(logp_ptr, y_ptr, stride_yb, cw_ptr, scale_ptr, col_head_ptr, col_local_ptr, rows, cols,
+        dz = _head_grad_z(logp_ptr, y_ptr, stride_yb, cw_ptr, gtot_ptr, ghead_ptr, den_ptr, col_head_ptr, col_local_ptr, rows, cols,
                           B, C, BLOCK_C)
         w = tl.load(w_ptr + cols[:, None] * stride_wc + ds[None, :], mask=(cols < C)[:, None] & (ds < D)[None, :],
                     other=0.0)
@@ -169,7 +173,7 @@ if triton is not None:
 
     @triton.jit
     def _head_bwd_weight_kernel(
-        logp_ptr, y_ptr, stride_yb, cw_ptr, scale_ptr, col_head_ptr, col_local_ptr, h_ptr, stride_hb, dw_ptr, db_ptr,
+        logp_ptr, y_ptr, stride_yb, cw_ptr, gtot_ptr, ghead_ptr, den_ptr, col_head_ptr, col_local_ptr, h_ptr, stride_hb, dw_ptr, db_ptr,
         B, D, C,
         BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr,
     ):
@@ -181,7 +185,7 @@ if triton is not None:
         db = tl.zeros((BLOCK_C,), dtype=tl.float32)
         for b0 in range(0, B, BLOCK_B):
             rows = b0 + tl.arange(0, BLOCK_B)
-            dz = _head_grad_z(logp_ptr, y_ptr, stride_yb, cw_ptr, scale_ptr, col_head_ptr, col_local_ptr, rows, cols,
+            dz = _head_grad_z(logp_ptr, y_ptr, stride_yb, cw_ptr, gtot_ptr, ghead_ptr, den_ptr, col_head_ptr, col_local_ptr, rows, cols,
                               B, C, BLOCK_C)
             h = tl.load(h_ptr + rows[:, None] * stride_hb + ds[None, :], mask=(rows < B)[:, None] & (ds < D)[None, :],
                         other=0.0)
@@ -195,8 +199,35 @@ if triton is not None:
         tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=cols < tl.where(pid == 0, C, 0))  # program 0 writes db
 
 
-def _layout(num_classes: Sequence[int], device) -> tuple[Tensor, Tensor, int]:
-    """Per-column head id and class-within-head, and the padded column block (≥16 for tl.dot)."""
+    @triton.jit
+    def _head_finalize_kernel(num_ptr, den_ptr, P, col_head_ptr, C, loss_ptr, total_ptr, den_out_ptr, NUM_HEADS,
+                              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Reduce the forward's per-program partial sums to per-head losses and their total in one
+        launch: deterministic (no atomics) and no chain of tiny PyTorch ops."""
+        cols = tl.arange(0, BLOCK_C)
+        num = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        den = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            ps = p0 + tl.arange(0, BLOCK_P)
+            offs = ps[:, None] * BLOCK_C + cols[None, :]
+            num += tl.sum(tl.load(num_ptr + offs, mask=(ps < P)[:, None], other=0.0), axis=0)
+            den += tl.sum(tl.load(den_ptr + offs, mask=(ps < P)[:, None], other=0.0), axis=0)
+        head = tl.load(col_head_ptr + cols, mask=cols < C, other=-1)
+        total = tl.sum(num * 0.0, axis=0)  # an fp32 scalar tensor: a stable loop-carried type
+        for hh in range(0, NUM_HEADS):
+            num_h = tl.sum(tl.where(head == hh, num, 0.0), axis=0)
+            den_h = tl.sum(tl.where(head == hh, den, 0.0), axis=0)
+            loss_h = tl.where(den_h > 0, num_h / tl.maximum(den_h, 1e-30), 0.0)  # unlabelled head: 0
+            tl.store(loss_ptr + hh, loss_h)
+            tl.store(den_out_ptr + hh, den_h)
+            total += loss_h
+        tl.store(total_ptr, total)
+
+
+@functools.lru_cache(maxsize=32)
+def _layout(num_classes: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor, int]:
+    """Per-column head id and class-within-head (cached: no host→device copy per call), and the
+    padded column block (≥16 for tl.dot)."""
     head_C = torch.cat([torch.full((k,), i, dtype=torch.int32) for i, k in enumerate(num_classes)])
     local_C = torch.cat([torch.arange(k, dtype=torch.int32) for k in num_classes])
     block_c = max(16, triton.next_power_of_2(int(head_C.numel())))
@@ -218,10 +249,12 @@ def _check_head(hidden_BD, weight_CD, bias_C, num_classes, y_BH, y_name):
     if tuple(y_BH.shape) != (hidden_BD.shape[0], len(num_classes)) or y_BH.dtype.is_floating_point:
         raise KernelError(f"{y_name}: expected integer shape [{hidden_BD.shape[0]}, {len(num_classes)}], "
                           f"got {y_BH.dtype} {tuple(y_BH.shape)}")
-    for i, k in enumerate(num_classes):
-        bad_B = (y_BH[:, i] < -1) | (y_BH[:, i] >= k)
-        if bool(bad_B.any()):
-            raise KernelError(f"{y_name}[:, {i}] (head {i}): value {y_BH[:, i][bad_B][0].item()} outside [-1, {k})")
+    k_H = torch.tensor(num_classes, device=y_BH.device)
+    bad_BH = (y_BH < -1) | (y_BH >= k_H)
+    if bool(bad_BH.any()):  # one device sync for all heads; the message names the first bad head
+        i = int(bad_BH.any(0).nonzero()[0])
+        bad = y_BH[:, i][bad_BH[:, i]][0].item()
+        raise KernelError(f"{y_name}[:, {i}] (head {i}): value {bad} outside [-1, {num_classes[i]})")
     return num_classes
 
 
@@ -248,8 +281,8 @@ class FusedMultiheadHeadLoss(torch.autograd.Function):
         head_C, local_C, block_c = _layout(num_classes, hidden_BD.device)
         num_prog = triton.cdiv(B, BLOCK_B)
         logp_BC = torch.empty((B, block_c), dtype=torch.float32, device=hidden_BD.device)
-        num_PC = torch.zeros((num_prog, block_c), dtype=torch.float32, device=hidden_BD.device)
-        den_PC = torch.zeros_like(num_PC)
+        num_PC = torch.empty((num_prog, block_c), dtype=torch.float32, device=hidden_BD.device)
+        den_PC = torch.empty_like(num_PC)  # every program writes its full row
         ieee = hidden_BD.dtype == torch.float32
         _head_fwd_kernel[(num_prog,)](
             hidden_BD, hidden_BD.stride(0), weight_CD, weight_CD.stride(0), bias_C, head_C, local_C, class_weight_C,
@@ -257,28 +290,26 @@ class FusedMultiheadHeadLoss(torch.autograd.Function):
             B, D, len(head_C), len(num_classes), 0.0,
             MODE=0, KIND=0, NORM_ALL=True, BLOCK_B=BLOCK_B, BLOCK_D=BLOCK_D, BLOCK_C=block_c, IEEE=ieee,
         )
-        # Per-program partial sums, reduced here: deterministic, and only [programs, C] small.
-        C = len(head_C)
-        num_H = torch.zeros(len(num_classes), device=hidden_BD.device).index_add_(0, head_C, num_PC.sum(0)[:C])
-        den_H = torch.zeros_like(num_H).index_add_(0, head_C, den_PC.sum(0)[:C])
-        per_head_H = torch.where(den_H > 0, num_H / den_H.clamp(min=1e-30), 0.0)
+        per_head_H = torch.empty(len(num_classes), dtype=torch.float32, device=hidden_BD.device)
+        den_H = torch.empty_like(per_head_H)
+        total = torch.empty((), dtype=torch.float32, device=hidden_BD.device)
+        _head_finalize_kernel[(1,)](num_PC, den_PC, num_prog, head_C, len(head_C), per_head_H, total, den_H,
+                                    len(num_classes), BLOCK_P=64, BLOCK_C=block_c)
         ctx.save_for_backward(hidden_BD, weight_CD, labels_BH, class_weight_C, logp_BC, den_H, head_C, local_C)
         ctx.set_materialize_grads(False)
-        return per_head_H.sum(), per_head_H
+        return total, per_head_H
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_total, grad_per_head_H):
         hidden_BD, weight_CD, labels_BH, class_weight_C, logp_BC, den_H, head_C, local_C = ctx.saved_tensors
-        g_H = torch.zeros_like(den_H)
-        if grad_total is not None:
-            g_H = g_H + grad_total.float()
-        if grad_per_head_H is not None:
-            g_H = g_H + grad_per_head_H.float()
-        scale_C = torch.where(den_H > 0, g_H / den_H.clamp(min=1e-30), 0.0)[head_C.long()].contiguous()
+        zero = torch.zeros((), dtype=torch.float32, device=den_H.device)
+        g_total = zero if grad_total is None else grad_total.float().contiguous()
+        g_head_H = zero.expand(den_H.shape) if grad_per_head_H is None else grad_per_head_H.float()
+        g_head_H = g_head_H.contiguous()
         B, D = hidden_BD.shape
         C, block_c, ieee = len(head_C), logp_BC.shape[1], hidden_BD.dtype == torch.float32
-        common = (logp_BC, labels_BH, labels_BH.stride(0), class_weight_C, scale_C, head_C, local_C)
+        common = (logp_BC, labels_BH, labels_BH.stride(0), class_weight_C, g_total, g_head_H, den_H, head_C, local_C)
         grad_h = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_h = torch.empty_like(hidden_BD)
@@ -314,10 +345,13 @@ def fused_multihead_head(
         return multihead_head_loss_reference(hidden_BD, weight_CD, bias_C, num_classes, labels_BH, class_weights)
     dev = hidden_BD.device
     bias = bias_C if bias_C is not None else torch.zeros(sum(num_classes), dtype=weight_CD.dtype, device=dev)
-    cw_C = (torch.ones(sum(num_classes)) if class_weights is None else torch.cat([w.float().cpu() for w in class_weights]))
+    if class_weights is None:
+        cw_C = torch.ones(sum(num_classes), dtype=torch.float32, device=dev)
+    else:
+        cw_C = torch.cat([w.to(dev, torch.float32) for w in class_weights])
     return FusedMultiheadHeadLoss.apply(
         hidden_BD.contiguous(), weight_CD.contiguous(), bias.contiguous(), labels_BH.to(dev).long().contiguous(),
-        cw_C.to(dev, torch.float32), num_classes,
+        cw_C, num_classes,
     )
 
 
