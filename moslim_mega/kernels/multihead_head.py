@@ -133,8 +133,10 @@ if triton is not None:
             tl.store(reward_ptr + rows, reward, mask=rmask)
 
     @triton.jit
-    def _head_grad_z(logp_ptr, y_ptr, stride_yb, cw_ptr, gtot_ptr, ghead_ptr, den_ptr, col_head_ptr, col_local_ptr, rows, cols, B, C,
-                     BLOCK_C: tl.constexpr):
+    def _head_grad_z(
+        logp_ptr, y_ptr, stride_yb, cw_ptr, gtot_ptr, ghead_ptr, den_ptr, col_head_ptr, col_local_ptr,
+        rows, cols, B, C, BLOCK_C: tl.constexpr,
+    ):
         """dL/dz = scale_head · w[y] · (p − 1[c = y]) on labelled rows, else 0."""
         cmask = cols < C
         valid = (rows < B)[:, None] & cmask[None, :]
@@ -153,15 +155,17 @@ if triton is not None:
 
     @triton.jit
     def _head_bwd_hidden_kernel(
-        logp_ptr, y_ptr, stride_yb, cw_ptr, gtot_ptr, ghead_ptr, den_ptr, col_head_ptr, col_local_ptr, w_ptr, stride_wc, dh_ptr,
-        stride_db, B, D, C,
+        logp_ptr, y_ptr, stride_yb, cw_ptr, gtot_ptr, ghead_ptr, den_ptr, col_head_ptr, col_local_ptr,
+        w_ptr, stride_wc, dh_ptr, stride_db, B, D, C,
         BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
         ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         cols = tl.arange(0, BLOCK_C)
-        dz = _head_grad_z(logp_ptr, y_ptr, stride_yb, cw_ptr, gtot_ptr, ghead_ptr, den_ptr, col_head_ptr, col_local_ptr, rows, cols,
-                          B, C, BLOCK_C)
+        dz = _head_grad_z(
+            logp_ptr, y_ptr, stride_yb, cw_ptr, gtot_ptr, ghead_ptr, den_ptr, col_head_ptr, col_local_ptr,
+            rows, cols, B, C, BLOCK_C,
+        )
         w = tl.load(w_ptr + cols[:, None] * stride_wc + ds[None, :], mask=(cols < C)[:, None] & (ds < D)[None, :],
                     other=0.0)
         if IEEE:
@@ -173,8 +177,8 @@ if triton is not None:
 
     @triton.jit
     def _head_bwd_weight_kernel(
-        logp_ptr, y_ptr, stride_yb, cw_ptr, gtot_ptr, ghead_ptr, den_ptr, col_head_ptr, col_local_ptr, h_ptr, stride_hb, dw_ptr, db_ptr,
-        B, D, C,
+        logp_ptr, y_ptr, stride_yb, cw_ptr, gtot_ptr, ghead_ptr, den_ptr, col_head_ptr, col_local_ptr,
+        h_ptr, stride_hb, dw_ptr, db_ptr, B, D, C,
         BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr,
     ):
         # One program owns BLOCK_D columns of dW and walks all rows: deterministic, no atomics.
@@ -185,8 +189,10 @@ if triton is not None:
         db = tl.zeros((BLOCK_C,), dtype=tl.float32)
         for b0 in range(0, B, BLOCK_B):
             rows = b0 + tl.arange(0, BLOCK_B)
-            dz = _head_grad_z(logp_ptr, y_ptr, stride_yb, cw_ptr, gtot_ptr, ghead_ptr, den_ptr, col_head_ptr, col_local_ptr, rows, cols,
-                              B, C, BLOCK_C)
+            dz = _head_grad_z(
+                logp_ptr, y_ptr, stride_yb, cw_ptr, gtot_ptr, ghead_ptr, den_ptr, col_head_ptr, col_local_ptr,
+                rows, cols, B, C, BLOCK_C,
+            )
             h = tl.load(h_ptr + rows[:, None] * stride_hb + ds[None, :], mask=(rows < B)[:, None] & (ds < D)[None, :],
                         other=0.0)
             if IEEE:
@@ -196,7 +202,7 @@ if triton is not None:
             db += tl.sum(dz, axis=0)
         tl.store(dw_ptr + cols[:, None] * D + ds[None, :], acc.to(dw_ptr.dtype.element_ty),
                  mask=(cols < C)[:, None] & (ds < D)[None, :])
-        tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=cols < tl.where(pid == 0, C, 0))  # program 0 writes db
+        tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=cols < tl.where(pid == 0, C, 0))  # only program 0
 
 
     @triton.jit
