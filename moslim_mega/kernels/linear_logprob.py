@@ -44,6 +44,7 @@ __all__ = ["FusedLinearLogprob", "fused_linear_logprob", "linear_logprob_referen
 
 DEFAULT_CHUNK = 8192
 BLOCK_N, BLOCK_V = 32, 128  # stats kernel tiles; the grad kernel is elementwise over N×C
+_MM_OUT_DTYPE = None  # whether torch.mm(bf16, bf16, out_dtype=float32) works here (None = not probed)
 
 if triton is not None:
 
@@ -110,11 +111,14 @@ def _chunk_logits(h_NH: Tensor, w_CH: Tensor, impl: str) -> Tensor:
     where the backend offers it for bf16/fp16) for Triton."""
     if impl == "reference":
         return h_NH.float() @ w_CH.float().T if h_NH.dtype != torch.float64 else h_NH @ w_CH.double().T
-    if h_NH.dtype in (torch.bfloat16, torch.float16) and h_NH.is_cuda:
+    global _MM_OUT_DTYPE
+    if h_NH.dtype in (torch.bfloat16, torch.float16) and h_NH.is_cuda and _MM_OUT_DTYPE is not False:
         try:  # fp32 logits keep log-probs accurate; older torch lacks mm(out_dtype=)
-            return torch.mm(h_NH, w_CH.T, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):
-            pass
+            z_NC = torch.mm(h_NH, w_CH.T, out_dtype=torch.float32)
+            _MM_OUT_DTYPE = True
+            return z_NC
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE = False  # probe once: bf16 logits from here on
     return h_NH @ w_CH.T
 
 
