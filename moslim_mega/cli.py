@@ -23,6 +23,11 @@ from pathlib import Path
 from .config import ConfigError, field_docs, load_config, to_dict
 
 
+def _is_main_rank() -> bool:
+    """Under torchrun only rank 0 prints (single process: always)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML recipe (see configs/)")
     p.add_argument("overrides", nargs="*", help="config overrides a.b=value")
@@ -44,8 +49,9 @@ def cmd_rm_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     report = train_reward_model(cfg, args.out)
-    print(format_rm_report(report))
-    print(f"saved reward model to {args.out}")
+    if _is_main_rank():
+        print(format_rm_report(report))
+        print(f"saved reward model to {args.out}")
     return 0
 
 
@@ -79,7 +85,8 @@ def cmd_sft_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     result = train_sft(cfg, args.data, args.out)
-    print(f"final loss {result['final_loss']:.4f} after {result['steps']} steps; model in {result['model_dir']}")
+    if _is_main_rank():
+        print(f"final loss {result['final_loss']:.4f} after {result['steps']} steps; model in {result['model_dir']}")
     return 0
 
 
@@ -95,8 +102,9 @@ def cmd_policy_train(args) -> int:
             "and policy.prompts (or --prompts: a jsonl of prefixed prompts)"
         )
     summary = train_policy(cfg, args.out, pc.init, pc.rm_dir, prompts)
-    print(json.dumps(summary["final"], indent=2))
-    print(f"policy saved to {summary['policy_dir']}")
+    if _is_main_rank():
+        print(json.dumps(summary["final"], indent=2))
+        print(f"policy saved to {summary['policy_dir']}")
     return 0
 
 
