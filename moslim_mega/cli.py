@@ -10,6 +10,8 @@
     moslim rm score --rm DIR --prompt TEXT --response TEXT
     moslim config show [--config FILE] [a.b=value ...]
     moslim config doc
+    moslim plan --model qwen2-7b|qwen2-57b-a14b|qwen2-72b|PATH --nodes N --gpus-per-node G --tp T --dp D [--stage rm|ppo]
+    moslim plan --paper-table
 """
 
 from __future__ import annotations
@@ -138,6 +140,21 @@ def cmd_config_show(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .parallel.planner import format_plan, paper_table, plan, plan_json
+
+    if args.paper_table:
+        print(paper_table(args.seq), end="")
+        return 0
+    if not args.model:
+        raise ConfigError("moslim plan needs --model (or --paper-table)")
+    dp = args.dp or (args.nodes * args.gpus_per_node) // args.tp
+    p = plan(args.model, args.nodes, args.gpus_per_node, args.tp, dp, args.stage, args.seq, args.micro_batch,
+             args.rollout_seqs, args.gpu_gb)
+    print(plan_json(p) if args.json else format_plan(p))
+    return 0
+
+
 def config_doc_markdown() -> str:
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key, tp, default, doc in field_docs():
@@ -226,6 +243,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     _add_config_args(p)
     p.set_defaults(func=cmd_eval_controllability)
+
+    p = sub.add_parser("plan", help="per-GPU memory of a model and layout (meta device, fake process group)")
+    p.add_argument("--model", default="", help="qwen2-7b, qwen2-57b-a14b, qwen2-72b or a local HF config directory")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--dp", type=int, default=0, help="0 = nodes × gpus-per-node / tp")
+    p.add_argument("--stage", default="rm", choices=("rm", "ppo"))
+    p.add_argument("--seq", type=int, default=2048, help="tokens per sequence")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per forward/backward")
+    p.add_argument("--rollout-seqs", type=int, default=32, help="PPO: sequences whose KV cache the rollout keeps")
+    p.add_argument("--gpu-gb", type=float, default=80.0, help="GPU memory in GB (H100: 80)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--paper-table", action="store_true", help="the README table of the paper's configurations")
+    p.set_defaults(func=cmd_plan)
 
     conf = sub.add_parser("config", help="inspect the configuration tree").add_subparsers(dest="cmd", required=True)
     p = conf.add_parser("show", help="print the resolved config")

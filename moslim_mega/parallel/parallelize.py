@@ -49,7 +49,10 @@ def _fsdp(root, layers, mesh, pc) -> None:
 def _checkpointing(backbone, pc, train: bool) -> None:
     if train and pc.activation_checkpointing:
         # HF's own per-layer checkpointing keeps parameter names (and so checkpoints) unchanged.
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(backbone, "activation_checkpointing_enable"):  # transformers ≥ 5.2x
+            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def parallelize_policy(model, mesh, pc, train: bool = True):
