@@ -98,11 +98,18 @@ def compare(name, build, skeleton, apply, loss_fn, mesh, pc, out):
     ref_loss, ref_norm, ref_extra = step(ref, lambda m: loss_fn(m, slice(0, B)))
     model = build_sharded(build, skeleton, apply, mesh, pc)
     rows, _ = my_rows(mesh)
-    loss, norm, extra = step(model, lambda m: loss_fn(m, rows))
+    saved = []  # tensors autograd keeps for backward; checkpointed layers keep only their inputs
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, norm, extra = step(model, lambda m: loss_fn(m, rows))
     sd = full_params(model, mesh)
     grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad) for n, p in model.named_parameters()}
     res = {"loss_diff": abs(mean_over_dp(loss, mesh) - ref_loss), "grad_norm_diff": abs(norm - ref_norm),
-           "grad_norm": ref_norm}
+           "grad_norm": ref_norm, "saved_numel": sum(saved)}
     if dist.get_rank() == 0:
         ref_sd = ref.state_dict()
         assert set(sd) == set(ref_sd), (set(sd) ^ set(ref_sd))
@@ -152,6 +159,10 @@ def main():
         compare(f"value_{tag}", seeded(build_value), lambda c: ValueModel(AutoModel.from_config(c)),
                 parallelize_value, value_loss, mesh, pc, out)
         if tag == "fsdp2":
+            # Activation checkpointing recomputes each layer in backward: same numbers.
+            pc_ac = ParallelConfig(dp=2, tp=1, activation_checkpointing=True)
+            compare("policy_fsdp2_ac", seeded(lambda: AutoModelForCausalLM.from_config(llama_cfg())),
+                    lambda c: AutoModelForCausalLM.from_config(c), parallelize_policy, pol, mesh, pc_ac, out)
             compare("moe_policy_fsdp2", seeded(lambda: AutoModelForCausalLM.from_config(moe_cfg())),
                     lambda c: AutoModelForCausalLM.from_config(c), parallelize_policy, pol, mesh, pc, out)
     if dist.get_rank() == 0:

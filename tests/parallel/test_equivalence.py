@@ -28,7 +28,7 @@ def results(tmp_path_factory):
     return json.loads((tmp / "out.json").read_text())
 
 
-CASES = ["policy_fsdp2", "policy_tp2", "rm_fsdp2", "rm_tp2", "value_fsdp2", "value_tp2", "moe_policy_fsdp2"]
+CASES = ["policy_fsdp2", "policy_fsdp2_ac", "policy_tp2", "rm_fsdp2", "rm_tp2", "value_fsdp2", "value_tp2", "moe_policy_fsdp2"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -48,6 +48,10 @@ def test_parallel_logprobs_equal_reference(results, case):
     # tp2: the vocab-parallel path (max / Σexp / target logit all-reduced, logits never gathered);
     # fsdp2: logits from the FSDP forward; both against the single-process chunked reference.
     assert results[case]["logp_diff"] < 1e-5
+
+
+def test_activation_checkpointing_saves_less_for_backward(results):
+    assert results["policy_fsdp2_ac"]["saved_numel"] < 0.7 * results["policy_fsdp2"]["saved_numel"]
 
 
 def test_gathered_plain_copy_is_exact(results):
