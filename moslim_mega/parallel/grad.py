@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate
 
 
 def _local_sq(t: torch.Tensor) -> torch.Tensor:
@@ -29,9 +29,10 @@ def total_grad_norm(params) -> torch.Tensor:
     by_mesh: dict = {}
     for g in grads:
         if isinstance(g, DTensor):
-            for pl in g.placements:
-                assert isinstance(pl, (Shard, Replicate)) and not isinstance(pl, Partial), pl
-            dims = tuple(i for i, pl in enumerate(g.placements) if pl.is_shard())
+            # Shard and FSDP2's _StridedShard (FSDP over a TP-sharded dim) both split the tensor;
+            # a gradient is never left Partial after FSDP's reduce-scatter / TP's backward.
+            assert not any(isinstance(pl, Partial) for pl in g.placements), g.placements
+            dims = tuple(i for i, pl in enumerate(g.placements) if not isinstance(pl, Replicate))
             key = (id(g.device_mesh), dims)
             mesh, acc = by_mesh.get(key, (g.device_mesh, torch.zeros((), device=device)))
             by_mesh[key] = (mesh, acc + _local_sq(g.to_local()))

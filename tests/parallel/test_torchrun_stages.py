@@ -1,7 +1,8 @@
 """Every stage under ``torchrun --nproc_per_node=2`` (gloo) with the same config plus parallel.*
 overrides equals the single-process run: SFT and RM training (dp=2 and tp=2), the PPO loop with
 dp=2 (greedy rollouts, so both runs see the same responses) and the RLOO loop with tp=2 (sampled
-rollouts: tp ranks share one dp shard, so the sampler's seed and weights are the single process's)."""
+rollouts: tp ranks share one dp shard, so the sampler's seed and weights are the single process's);
+RM training also on a 2-D mesh (dp=2 × tp=2, 4 processes)."""
 
 import json
 
@@ -56,6 +57,9 @@ def runs(tmp_path_factory):
     ]
     (tmp / "jobs.json").write_text(json.dumps(jobs))
     torchrun([str(REPO / "tests/parallel/run_stages.py"), str(tmp / "jobs.json")], tmp, timeout=600)
+    # 2-D mesh: FSDP2 over dp=2 of TP=2 shards (4 processes; FSDP's strided shards of TP weights).
+    (tmp / "jobs4.json").write_text(json.dumps([["rm", "train", "--out", str(tmp / "rm_dp2tp2"), *base, *RM, *tp2]]))
+    torchrun([str(REPO / "tests/parallel/run_stages.py"), str(tmp / "jobs4.json")], tmp, nproc=4, timeout=600)
     return tmp
 
 
@@ -77,7 +81,7 @@ def test_sft_under_torchrun_equals_single_process(runs, layout):
     assert abs(_last_metrics(runs / "sft_1")["loss"] - _last_metrics(runs / f"sft_{layout}")["loss"]) < 1e-5
 
 
-@pytest.mark.parametrize("layout", ["dp2", "tp2"])
+@pytest.mark.parametrize("layout", ["dp2", "tp2", "dp2tp2"])
 def test_rm_train_under_torchrun_equals_single_process(runs, layout):
     single, par = runs / "rm_1", runs / f"rm_{layout}"
     assert _max_diff(single / "heads.safetensors", par / "heads.safetensors") < 1e-5
