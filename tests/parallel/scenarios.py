@@ -22,7 +22,7 @@ from moslim_mega.reward.losses import per_head_ce_loss
 from moslim_mega.reward.model import MultiHeadRewardModel
 from moslim_mega.utils.optim import Updater
 
-V, B, T = 96, 4, 12
+V, B, T = 97, 4, 12  # an odd vocabulary: uneven vocab shards under tp=2
 NUM_CLASSES = (5, 3)
 
 

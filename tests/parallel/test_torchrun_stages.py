@@ -1,6 +1,6 @@
 """Every stage under ``torchrun --nproc_per_node=2`` (gloo) with the same config plus parallel.*
 overrides equals the single-process run: SFT and RM training (dp=2 and tp=2), the PPO loop with
-dp=2 (greedy rollouts, so both runs see the same responses) and the RLOO loop with tp=2 (sampled
+dp=2 (greedy rollouts, so both runs see the same responses), RLOO and Online-DPO with tp=2 (sampled
 rollouts: tp ranks share one dp shard, so the sampler's seed and weights are the single process's);
 RM training also on a 2-D mesh (dp=2 × tp=2, 4 processes)."""
 
@@ -28,6 +28,7 @@ POLICY = ["policy.steps=2", "policy.prompts_per_step=4", "policy.samples_per_pro
           "sampling.max_new_tokens=5"]
 PPO_GREEDY = ["policy.algo=ppo", "sampling.temperature=0", "policy.whiten_advantages=false"]
 RLOO = ["policy.algo=rloo"]
+DPO = ["policy.algo=online_dpo"]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def runs(tmp_path_factory):
     # Single process, in this process.
     train_sft(load_config(None, base + SFT), paths["sft"], tmp / "sft_1", show_progress=False)
     train_reward_model(load_config(None, base + RM), tmp / "rm_1", show_progress=False)
-    for name, extra in (("ppo", PPO_GREEDY), ("rloo", RLOO)):
+    for name, extra in (("ppo", PPO_GREEDY), ("rloo", RLOO), ("dpo", DPO)):
         c = load_config(None, pol + extra)
         train_policy(c, tmp / f"{name}_1", c.policy.init, c.policy.rm_dir, c.policy.prompts, show_progress=False)
     # The same under torchrun, through the CLI.
@@ -54,6 +55,7 @@ def runs(tmp_path_factory):
         ["rm", "train", "--out", str(tmp / "rm_tp2"), *base, *RM, *tp2],
         ["policy", "train", "--out", str(tmp / "ppo_dp2"), *pol, *PPO_GREEDY],
         ["policy", "train", "--out", str(tmp / "rloo_tp2"), *pol, *RLOO, *tp2],
+        ["policy", "train", "--out", str(tmp / "dpo_tp2"), *pol, *DPO, *tp2],
     ]
     (tmp / "jobs.json").write_text(json.dumps(jobs))
     torchrun([str(REPO / "tests/parallel/run_stages.py"), str(tmp / "jobs.json")], tmp, timeout=600)
@@ -105,7 +107,7 @@ def _numbers(x):
         yield float(x)
 
 
-@pytest.mark.parametrize("run", ["ppo_dp2", "rloo_tp2"])
+@pytest.mark.parametrize("run", ["ppo_dp2", "rloo_tp2", "dpo_tp2"])
 def test_policy_loop_under_torchrun_equals_single_process(runs, run):
     single = runs / f"{run.split('_')[0]}_1"
     par = runs / run
@@ -113,7 +115,7 @@ def test_policy_loop_under_torchrun_equals_single_process(runs, run):
     assert _max_diff(single / "policy" / "model.safetensors", init) > 1e-5  # training moved the policy
     assert _max_diff(single / "policy" / "model.safetensors", par / "policy" / "model.safetensors") < 1e-5
     m1, m2 = _last_metrics(single), _last_metrics(par)
-    for key in ("reward", "kl", "pg_loss", "policy_grad_norm", "value_loss", "response_length"):
+    for key in ("reward", "kl", "pg_loss", "dpo_loss", "policy_grad_norm", "value_loss", "response_length"):
         if key in m1:
             assert abs(m1[key] - m2[key]) < 1e-4 * max(1.0, abs(m1[key])), key
     assert {k for k in m1 if k.startswith("reward_")} == {k for k in m2 if k.startswith("reward_")}
