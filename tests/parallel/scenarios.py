@@ -117,6 +117,7 @@ def compare(name, build, skeleton, apply, loss_fn, mesh, pc, out):
         res["param_change"] = max(float((ref_sd[k] - v).abs().max()) for k, v in build().state_dict().items())
         ref_grads = dict((n, p.grad) for n, p in ref.named_parameters())
         res["grad_diff"] = max(float((grads[n] - g).abs().max()) for n, g in ref_grads.items())
+        res["param_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
         res["num_dtensor_params"] = sum(type(p).__name__ == "DTensor" for p in model.parameters())
         if name.startswith("policy"):  # log-probs and entropies of this rank's rows (before the step)
             res["logp_diff"] = max(float((a[rows] - b).abs().max()) for a, b in zip(ref_extra, extra))
@@ -163,6 +164,10 @@ def main():
             pc_ac = ParallelConfig(dp=2, tp=1, activation_checkpointing=True)
             compare("policy_fsdp2_ac", seeded(lambda: AutoModelForCausalLM.from_config(llama_cfg())),
                     lambda c: AutoModelForCausalLM.from_config(c), parallelize_policy, pol, mesh, pc_ac, out)
+            # bf16 compute and all-gathers, fp32 reduce-scatter, fp32 master weights in the shards.
+            pc_bf16 = ParallelConfig(dp=2, tp=1, mixed_precision="bf16")
+            compare("policy_fsdp2_bf16", seeded(lambda: AutoModelForCausalLM.from_config(llama_cfg())),
+                    lambda c: AutoModelForCausalLM.from_config(c), parallelize_policy, pol, mesh, pc_bf16, out)
             compare("moe_policy_fsdp2", seeded(lambda: AutoModelForCausalLM.from_config(moe_cfg())),
                     lambda c: AutoModelForCausalLM.from_config(c), parallelize_policy, pol, mesh, pc, out)
     if dist.get_rank() == 0:

@@ -56,3 +56,11 @@ def test_activation_checkpointing_saves_less_for_backward(results):
 
 def test_gathered_plain_copy_is_exact(results):
     assert results["rm_fsdp2"]["plain_copy_diff"] == 0.0
+
+
+def test_bf16_mixed_precision_keeps_fp32_master_weights(results):
+    bf16, fp32 = results["policy_fsdp2_bf16"], results["policy_fsdp2"]
+    assert bf16["param_dtypes"] == ["torch.float32"]  # the sharded master weights stay fp32
+    assert bf16["logp_diff"] > 100 * fp32["logp_diff"]  # the forward really ran in bf16 ...
+    assert bf16["logp_diff"] < 2e-2 and bf16["loss_diff"] < 1e-2  # ... and stays close to fp32
+    assert bf16["grad_diff"] < 1e-3  # gradients reduced in fp32
