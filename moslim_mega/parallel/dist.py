@@ -68,15 +68,6 @@ def broadcast_object(obj, src: int = 0, group=None):
     return box[0]
 
 
-def all_reduce_mean(value: float) -> float:
-    """Mean of a python float over all ranks (metrics)."""
-    if not is_distributed():
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t) / dist.get_world_size()
-
-
 def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -55,8 +55,9 @@ class Stage:
         local = local_denoms.detach().double()
         if self._dp_group is None:
             return torch.where(local > 0, torch.ones_like(local), torch.zeros_like(local)).float()
-        total = local.clone()
+        total = local.to(_comm_device())  # NCCL reduces CUDA tensors only
         dist.all_reduce(total, group=self._dp_group)
+        total = total.to(local.device)
         return torch.where(total > 0, self.dp * local / total.clamp(min=1e-30), torch.zeros_like(local)).float()
 
     def gather_dp(self, t: torch.Tensor) -> torch.Tensor:
@@ -70,7 +71,7 @@ class Stage:
     def sum_dp(self, value: float) -> float:
         if self._dp_group is None:
             return float(value)
-        t = torch.tensor([float(value)], dtype=torch.float64)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device())
         dist.all_reduce(t, group=self._dp_group)
         return float(t)
 
@@ -104,6 +105,10 @@ class Stage:
 
     def barrier(self) -> None:
         pdist.barrier()
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def plain_copy(model, full_sd: dict, build_skeleton):

@@ -32,6 +32,8 @@ from ..rollout.hf import HFGenerator
 from ..sft import load_policy
 from ..utils.logging import MetricsWriter
 from ..utils.seed import seed_everything
+from ..parallel.policy import (build_policy_models, causal_lm_skeleton, check_policy_layout, mean_metrics,
+                               share_within_tp, sync_rollout_copy)
 from ..parallel.stage import Stage
 from .workers import LogprobWorker, RewardOutput, RewardWorker, Updater
 
@@ -227,8 +229,6 @@ def train_policy(
     prompts = load_policy_prompts(prompts_path, rm.spec)
     critic = critic_upd = rollout_model = None
     if stage.distributed:
-        from ..parallel.policy import build_policy_models, check_policy_layout
-
         check_policy_layout(stage, pc)
         actor, reference, critic, rollout_model, tokenizer = build_policy_models(stage, init_dir, pc.algo == "ppo")
         generator = HFGenerator(rollout_model, tokenizer)  # each rank's plain copy: see parallel/policy.py
@@ -265,8 +265,6 @@ def train_policy(
                 raise
             raise core.NonFiniteError(f"step {step}: policy sampling distribution is not finite") from e
         if stage.distributed:
-            from ..parallel.policy import share_within_tp
-
             rollout = share_within_tp(stage, rollout)
         t_gen = time.time() - t0
         scored = rewarder.score(rollout.prompts, rollout.responses)
@@ -280,8 +278,6 @@ def train_policy(
         if critic is not None:
             metrics.update(update_critic(critic, critic_upd, exp, pc, gen, step))
         if stage.distributed:
-            from ..parallel.policy import mean_metrics, sync_rollout_copy
-
             metrics = mean_metrics(stage, {**metrics, "response_length": float(mask.sum(1).mean())})
             # Per-dimension rewards over the global batch (ranks name each dimension different times).
             metrics.update(_reward_metrics(RewardOutput(*(stage.gather_dp(t) for t in (
@@ -317,8 +313,6 @@ def _save_policy(stage: Stage, actor, tokenizer, path: Path) -> None:
     """Rank 0 writes the HF directory; a sharded actor is gathered first (every rank calls this)."""
     if not stage.distributed:
         return _save_hf(actor, tokenizer, path)
-    from ..parallel.policy import causal_lm_skeleton
-
     full = stage.full_model(actor, causal_lm_skeleton)
     if stage.is_main:
         _save_hf(full, tokenizer, path)
