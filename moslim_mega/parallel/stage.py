@@ -55,7 +55,7 @@ class Stage:
         local = local_denoms.detach().double()
         if self._dp_group is None:
             return torch.where(local > 0, torch.ones_like(local), torch.zeros_like(local)).float()
-        total = local.to(_comm_device())  # NCCL reduces CUDA tensors only
+        total = local.to(_comm_device(), copy=True)  # a copy (all_reduce is in place); NCCL needs CUDA
         dist.all_reduce(total, group=self._dp_group)
         total = total.to(local.device)
         return torch.where(total > 0, self.dp * local / total.clamp(min=1e-30), torch.zeros_like(local)).float()
