@@ -17,6 +17,8 @@
     moslim config show [--config FILE] [a.b=value ...]
     moslim config doc
     moslim export hf --ckpt DIR --out DIR [--model NAME]
+    moslim plan --model qwen2-7b|qwen2-57b-a14b|qwen2-72b|PATH --nodes N --gpus-per-node G --tp T --dp D [--stage rm|ppo]
+    moslim plan --paper-table
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, field_docs, load_config, to_dict
+
+
+def _is_main_rank() -> bool:
+    """Under torchrun only rank 0 prints (single process: always)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -51,8 +58,9 @@ def cmd_rm_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     report = train_reward_model(cfg, args.out)
-    print(format_rm_report(report))
-    print(f"saved reward model to {args.out}")
+    if _is_main_rank():
+        print(format_rm_report(report))
+        print(f"saved reward model to {args.out}")
     return 0
 
 
@@ -94,7 +102,8 @@ def cmd_sft_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     result = train_sft(cfg, args.data, args.out)
-    print(f"final loss {result['final_loss']:.4f} after {result['steps']} steps; model in {result['model_dir']}")
+    if _is_main_rank():
+        print(f"final loss {result['final_loss']:.4f} after {result['steps']} steps; model in {result['model_dir']}")
     return 0
 
 
@@ -110,8 +119,9 @@ def cmd_policy_train(args) -> int:
             "and policy.prompts (or --prompts: a jsonl of prefixed prompts)"
         )
     summary = train_policy(cfg, args.out, pc.init, pc.rm_dir, prompts)
-    print(json.dumps(summary["final"], indent=2))
-    print(f"policy saved to {summary['policy_dir']}")
+    if _is_main_rank():
+        print(json.dumps(summary["final"], indent=2))
+        print(f"policy saved to {summary['policy_dir']}")
     return 0
 
 
@@ -203,6 +213,21 @@ def cmd_config_show(args) -> int:
     import yaml
 
     print(yaml.safe_dump(to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .parallel.planner import format_plan, paper_table, plan, plan_json
+
+    if args.paper_table:
+        print(paper_table(args.seq), end="")
+        return 0
+    if not args.model:
+        raise ConfigError("moslim plan needs --model (or --paper-table)")
+    dp = args.dp or (args.nodes * args.gpus_per_node) // args.tp
+    p = plan(args.model, args.nodes, args.gpus_per_node, args.tp, dp, args.stage, args.seq, args.micro_batch,
+             args.rollout_seqs, args.gpu_gb)
+    print(plan_json(p) if args.json else format_plan(p))
     return 0
 
 
@@ -346,6 +371,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="split of a saved DatasetDict or hub data set")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_data_build_prompts)
+
+    p = sub.add_parser("plan", help="per-GPU memory of a model and layout (meta device, fake process group)")
+    p.add_argument("--model", default="", help="qwen2-7b, qwen2-57b-a14b, qwen2-72b or a local HF config directory")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--dp", type=int, default=0, help="0 = nodes × gpus-per-node / tp")
+    p.add_argument("--stage", default="rm", choices=("rm", "ppo"))
+    p.add_argument("--seq", type=int, default=2048, help="tokens per sequence")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per forward/backward")
+    p.add_argument("--rollout-seqs", type=int, default=32, help="PPO: sequences whose KV cache the rollout keeps")
+    p.add_argument("--gpu-gb", type=float, default=80.0, help="GPU memory in GB (H100: 80)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--paper-table", action="store_true", help="the README table of the paper's configurations")
+    p.set_defaults(func=cmd_plan)
 
     conf = sub.add_parser("config", help="inspect the configuration tree").add_subparsers(dest="cmd", required=True)
     p = conf.add_parser("show", help="print the resolved config")

@@ -330,6 +330,26 @@ class CompareConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """torch.distributed layout of every stage under `torchrun` (issue 6); world size = dp × tp."""
+
+    dp: int = 0
+    """FSDP2 data-parallel degree (0 = world size / tp)."""
+    tp: int = 1
+    """Tensor-parallel degree (DTensor column/row parallel, vocab-parallel embedding and LM head)."""
+    pp: int = 1
+    """Pipeline-parallel degree (only 1 in the torch backend)."""
+    cp: int = 1
+    """Context-parallel degree (only 1 in the torch backend)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer in backward (saves activation memory)."""
+    mixed_precision: str = "none"
+    """FSDP2 MixedPrecisionPolicy: `none` (params as stored) or `bf16` (bf16 compute, fp32 gradient reduction)."""
+    reshard_after_forward: bool = True
+    """FSDP2: free the gathered parameters after forward (ZeRO-3); False keeps them (ZeRO-2-like)."""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Where and how a run executes."""
 
@@ -371,6 +391,8 @@ class Config:
     """Public benchmarks and judges (`moslim eval bench`)."""
     compare: CompareConfig = field(default_factory=CompareConfig)
     """Baselines and `moslim compare`."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Distributed layout under torchrun (ignored in a single process)."""
 
 
 # ---- choices that are checked beyond their type --------------------------------------------
@@ -385,6 +407,7 @@ _CHOICES = {
     (PolicyConfig, "kl_estimator"): ("k1", "k2", "k3"),
     (PolicyConfig, "dpo_loss"): ("sigmoid", "ipo"),
     (BenchConfig, "rm_score"): ("mapped", "expected"),
+    (ParallelConfig, "mixed_precision"): ("none", "bf16"),
 }
 
 

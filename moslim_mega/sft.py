@@ -31,6 +31,9 @@ from .checkpoint.state import write_model_assets
 from .utils.optim import Updater
 from .utils.logging import MetricsWriter
 from .utils.seed import seed_everything
+from .parallel.parallelize import parallelize_policy
+from .parallel.stage import Stage
+from .parallel.vocab_parallel import parallel_info
 
 IGNORE = -100
 """Label of tokens that carry no loss (prompt and padding); F.cross_entropy's ignore_index."""
@@ -95,6 +98,13 @@ def load_sft_examples(path, tokenizer, max_length: int) -> SFTExamples:
 def sft_loss(model, ids_BT: torch.Tensor, mask_BT: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled (response) tokens, in float32."""
     logits_BTV = model(input_ids=ids_BT, attention_mask=mask_BT).logits
+    info = parallel_info(model)
+    if info is not None and info.tp_group is not None:
+        # Tensor parallel: logits_BTV is this rank's vocabulary slice; the vocab-parallel log-prob
+        # gives the same cross-entropy without gathering the full logits.
+        keep_BT = labels_BT[:, 1:] != IGNORE
+        logp_N, _ = info.logprob_entropy(logits_BTV[:, :-1][keep_BT].float(), labels_BT[:, 1:][keep_BT])
+        return -logp_N.mean()
     # Position t predicts token t+1.
     return F.cross_entropy(
         logits_BTV[:, :-1].float().flatten(0, 1), labels_BT[:, 1:].flatten(), ignore_index=IGNORE
@@ -104,27 +114,39 @@ def sft_loss(model, ids_BT: torch.Tensor, mask_BT: torch.Tensor, labels_BT: torc
 def train_sft(cfg: Config, data_path, out_dir, show_progress: bool = True) -> dict:
     """Fine-tune ``cfg.sft.model`` on ``data_path``; save ``out_dir/model``; return a summary."""
     out = Path(out_dir)
+    stage = Stage(cfg.parallel)  # inert in one process; the mesh and dp shard under torchrun
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
+    if stage.is_main:
+        save_config(cfg, out)
     seed_everything(cfg.run.seed, cfg.run.num_threads)
     # The world tokenizer gets the spec's dimension names, so the policy can read every prefix.
     tokenizer = build_tokenizer(cfg.sft.model, spec_from_config(cfg.prefs).names)
     data = load_sft_examples(data_path, tokenizer, cfg.sft.max_length)
-    model = build_causal_lm(cfg.sft.model, tokenizer, cfg.run.seed)
-    writer = MetricsWriter(out, tensorboard=cfg.run.tensorboard)
+    model = stage.build(lambda: build_causal_lm(cfg.sft.model, tokenizer, cfg.run.seed), _causal_lm_skeleton,
+                        parallelize_policy)
+    writer = stage.writer(lambda: MetricsWriter(out, tensorboard=cfg.run.tensorboard))
     try:
-        result = _train_loop(cfg, model, data, tokenizer.pad_token_id, writer, show_progress, out, tokenizer)
+        result = _train_loop(cfg, model, data, tokenizer.pad_token_id, writer, show_progress, out, tokenizer,
+                             stage)
         writer.write(result["steps"], {k: v for k, v in result.items() if k != "steps"}, tag="final")
     finally:
         writer.close()
     model_dir = out / "model"
-    model.save_pretrained(model_dir, safe_serialization=True)
-    tokenizer.save_pretrained(model_dir)
+    full = stage.full_model(model, _causal_lm_skeleton)
+    if stage.is_main:
+        full.save_pretrained(model_dir, safe_serialization=True)
+        tokenizer.save_pretrained(model_dir)
+    stage.barrier()
     return {**result, "model_dir": str(model_dir)}
 
 
+def _causal_lm_skeleton(config):
+    return AutoModelForCausalLM.from_config(config)
+
+
 def _train_loop(cfg: Config, model, data: SFTExamples, pad_id: int, writer: MetricsWriter, show_progress: bool,
-                out=None, tokenizer=None) -> dict:
+                out=None, tokenizer=None, stage: Stage | None = None) -> dict:
+    stage = stage or Stage(cfg.parallel)
     sc = cfg.sft
     device = next(model.parameters()).device
     steps_per_epoch = math.ceil(len(data) / sc.batch_size)
@@ -142,27 +164,30 @@ def _train_loop(cfg: Config, model, data: SFTExamples, pad_id: int, writer: Metr
         first, order, recent = state["steps_done"], state["order"], state["recent"]
         gen.set_state(state["gen"])
         upd.sched.load_state_dict(state["sched"])
-    bar = tqdm(range(first, total_steps), desc="sft", disable=not show_progress, dynamic_ncols=True)
+    bar = tqdm(range(first, total_steps), desc="sft", disable=not (show_progress and stage.is_main), dynamic_ncols=True)
     step = first - 1
     for step in bar:
         if step % steps_per_epoch == 0:
             order = torch.randperm(len(data), generator=gen).tolist()
         i0 = (step % steps_per_epoch) * sc.batch_size
-        batch = data.batch(order[i0 : i0 + sc.batch_size], pad_id)
+        batch = data.batch(stage.shard(order[i0 : i0 + sc.batch_size]), pad_id)
         ids_BT, mask_BT, labels_BT = (t.to(device) for t in batch)
         loss = sft_loss(model, ids_BT, mask_BT, labels_BT)
         check_finite(loss, "sft loss", step)
+        if stage.distributed:
+            # A token mean over this rank's response tokens → its share of the global token mean.
+            loss = loss * stage.dp_loss_scale((labels_BT[:, 1:] != IGNORE).sum().reshape(1))[0]
         upd.zero_grad()
         loss.backward()
         grad_norm = upd.step(step, "sft grad norm")
-        recent = (recent + [loss.item()])[-10:]
+        recent = (recent + [stage.sum_dp(loss.item()) / stage.dp if stage.distributed else loss.item()])[-10:]
         if step % 10 == 0:
             writer.write(step, {"loss": recent[-1], "lr": upd.lr, "grad_norm": grad_norm})
             bar.set_postfix(loss=f"{recent[-1]:.3f}")
         if ckpt is not None:
             ckpt.after_step(step + 1, lambda: {"order": order, "recent": recent, "gen": gen.get_state(),
                                                "sched": upd.sched.state_dict()})
-        if sc.max_minutes and time.time() - start > sc.max_minutes * 60:
+        if sc.max_minutes and stage.broadcast(time.time() - start > sc.max_minutes * 60):
             bar.write(f"sft: stopping at step {step} (sft.max_minutes={sc.max_minutes})")
             break
     bar.close()

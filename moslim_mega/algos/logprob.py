@@ -173,15 +173,27 @@ def sequence_logprobs(
     base = getattr(model, model.base_model_prefix)
     mask_BT = attention_mask_BT.long()
     position_ids_BT = (mask_BT.cumsum(-1) - 1).clamp(min=0)
-    hidden_BTH = base(
-        input_ids=input_ids_BT, attention_mask=attention_mask_BT, position_ids=position_ids_BT, use_cache=False
-    ).last_hidden_state
     # Row (b, t−1) predicts token (b, t); only rows whose context token and target are both attended.
     valid_BT = torch.zeros_like(mask_BT, dtype=torch.bool)
     valid_BT[:, 1:] = (mask_BT[:, 1:] != 0) & (mask_BT[:, :-1] != 0)
-    hidden_NH = hidden_BTH[:, :-1][valid_BT[:, 1:]]
     targets_N = input_ids_BT[:, 1:][valid_BT[:, 1:]]
-    logp_N, entropy_N = chunked_linear_logprob_entropy(hidden_NH, weight_VH, targets_N, temperature, chunk_size)
+    from ..parallel.vocab_parallel import parallel_info
+
+    info = parallel_info(model)
+    if info is not None:
+        # A parallelised model (issue 6): its own forward runs FSDP2's gather hooks and, under tensor
+        # parallel, returns only this rank's vocabulary slice of the logits (never gathered).
+        logits_BTV = model(
+            input_ids=input_ids_BT, attention_mask=attention_mask_BT, position_ids=position_ids_BT, use_cache=False
+        ).logits
+        z_NV = logits_BTV[:, :-1][valid_BT[:, 1:]].float() / temperature
+        logp_N, entropy_N = info.logprob_entropy(z_NV, targets_N)
+    else:
+        hidden_BTH = base(
+            input_ids=input_ids_BT, attention_mask=attention_mask_BT, position_ids=position_ids_BT, use_cache=False
+        ).last_hidden_state
+        hidden_NH = hidden_BTH[:, :-1][valid_BT[:, 1:]]
+        logp_N, entropy_N = chunked_linear_logprob_entropy(hidden_NH, weight_VH, targets_N, temperature, chunk_size)
     logp_BT = torch.zeros(mask_BT.shape, dtype=logp_N.dtype, device=logp_N.device)
     entropy_BT = torch.zeros_like(logp_BT)
     # index_put (out-of-place) keeps the graph from logp_N back to the model.

@@ -34,7 +34,10 @@ from ..rollout.hf import HFGenerator
 from ..sft import load_policy
 from ..utils.logging import MetricsWriter
 from ..utils.seed import seed_everything
-from .workers import LogprobWorker, RewardWorker, Updater
+from ..parallel.policy import (build_policy_models, causal_lm_skeleton, check_policy_layout, mean_metrics,
+                               share_within_tp, sync_rollout_copy)
+from ..parallel.stage import Stage
+from .workers import LogprobWorker, RewardOutput, RewardWorker, Updater
 
 
 @dataclass
@@ -218,8 +221,10 @@ def train_policy(
     """
     pc, sc = cfg.policy, cfg.sampling
     out = Path(out_dir)
+    stage = Stage(cfg.parallel)  # inert in one process; the mesh and dp shard under torchrun
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
+    if stage.is_main:
+        save_config(cfg, out)
     seed_everything(cfg.run.seed, cfg.run.num_threads)
     K = pc.samples_per_prompt
     if pc.algo == "rloo" and K < 2:
@@ -231,19 +236,25 @@ def train_policy(
         rm = load_reward_model(rm_dir)
         rewarder = RewardWorker(rm, RewardMapper.from_config(rm.stats, cfg.mapping))
     prompts = load_policy_prompts(prompts_path, rewarder.spec)
-    actor, tokenizer = load_policy(init_dir)
-    reference = copy.deepcopy(actor).eval().requires_grad_(False)  # π_SFT of Eq. 12
-    actor.train()
-    generator = HFGenerator(actor, tokenizer)
+    critic = critic_upd = rollout_model = None
+    if stage.distributed:
+        check_policy_layout(stage, pc)
+        actor, reference, critic, rollout_model, tokenizer = build_policy_models(stage, init_dir, pc.algo == "ppo")
+        generator = HFGenerator(rollout_model, tokenizer)  # each rank's plain copy: see parallel/policy.py
+    else:
+        actor, tokenizer = load_policy(init_dir)
+        reference = copy.deepcopy(actor).eval().requires_grad_(False)  # π_SFT of Eq. 12
+        actor.train()
+        generator = HFGenerator(actor, tokenizer)
+        if pc.algo == "ppo":
+            critic = ValueModel(copy.deepcopy(getattr(actor, actor.base_model_prefix))).train()
     ref_worker, old_worker = LogprobWorker(reference, sc.temperature), LogprobWorker(actor, sc.temperature)
     actor_upd = Updater(actor.parameters(), pc.lr, pc.weight_decay, pc.warmup_steps, pc.grad_clip)
-    critic = critic_upd = None
-    if pc.algo == "ppo":
-        critic = ValueModel(copy.deepcopy(getattr(actor, actor.base_model_prefix))).train()
+    if critic is not None:
         critic_upd = Updater(critic.parameters(), pc.critic_lr, pc.weight_decay, pc.warmup_steps, pc.grad_clip)
     kl_ctl = (kl.AdaptiveKLController(pc.kl_coef, pc.kl_target, pc.kl_horizon) if pc.adaptive_kl
               else kl.FixedKLController(pc.kl_coef))
-    writer = MetricsWriter(out, tensorboard=cfg.run.tensorboard)
+    writer = stage.writer(lambda: MetricsWriter(out, tensorboard=cfg.run.tensorboard))
     rng, gen = random.Random(cfg.run.seed), torch.Generator().manual_seed(cfg.run.seed)
     names = rewarder.spec.names
 
@@ -262,16 +273,18 @@ def train_policy(
         if critic_upd is not None:
             critic_upd.sched.load_state_dict(state["critic_sched"])
         step = first - 1
-    bar = tqdm(range(first, pc.steps), desc=f"policy {pc.algo}", disable=not show_progress, dynamic_ncols=True)
+    bar = tqdm(range(first, pc.steps), desc=f"policy {pc.algo}", disable=not (show_progress and stage.is_main), dynamic_ncols=True)
     for step in bar:
         t0 = time.time()
-        batch_prompts = [rng.choice(prompts) for _ in range(pc.prompts_per_step)]
+        batch_prompts = stage.shard([rng.choice(prompts) for _ in range(pc.prompts_per_step)])  # this dp rank's
         try:
-            rollout = generator.generate(batch_prompts, K, sc, seed=cfg.run.seed * 100003 + step)
+            rollout = generator.generate(batch_prompts, K, sc, seed=cfg.run.seed * 100003 + step + 7919 * stage.dp_rank)
         except RuntimeError as e:  # torch.multinomial on inf/nan logits: the policy has diverged
             if "probability tensor" not in str(e):
                 raise
             raise core.NonFiniteError(f"step {step}: policy sampling distribution is not finite") from e
+        if stage.distributed:
+            rollout = share_within_tp(stage, rollout)
         t_gen = time.time() - t0
         scored = rewarder.score(rollout.prompts, rollout.responses)
         core.check_finite(scored.reward_B, "mapped reward", step)
@@ -283,30 +296,39 @@ def train_policy(
         metrics.update(update_actor(actor, actor_upd, exp, pc, kl_ctl.value, gen, sc.temperature, step))
         if critic is not None:
             metrics.update(update_critic(critic, critic_upd, exp, pc, gen, step))
-        kl_ctl.update(metrics["kl"], ids.shape[0])
+        if stage.distributed:
+            metrics = mean_metrics(stage, {**metrics, "response_length": float(mask.sum(1).mean())})
+            # Per-dimension rewards over the global batch (ranks name each dimension different times).
+            metrics.update(_reward_metrics(RewardOutput(*(stage.gather_dp(t) for t in (
+                scored.reward_B, scored.terms_BH, scored.targets_BH))), names))
+            sync_rollout_copy(actor, rollout_model)
+        kl_ctl.update(metrics["kl"], ids.shape[0] * stage.dp)
         generator.sync_weights(actor)
-        metrics.update(_reward_metrics(scored, names), kl_coef=kl_ctl.value, gen_seconds=t_gen,
-                       step_seconds=time.time() - t0, response_length=float(mask.sum(1).mean()))
+        if not stage.distributed:
+            metrics.update(_reward_metrics(scored, names), response_length=float(mask.sum(1).mean()))
+        metrics.update(kl_coef=kl_ctl.value, gen_seconds=t_gen, step_seconds=time.time() - t0)
         writer.write(step, metrics)
         history.append(metrics)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}")
-        if eval_fn is not None and pc.eval_every and step > 0 and step % pc.eval_every == 0:
+        if eval_fn is not None and stage.is_main and pc.eval_every and step > 0 and step % pc.eval_every == 0:
             writer.write(step, eval_fn(step, sample_for_eval), tag="eval")
         if pc.save_every and step > 0 and step % pc.save_every == 0:
-            _save_hf(actor, tokenizer, out / "checkpoints" / f"step_{step}")
+            _save_policy(stage, actor, tokenizer, out / "checkpoints" / f"step_{step}")
         ckpt.after_step(step + 1, lambda: {
             "history": history, "rng": rng.getstate(), "gen": gen.get_state(), "kl_ctl": dict(vars(kl_ctl)),
             "actor_sched": actor_upd.sched.state_dict(),
             "critic_sched": critic_upd.sched.state_dict() if critic_upd is not None else None})
-        if pc.max_minutes and time.time() - start > pc.max_minutes * 60:
+        if pc.max_minutes and stage.broadcast(time.time() - start > pc.max_minutes * 60):
             bar.write(f"policy: stopping at step {step} (policy.max_minutes={pc.max_minutes})")
             break
     bar.close()
     writer.close()
-    _save_hf(actor, tokenizer, out / "policy")
+    _save_policy(stage, actor, tokenizer, out / "policy")
     summary = {"steps": step + 1, "train_seconds": time.time() - start, "algo": pc.algo,
                "final": history[-1] if history else {}, "policy_dir": str(out / "policy")}
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    if stage.is_main:
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    stage.barrier()
     return summary
 
 
@@ -323,6 +345,15 @@ def _checkpoints(cfg, out, actor, tokenizer, actor_upd, critic, critic_upd, writ
             write_model_assets(d, "critic", "value", critic, tokenizer)
 
     return StageCheckpoints(cfg.checkpoint, out, models, optims, writer, assets)
+
+
+def _save_policy(stage: Stage, actor, tokenizer, path: Path) -> None:
+    """Rank 0 writes the HF directory; a sharded actor is gathered first (every rank calls this)."""
+    if not stage.distributed:
+        return _save_hf(actor, tokenizer, path)
+    full = stage.full_model(actor, causal_lm_skeleton)
+    if stage.is_main:
+        _save_hf(full, tokenizer, path)
 
 
 def _save_hf(model, tokenizer, path: Path) -> None:

@@ -25,6 +25,8 @@ from ..checkpoint.state import write_reward_assets
 from ..utils.logging import MetricsWriter
 from ..utils.optim import Updater
 from ..utils.seed import seed_everything
+from ..parallel.parallelize import parallelize_rm
+from ..parallel.stage import Stage
 from .data import RMExamples, load_rm_examples
 from .io import save_reward_model
 from .losses import balanced_class_weights, paper_eq10_loss, per_head_ce_loss
@@ -84,17 +86,22 @@ def _data_paths(cfg: Config, out: Path, spec: PreferenceSpec) -> tuple[Path, Pat
 def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = True) -> dict:
     """Train, evaluate, calibrate and save an RM into ``out_dir``; returns the final eval report."""
     out = Path(out_dir)
+    stage = Stage(cfg.parallel)  # inert in one process; the mesh and dp shard under torchrun
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
+    if stage.is_main:
+        save_config(cfg, out)
     seed_everything(cfg.run.seed, cfg.run.num_threads)
     rc = cfg.rm
     spec = spec_from_config(cfg.prefs)
-    train_path, eval_path = _data_paths(cfg, out, spec)
+    train_path, eval_path = stage.broadcast(_data_paths(cfg, out, spec) if stage.is_main else None)
     tokenizer = build_tokenizer(cfg.rm.model, spec.names)
     pad_id = tokenizer.pad_token_id
     train = load_rm_examples(train_path, spec, tokenizer, rc.max_length)
     held = load_rm_examples(eval_path, spec, tokenizer, rc.max_length)
-    model = MultiHeadRewardModel(build_backbone(cfg.rm.model, tokenizer, cfg.run.seed), spec.num_classes)
+    model = stage.build(
+        lambda: MultiHeadRewardModel(build_backbone(cfg.rm.model, tokenizer, cfg.run.seed), spec.num_classes),
+        lambda config: _rm_skeleton(config, spec.num_classes), parallelize_rm,
+    )
     model.train()
 
     weights = balanced_class_weights(train.labels_NH, spec.num_classes) if rc.class_weights == "balanced" else None
@@ -106,7 +113,7 @@ def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = T
     upd = Updater(model.parameters(), rc.lr, rc.weight_decay, rc.warmup_steps, rc.grad_clip, total_steps)
     stats = RunningClassStats(spec.num_classes, mode=rc.stats_mode, momentum=rc.stats_momentum)
     mapper = RewardMapper.from_config(stats, cfg.mapping)
-    writer = MetricsWriter(out, tensorboard=cfg.run.tensorboard)
+    writer = stage.writer(lambda: MetricsWriter(out, tensorboard=cfg.run.tensorboard))
     gen = torch.Generator().manual_seed(cfg.run.seed)
     start = time.time()
     order: list[int] = []
@@ -118,7 +125,7 @@ def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = T
         gen.set_state(state["gen"])
         upd.sched.load_state_dict(state["sched"])
         stats.load_state_dict(state["stats"])
-    bar = tqdm(range(first, total_steps), desc="rm train", disable=not show_progress, dynamic_ncols=True)
+    bar = tqdm(range(first, total_steps), desc="rm train", disable=not (show_progress and stage.is_main), dynamic_ncols=True)
     step = first - 1
     for step in bar:
         if step % steps_per_epoch == 0:
@@ -126,25 +133,30 @@ def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = T
             if rc.stats_mode == "welford":
                 stats.reset()  # statistics of the current epoch's weights only
         i0 = (step % steps_per_epoch) * rc.batch_size
-        ids_BT, mask_BT, labels_BH = train.batch(order[i0 : i0 + rc.batch_size], pad_id)
+        ids_BT, mask_BT, labels_BH = train.batch(stage.shard(order[i0 : i0 + rc.batch_size]), pad_id)
         logits = model(ids_BT, mask_BT)
         loss, per_head = loss_fn(logits, labels_BH)
+        if stage.distributed:
+            # Each head's loss is a mean over this rank's labelled rows; rescale so FSDP's gradient
+            # average over dp equals the single-process mean over the global batch.
+            scale_H = stage.dp_loss_scale(_head_denominators(labels_BH, weights, rc.loss))
+            loss = sum(s * h for s, h in zip(scale_H, per_head))
         check_finite(loss, "rm loss", step)
         upd.zero_grad()
         loss.backward()
         grad_norm = upd.step(step, "rm grad norm")
         with torch.no_grad():
-            stats.update([torch.softmax(x.detach().float(), -1) for x in logits])
+            stats.update([stage.gather_dp(torch.softmax(x.detach().float(), -1)) for x in logits])
         if step % 10 == 0:
-            row = {"loss": loss.item(), "grad_norm": grad_norm, "lr": upd.lr}
-            row.update({f"loss_{n}": v.item() for n, v in zip(spec.names, per_head)})
+            row = {"loss": stage.sum_dp(loss.item()) / stage.dp, "grad_norm": grad_norm, "lr": upd.lr}
+            row.update({f"loss_{n}": stage.sum_dp(v.item()) / stage.dp for n, v in zip(spec.names, per_head)})
             writer.write(step, row)
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if rc.eval_every and step > 0 and step % rc.eval_every == 0:
             writer.write(step, evaluate(model, held, spec, pad_id)["mean"], tag="eval")
         ckpt.after_step(step + 1, lambda: {"order": order, "gen": gen.get_state(), "sched": upd.sched.state_dict(),
                                            "stats": stats.state_dict()})
-        if rc.max_minutes and time.time() - start > rc.max_minutes * 60:
+        if rc.max_minutes and stage.broadcast(time.time() - start > rc.max_minutes * 60):
             bar.write(f"rm train: stopping at step {step} (rm.max_minutes={rc.max_minutes})")
             break
     bar.close()
@@ -158,9 +170,30 @@ def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = T
     report["steps"] = step + 1
     writer.write(step + 1, {"mean": report["mean"], "heads": {n: _scalars(h) for n, h in report["heads"].items()}}, tag="final")
     writer.close()
-    save_reward_model(model, tokenizer, spec, stats, out)
-    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    full = stage.full_model(model, lambda config: _rm_skeleton(config, spec.num_classes))
+    if stage.is_main:
+        save_reward_model(full, tokenizer, spec, stats, out)
+        (out / "eval.json").write_text(json.dumps(report, indent=2))
+    stage.barrier()
     return report
+
+
+def _rm_skeleton(config, num_classes):
+    from transformers import AutoModel
+
+    return MultiHeadRewardModel(AutoModel.from_config(config), num_classes)
+
+
+def _head_denominators(labels_BH: torch.Tensor, weights, loss_kind: str) -> torch.Tensor:
+    """What each head's loss is a mean over on this rank: labelled rows (weighted by the class
+    weight when balanced, as F.cross_entropy's weighted mean), or all rows for Eq. 10."""
+    if loss_kind == "paper_eq10":
+        return torch.full((labels_BH.shape[1],), float(labels_BH.shape[0]))
+    cols = []
+    for i in range(labels_BH.shape[1]):
+        lab = labels_BH[:, i][labels_BH[:, i] >= 0]
+        cols.append(weights[i][lab].sum() if weights is not None else torch.tensor(float(lab.numel())))
+    return torch.stack(cols).float()
 
 
 def _scalars(d: dict) -> dict:

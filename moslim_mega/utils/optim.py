@@ -30,6 +30,8 @@ class Updater:
         self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_decay(warmup_steps, total_steps))
         self.grad_clip = grad_clip
+        # Sharded (FSDP2 / tensor-parallel) parameters: the global norm needs collectives.
+        self.sharded = any(_is_dtensor(p) for p in self.params)
 
     @property
     def lr(self) -> float:
@@ -40,9 +42,21 @@ class Updater:
 
     def step(self, step: int | None = None, what: str = "gradient norm") -> float:
         """Clip, check and apply; returns the pre-clip gradient norm."""
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip if self.grad_clip > 0 else float("inf"))
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        if self.sharded:
+            from ..parallel.grad import clip_grad_norm_
+
+            norm = clip_grad_norm_(self.params, max_norm)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         if not bool(torch.isfinite(norm)):
             raise NonFiniteError(f"step {step}: {what} is not finite")
         self.opt.step()
         self.sched.step()
         return float(norm)
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)

@@ -1,0 +1,73 @@
+"""Process-group set-up from the ``torchrun`` environment and rank helpers.
+
+gloo on CPU, NCCL on CUDA. A process started without ``torchrun`` (no WORLD_SIZE) is a world of
+one and never initialises a process group, so single-process runs stay exactly as before.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def env_world_size() -> int:
+    """WORLD_SIZE as torchrun sets it (1 when absent)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(timeout_s: float = 600.0) -> bool:
+    """Initialise the default process group from torchrun's env; True when distributed."""
+    if dist.is_initialized():
+        return True
+    if env_world_size() <= 1:
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    return True
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    """Rank 0 writes files, logs and progress bars."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0, group=None):
+    """``obj`` from global rank ``src`` on every rank of ``group`` (identity when not distributed)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,126 @@
+"""What a training stage (RM, SFT, policy) needs to know about the process layout.
+
+``Stage(cfg.parallel)`` is created by every trainer. In a single process (no torchrun) it is inert:
+no mesh, the whole batch, files written as before. Under ``torchrun`` it owns the DeviceMesh and
+gives the trainer small, explicit operations: this dp rank's slice of a global batch, the loss
+scales that make FSDP's gradient *average* equal the single-process gradient, gathers for
+statistics, a writer that only rank 0 uses, and the full weights on rank 0 for saving.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from . import dist as pdist
+from .mesh import build_mesh, dp_rank_size
+from .parallelize import build_sharded
+
+
+class NullWriter:
+    """The metrics writer of ranks ≠ 0 (one process writes the files)."""
+
+    def write(self, *args, **kwargs) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class Stage:
+    def __init__(self, pc):
+        self.pc = pc
+        pdist.init_distributed()
+        self.mesh = build_mesh(pc)
+        self.dp_rank, self.dp = dp_rank_size(self.mesh)
+        self.is_main = pdist.is_main()
+        self._dp_group = None if self.mesh is None else self.mesh["dp"].get_group()
+
+    @property
+    def distributed(self) -> bool:
+        return self.mesh is not None
+
+    # ---- data ----------------------------------------------------------------------------
+    def shard(self, items: list) -> list:
+        """This dp rank's contiguous slice of a global batch (sizes differ by at most one);
+        concatenating the slices in dp order gives back the global batch."""
+        n, k = len(items), self.dp
+        lo = self.dp_rank * (n // k) + min(self.dp_rank, n % k)
+        return items[lo : lo + n // k + (1 if self.dp_rank < n % k else 0)]
+
+    def dp_loss_scale(self, local_denoms: torch.Tensor) -> torch.Tensor:
+        """Per-term factors dp · local / global for losses that are means over ``local_denoms``
+        items: FSDP averages gradients over dp ranks, so Σ_r scale_r · mean_r / dp is exactly the
+        mean over the global batch (0 where the global batch has no item)."""
+        local = local_denoms.detach().double()
+        if self._dp_group is None:
+            return torch.where(local > 0, torch.ones_like(local), torch.zeros_like(local)).float()
+        total = local.to(_comm_device(), copy=True)  # a copy (all_reduce is in place); NCCL needs CUDA
+        dist.all_reduce(total, group=self._dp_group)
+        total = total.to(local.device)
+        return torch.where(total > 0, self.dp * local / total.clamp(min=1e-30), torch.zeros_like(local)).float()
+
+    def gather_dp(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate a per-rank tensor (first dim may differ) over dp ranks, in dp order."""
+        if self._dp_group is None:
+            return t
+        parts = [None] * self.dp
+        dist.all_gather_object(parts, t.detach().cpu(), group=self._dp_group)
+        return torch.cat(parts).to(t.device)
+
+    def sum_dp(self, value: float) -> float:
+        if self._dp_group is None:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device())
+        dist.all_reduce(t, group=self._dp_group)
+        return float(t)
+
+    # ---- models --------------------------------------------------------------------------
+    def build(self, build_full, build_skeleton, apply):
+        return build_sharded(build_full, build_skeleton, apply, self.mesh, self.pc)
+
+    def full_state_dict(self, model) -> dict:
+        """Every rank calls this (collectives); rank 0 gets the full CPU state dict, others {}."""
+        if self.mesh is None:
+            return model.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def full_model(self, model, build_skeleton):
+        """An unsharded copy of ``model`` on rank 0 (for HF saving / generation); None elsewhere.
+        Every rank must call it. Single process: the model itself."""
+        if self.mesh is None:
+            return model
+        sd = self.full_state_dict(model)
+        if not self.is_main:
+            return None
+        return plain_copy(model, sd, build_skeleton)
+
+    def writer(self, make):
+        return make() if self.is_main else NullWriter()
+
+    def broadcast(self, obj):
+        return pdist.broadcast_object(obj)
+
+    def barrier(self) -> None:
+        pdist.barrier()
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def plain_copy(model, full_sd: dict, build_skeleton):
+    """A plain (unsharded) module of ``model``'s architecture holding ``full_sd``."""
+    config = model.config if hasattr(model, "config") else model.backbone.config
+    with torch.device("meta"):
+        plain = build_skeleton(config)
+    plain.load_state_dict(full_sd, assign=True)
+    buffers = dict(model.named_buffers())  # buffers are never sharded: copy them as they are
+    for name, buf in plain.named_buffers():
+        if name in buffers:
+            mod_name, _, attr = name.rpartition(".")
+            owner = plain.get_submodule(mod_name) if mod_name else plain
+            owner._buffers[attr] = buffers[name].detach().clone().cpu()
+    return plain.train(model.training)

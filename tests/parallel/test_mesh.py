@@ -1,0 +1,66 @@
+"""Layout checks that need no process group: the mesh shape from parallel.* and clear errors."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from moslim_mega.config import ConfigError, ParallelConfig, PolicyConfig, load_config
+from moslim_mega.parallel.mesh import resolve_shape
+from moslim_mega.parallel.policy import check_policy_layout
+from moslim_mega.parallel.stage import Stage
+from moslim_mega.parallel.vocab_parallel import vocab_shard_start
+
+
+def test_dp_defaults_to_the_remaining_ranks():
+    assert resolve_shape(ParallelConfig(tp=2), 8) == resolve_shape(ParallelConfig(dp=4, tp=2), 8)
+    assert resolve_shape(ParallelConfig(tp=2), 8).dp == 4
+
+
+@pytest.mark.parametrize("overrides,world,match", [
+    (["parallel.pp=2"], 4, "parallel.pp=2: pipeline"),
+    (["parallel.cp=2"], 4, "parallel.cp=2"),
+    (["parallel.tp=3"], 4, "parallel.tp=3 does not divide the world size 4"),
+    (["parallel.dp=3", "parallel.tp=2"], 4, "parallel.dp=3 × parallel.tp=2 = 6 ≠ world size 4"),
+])
+def test_bad_layouts_name_the_key(overrides, world, match):
+    with pytest.raises(ConfigError, match=match):
+        resolve_shape(load_config(None, overrides).parallel, world)
+
+
+def test_mixed_precision_is_a_checked_choice():
+    with pytest.raises(ConfigError, match="parallel.mixed_precision"):
+        load_config(None, ["parallel.mixed_precision=fp8"])
+
+
+def test_single_process_stage_is_inert():
+    stage = Stage(ParallelConfig())
+    assert not stage.distributed and stage.dp == 1 and stage.is_main
+    items = list(range(7))
+    assert stage.shard(items) == items
+
+
+@pytest.mark.parametrize("n,dp", [(7, 2), (8, 4), (5, 3)])
+def test_dp_shards_concatenate_to_the_global_batch(n, dp):
+    parts = []
+    for r in range(dp):
+        stage = Stage.__new__(Stage)
+        stage.dp_rank, stage.dp = r, dp
+        parts.append(stage.shard(list(range(n))))
+    assert sum(parts, []) == list(range(n)) and max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_vocab_shard_starts_follow_torch_chunk():
+    import torch
+
+    for V, tp in [(97, 2), (218, 4), (10, 3)]:
+        sizes = [c.numel() for c in torch.arange(V).chunk(tp)]
+        starts = [sum(sizes[:r]) for r in range(tp)]
+        assert [vocab_shard_start(V, r, tp) for r in range(tp)] == starts
+
+
+def test_policy_layout_refusals():
+    with pytest.raises(ConfigError, match="prompts_per_step=5 must be divisible by parallel.dp=2"):
+        check_policy_layout(SimpleNamespace(dp=2), PolicyConfig(prompts_per_step=5))
+    with pytest.raises(ConfigError, match="online_dpo runs with parallel.dp=1"):
+        check_policy_layout(SimpleNamespace(dp=2), PolicyConfig(algo="online_dpo", prompts_per_step=4))
+    check_policy_layout(SimpleNamespace(dp=1), PolicyConfig(algo="online_dpo", prompts_per_step=5))  # tp only: fine
