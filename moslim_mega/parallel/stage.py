@@ -26,6 +26,13 @@ class NullWriter:
     def close(self) -> None:
         return None
 
+    # Checkpoint hooks (checkpoint/hooks.py): rank 0 owns metrics.jsonl and cuts it back on resume.
+    def offset(self) -> int:
+        return 0
+
+    def truncate(self, offset: int) -> bool:
+        return True
+
 
 class Stage:
     def __init__(self, pc):
