@@ -6,6 +6,7 @@ one and never initialises a process group, so single-process runs stay exactly a
 
 from __future__ import annotations
 
+import atexit
 import os
 from datetime import timedelta
 
@@ -30,6 +31,9 @@ def init_distributed(timeout_s: float = 600.0) -> bool:
     else:
         backend = "gloo"
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    # Tear the group down before the interpreter does: gloo's threads outliving it abort the
+    # process ("terminate called without an active exception") after a run that succeeded.
+    atexit.register(destroy)
     return True
 
 
