@@ -13,6 +13,7 @@ are not comparable, and from a non-GPT-4 judge not comparable to the paper's.
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 import time
@@ -30,16 +31,18 @@ class JudgeError(ValueError):
     """A bad judge SPEC, or a judge that cannot do what a suite asks; the message says which."""
 
 
-class TextJudge:
+class TextJudge(abc.ABC):
     """A judge that writes a verdict text for each conversation."""
 
     kind = "text"
 
+    @abc.abstractmethod
     def complete(self, conversations: list[list[dict]]) -> list[str]:
-        raise NotImplementedError
+        """One verdict text per conversation, in order."""
 
+    @abc.abstractmethod
     def describe(self) -> dict:
-        raise NotImplementedError
+        """What the report records as "the judge used"."""
 
 
 class OpenAIJudge(TextJudge):
