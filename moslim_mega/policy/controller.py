@@ -273,6 +273,8 @@ def train_policy(
         if critic_upd is not None:
             critic_upd.sched.load_state_dict(state["critic_sched"])
         step = first - 1
+        if stage.distributed:
+            sync_rollout_copy(actor, rollout_model)  # the copy was built from policy.init, not the checkpoint
     bar = tqdm(range(first, pc.steps), desc=f"policy {pc.algo}", disable=not (show_progress and stage.is_main), dynamic_ncols=True)
     for step in bar:
         t0 = time.time()

@@ -19,7 +19,7 @@ from conftest import ROOT, cli_args, metric_rows
 
 pytestmark = pytest.mark.slow
 
-EXTRA = ["policy.algo=rloo", "policy.steps=4", "checkpoint.every=2", "parallel.dp=2"]  # step_4 = the final policy
+EXTRA = ["policy.algo=rloo", "policy.steps=4", "policy.lr=0.05", "checkpoint.every=2", "parallel.dp=2"]  # step_4 = the final policy
 
 
 def _torchrun(argv, tmp, env_extra=None, kill_when=None, timeout=300.0):
