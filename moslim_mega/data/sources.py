@@ -33,6 +33,8 @@ class Row:
 
     where: str
     data: object
+    file: Path | None = None
+    """The local file it was read from (None for saved and hub data sets)."""
 
 
 def _kind(path: Path) -> str | None:
@@ -48,10 +50,18 @@ def _open_text(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.name.lower().endswith(".gz") else open(path, encoding="utf-8")
 
 
+def _records_of_object(path: Path, obj: dict) -> list:
+    """``{"data": [...]}`` (a JSON file holding one object): its one list-valued key holds the records."""
+    lists = [v for v in obj.values() if isinstance(v, list)]
+    if len(lists) != 1:
+        raise SourceError(f"{path}: a JSON object must hold exactly one list of records")
+    return lists[0]
+
+
 def _read_json_file(path: Path) -> Iterator[Row]:
-    """A JSON array (``UltraSafety.json``) or JSON lines, streamed line by line (UltraFeedback's
-    raw files are large); an unparseable line becomes a Row whose data is a :class:`BadJSON`, so
-    the caller reports it with the rest of the drops."""
+    """A JSON array (``UltraSafety.json``), a ``.json`` object with one list of records, or JSON
+    lines, streamed line by line (UltraFeedback's raw files are large); an unparseable line becomes
+    a Row whose data is a :class:`BadJSON`, so the caller reports it with the rest of the drops."""
     with _open_text(path) as f:
         first = ""
         while not first:
@@ -59,20 +69,27 @@ def _read_json_file(path: Path) -> Iterator[Row]:
             if not chunk or not chunk.isspace():
                 first = chunk or " "
         f.seek(0)
+        items = None
         if first == "[":
             try:
                 items = json.load(f)
             except json.JSONDecodeError as e:
                 raise SourceError(f"{path}: invalid JSON array ({e.msg} at line {e.lineno})") from None
-            yield from (Row(f"{path}[{i}]", item) for i, item in enumerate(items))
+        elif first == "{" and path.name.lower().endswith((".json", ".json.gz")):
+            try:
+                items = _records_of_object(path, json.load(f))
+            except json.JSONDecodeError:
+                f.seek(0)  # not one document: JSON lines under a .json name
+        if items is not None:
+            yield from (Row(f"{path}[{i}]", item, path) for i, item in enumerate(items))
             return
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                yield Row(f"{path}:{lineno}", json.loads(line))
+                yield Row(f"{path}:{lineno}", json.loads(line), path)
             except json.JSONDecodeError as e:
-                yield Row(f"{path}:{lineno}", BadJSON(e.msg))
+                yield Row(f"{path}:{lineno}", BadJSON(e.msg), path)
 
 
 @dataclass(frozen=True)
@@ -129,7 +146,7 @@ def iter_records(src: str | Path, split: str | None = None) -> Iterator[Row]:
         return (row for f in files for row in _read_file(f))
     if _looks_like_hub_name(src_str):
         return _read_hub(src_str, split)
-    raise SourceError(f"data source not found: {src_str!r} (not a file, a folder or a hub name owner/name)")
+    raise SourceError(f"data source not found: {src_str!r} (no such path: not a local file or folder, nor a hub name owner/name)")
 
 
 def load_records(src: str | Path, split: str | None = None) -> list[Row]:
@@ -165,5 +182,5 @@ def _read_file(path: Path) -> Iterator[Row]:
         import datasets
 
         ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
-        return (Row(f"{path}[{i}]", row) for i, row in enumerate(ds))
+        return (Row(f"{path}[{i}]", row, path) for i, row in enumerate(ds))
     raise SourceError(f"{path}: unsupported file type (expected {', '.join(JSON_SUFFIXES + PARQUET_SUFFIXES)})")
