@@ -12,11 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moslim_mega.config import WorldConfig, load_config
-from moslim_mega.prefs import PreferenceSpec
-from moslim_mega.reward.trainer import train_reward_model
-from moslim_mega.sft import train_sft
-from moslim_mega.world.build import build_world
+from tiny_stage import build_tiny_stage
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["hidden_size=32", "intermediate_size=64", "num_layers=1", "num_heads=2"]
@@ -38,15 +34,11 @@ def stage(tmp_path_factory):
     """World (64 SFT pairs, 16×4 RM pairs) → an 8-step SFT → an 8-step RM."""
     threads = torch.get_num_threads()
     root = tmp_path_factory.mktemp("ckpt_stage")
-    world_cfg = WorldConfig(num_sft=64, num_rm_prompts=16, num_rm_eval_prompts=4, num_policy_prompts=20)
-    paths = build_world(world_cfg, PreferenceSpec.datatype(4), root / "world")
-    overrides = SMALL + [f"run.data_dir={root / 'world'}"]
-    cfg = load_config(None, overrides)
-    sft = train_sft(cfg, paths["sft"], root / "sft", show_progress=False)
-    train_reward_model(cfg, root / "rm", show_progress=False)
+    built = build_tiny_stage(root, SMALL)
     torch.set_num_threads(threads)
-    overrides += [f"policy.init={sft['model_dir']}", f"policy.rm_dir={root / 'rm'}",
-                  f"policy.prompts={paths['policy_train']}"]
+    paths = built["paths"]
+    overrides = built["overrides"] + [f"policy.init={built['sft_dir']}", f"policy.rm_dir={built['rm_dir']}",
+                                      f"policy.prompts={paths['policy_train']}"]
     return {"overrides": overrides, "sft_data": paths["sft"], "root": root}
 
 

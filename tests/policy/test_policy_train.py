@@ -9,15 +9,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moslim_mega.algos.core import NonFiniteError
-from moslim_mega.config import WorldConfig, load_config
+from moslim_mega.config import load_config
 from moslim_mega.models.value import ValueModel
 from moslim_mega.policy import workers
 from moslim_mega.policy.controller import load_policy_prompts, train_policy
 from moslim_mega.prefs import PreferenceSpec
 from moslim_mega.reward.data import RecordError
-from moslim_mega.reward.trainer import train_reward_model
-from moslim_mega.sft import load_policy, train_sft
-from moslim_mega.world.build import build_world
+from moslim_mega.sft import load_policy
+
+from tiny_stage import build_tiny_stage
 
 TINY = ["hidden_size=32", "intermediate_size=64", "num_layers=1", "num_heads=2"]
 SMALL = [f"sft.model.{x}" for x in TINY] + [f"rm.model.{x}" for x in TINY] + [
@@ -45,14 +45,9 @@ ALGO_KEYS = {"rloo": {"pg_loss", "clipfrac"}, "ppo": {"pg_loss", "value_loss"}, 
 @pytest.fixture(scope="module")
 def stage(tmp_path_factory):
     """World → a 4-step SFT → a 4-step RM, built once: (overrides, paths)."""
-    root = tmp_path_factory.mktemp("policy_stage")
-    world_cfg = WorldConfig(num_sft=64, num_rm_prompts=16, num_rm_eval_prompts=4, num_policy_prompts=20)
-    paths = build_world(world_cfg, PreferenceSpec.datatype(4), root / "world")
-    overrides = SMALL + [f"run.data_dir={root / 'world'}"]
-    cfg = load_config(None, overrides)
-    sft = train_sft(cfg, paths["sft"], root / "sft", show_progress=False)
-    train_reward_model(cfg, root / "rm", show_progress=False)
-    return {"overrides": overrides, "init": sft["model_dir"], "rm": root / "rm", "prompts": paths["policy_train"]}
+    built = build_tiny_stage(tmp_path_factory.mktemp("policy_stage"), SMALL)
+    return {"overrides": built["overrides"], "init": built["sft_dir"], "rm": built["rm_dir"],
+            "prompts": built["paths"]["policy_train"]}
 
 
 def _train(stage, out, *extra, **kw):
