@@ -350,6 +350,16 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class KernelsConfig:
+    """Fused kernels of the training hot spots (issue 7): the multi-head RM head and the linear → log-prob."""
+
+    impl: str = "auto"
+    """`auto` (Triton on CUDA tensors, the plain-PyTorch reference elsewhere), `triton` or `reference`."""
+    logprob_chunk: int = 8192
+    """Vocabulary rows per chunk of the fused log-prob / entropy (live memory ∝ tokens × chunk, never × vocabulary)."""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Where and how a run executes."""
 
@@ -393,6 +403,8 @@ class Config:
     """Baselines and `moslim compare`."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Distributed layout under torchrun (ignored in a single process)."""
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    """Which implementation the fused kernels run."""
 
 
 # ---- choices that are checked beyond their type --------------------------------------------
@@ -408,6 +420,11 @@ _CHOICES = {
     (PolicyConfig, "dpo_loss"): ("sigmoid", "ipo"),
     (BenchConfig, "rm_score"): ("mapped", "expected"),
     (ParallelConfig, "mixed_precision"): ("none", "bf16"),
+    (KernelsConfig, "impl"): ("auto", "triton", "reference"),
+}
+# ---- lower bounds checked at load time -------------------------------------------------------
+_MINIMUM = {
+    (KernelsConfig, "logprob_chunk"): 1,
 }
 
 
@@ -493,6 +510,9 @@ def _build(cls, data: dict, prefix: str):
             choices = _CHOICES.get((cls, f.name))
             if choices and value not in choices:
                 raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+            low = _MINIMUM.get((cls, f.name))
+            if low is not None and value < low:
+                raise ConfigError(f"{key}: must be >= {low}, got {value!r}")
             kwargs[f.name] = value
     return cls(**kwargs)
 

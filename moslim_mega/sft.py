@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .config import Config, save_config
+from .algos.logprob import sequence_logprobs
+from .config import Config, KernelsConfig, save_config
 from .data.template import pad_batch, render_pair, render_prompt
 from .models.build import ModelLoadError, build_causal_lm, build_tokenizer
 from .prefs import spec_from_config
@@ -33,7 +33,6 @@ from .utils.logging import MetricsWriter
 from .utils.seed import seed_everything
 from .parallel.parallelize import parallelize_policy
 from .parallel.stage import Stage
-from .parallel.vocab_parallel import parallel_info
 
 IGNORE = -100
 """Label of tokens that carry no loss (prompt and padding); F.cross_entropy's ignore_index."""
@@ -95,20 +94,19 @@ def load_sft_examples(path, tokenizer, max_length: int) -> SFTExamples:
     return SFTExamples(ids, prompt_lens)
 
 
-def sft_loss(model, ids_BT: torch.Tensor, mask_BT: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled (response) tokens, in float32."""
-    logits_BTV = model(input_ids=ids_BT, attention_mask=mask_BT).logits
-    info = parallel_info(model)
-    if info is not None and info.tp_group is not None:
-        # Tensor parallel: logits_BTV is this rank's vocabulary slice; the vocab-parallel log-prob
-        # gives the same cross-entropy without gathering the full logits.
-        keep_BT = labels_BT[:, 1:] != IGNORE
-        logp_N, _ = info.logprob_entropy(logits_BTV[:, :-1][keep_BT].float(), labels_BT[:, 1:][keep_BT])
-        return -logp_N.mean()
-    # Position t predicts token t+1.
-    return F.cross_entropy(
-        logits_BTV[:, :-1].float().flatten(0, 1), labels_BT[:, 1:].flatten(), ignore_index=IGNORE
-    )
+def sft_loss(model, ids_BT: torch.Tensor, mask_BT: torch.Tensor, labels_BT: torch.Tensor,
+             kernels: KernelsConfig | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled (response) tokens, in float32.
+
+    It is −mean log p(token) from the fused linear → log-prob (issue 7; Triton on CUDA), so the
+    B×T×V logits never exist — under tensor parallel not even this rank's vocabulary slice.
+    Labelled tokens are attended ones of right-padded rows (``SFTExamples.batch``).
+    """
+    kc = kernels or KernelsConfig()
+    logp_BT, _ = sequence_logprobs(model, ids_BT, mask_BT, chunk_size=kc.logprob_chunk, impl=kc.impl)
+    keep_BT = labels_BT != IGNORE
+    keep_BT[:, 0] = False  # column 0 predicts nothing
+    return -logp_BT[keep_BT].mean()
 
 
 def train_sft(cfg: Config, data_path, out_dir, show_progress: bool = True) -> dict:
@@ -172,7 +170,7 @@ def _train_loop(cfg: Config, model, data: SFTExamples, pad_id: int, writer: Metr
         i0 = (step % steps_per_epoch) * sc.batch_size
         batch = data.batch(stage.shard(order[i0 : i0 + sc.batch_size]), pad_id)
         ids_BT, mask_BT, labels_BT = (t.to(device) for t in batch)
-        loss = sft_loss(model, ids_BT, mask_BT, labels_BT)
+        loss = sft_loss(model, ids_BT, mask_BT, labels_BT, cfg.kernels)
         check_finite(loss, "sft loss", step)
         if stage.distributed:
             # A token mean over this rank's response tokens → its share of the global token mean.

@@ -9,7 +9,6 @@ from .core import AlgoError, NonFiniteError, check_finite, masked_mean, masked_s
 from .dpo import DPO_KINDS, dpo_loss, select_pairs
 from .kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_penalty
 from .logprob import (
-    ChunkedLinearLogprob,
     chunked_linear_logprob_entropy,
     linear_logprob_entropy_reference,
     sequence_logprobs,
@@ -40,7 +39,6 @@ __all__ = [
     "select_pairs",
     "dpo_loss",
     "linear_logprob_entropy_reference",
-    "ChunkedLinearLogprob",
     "chunked_linear_logprob_entropy",
     "sequence_logprobs",
 ]

@@ -1,7 +1,9 @@
 """Which implementation a fused kernel runs: ``triton`` or the plain-PyTorch ``reference``.
 
 ``auto`` (default) picks Triton for CUDA tensors when triton imports, the reference otherwise.
-The choice comes from the ``impl`` argument, else the ``MOSLIM_KERNELS`` environment variable.
+The choice comes from the ``impl`` argument (``kernels.impl`` in the config); where that is None
+or ``auto``, the ``MOSLIM_KERNELS`` environment variable may still force one (e.g. to A/B a run
+without editing its recipe). An explicit ``triton`` / ``reference`` argument wins over the variable.
 Triton on CPU tensors runs only in interpreter mode (``TRITON_INTERPRET=1`` set before
 ``import triton``), which is how the CPU test suite exercises the kernel code itself.
 
@@ -38,8 +40,9 @@ def _interpreting() -> bool:
 
 def resolve_impl(impl: str | None, device: torch.device) -> str:
     """``triton`` or ``reference`` for tensors on ``device``; raises KernelError if impossible."""
-    source = "impl" if impl is not None else ENV_VAR
-    choice = impl if impl is not None else os.environ.get(ENV_VAR, "auto")
+    from_env = impl in (None, "auto") and os.environ.get(ENV_VAR, "auto") != "auto"
+    source = ENV_VAR if from_env or impl is None else "impl"
+    choice = os.environ.get(ENV_VAR) if from_env else (impl or "auto")
     if choice not in IMPLS:
         raise KernelError(f"{source}: {choice!r} is not one of {IMPLS}")
     if choice == "reference":

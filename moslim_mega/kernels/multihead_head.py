@@ -264,11 +264,16 @@ def _check_head(hidden_BD, weight_CD, bias_C, num_classes, y_BH, y_name):
     return num_classes
 
 
-def multihead_head_loss_reference(hidden_BD, weight_CD, bias_C, num_classes, labels_BH, class_weights=None):
-    """Plain PyTorch: the reward model's head then :func:`per_head_ce_loss`; (total, per_head_H)."""
+def multihead_head_loss_reference(
+    hidden_BD, weight_CD, bias_C, num_classes, labels_BH, class_weights=None, return_probs: bool = False
+):
+    """Plain PyTorch: the reward model's head then :func:`per_head_ce_loss`; (total, per_head_H)
+    and, with ``return_probs``, the detached per-head softmax ``[B, C]`` in fp32."""
     logits = list(torch.split(F.linear(hidden_BD, weight_CD, bias_C), list(num_classes), dim=-1))
     total, per_head = per_head_ce_loss(logits, labels_BH, class_weights)
-    return total, torch.stack(per_head)
+    if not return_probs:
+        return total, torch.stack(per_head)
+    return total, torch.stack(per_head), torch.cat([torch.softmax(z.detach().float(), dim=-1) for z in logits], 1)
 
 
 def multihead_reward_reference(hidden_BD, weight_CD, bias_C, num_classes, targets_BH, mapper: RewardMapper):
@@ -279,7 +284,8 @@ def multihead_reward_reference(hidden_BD, weight_CD, bias_C, num_classes, target
 
 
 class FusedMultiheadHeadLoss(torch.autograd.Function):
-    """forward(hidden_BD, weight_CD, bias_C, labels_BH, class_weight_C, num_classes) -> (total, per_head_H)."""
+    """forward(hidden_BD, weight_CD, bias_C, labels_BH, class_weight_C, num_classes)
+    -> (total, per_head_H, probs_BC); probs_BC (the per-head softmax, fp32) is not differentiable."""
 
     @staticmethod
     def forward(ctx, hidden_BD, weight_CD, bias_C, labels_BH, class_weight_C, num_classes):
@@ -303,11 +309,14 @@ class FusedMultiheadHeadLoss(torch.autograd.Function):
                                     len(num_classes), BLOCK_P=64, BLOCK_C=block_c)
         ctx.save_for_backward(hidden_BD, weight_CD, labels_BH, class_weight_C, logp_BC, den_H, head_C, local_C)
         ctx.set_materialize_grads(False)
-        return total, per_head_H
+        # The probabilities are a by-product (the RM trainer's running class statistics read them).
+        probs_BC = logp_BC[:, : len(head_C)].exp()
+        ctx.mark_non_differentiable(probs_BC)
+        return total, per_head_H, probs_BC
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_total, grad_per_head_H):
+    def backward(ctx, grad_total, grad_per_head_H, _grad_probs_BC):
         hidden_BD, weight_CD, labels_BH, class_weight_C, logp_BC, den_H, head_C, local_C = ctx.saved_tensors
         zero = torch.zeros((), dtype=torch.float32, device=den_H.device)
         g_total = zero if grad_total is None else grad_total.float().contiguous()
@@ -341,24 +350,29 @@ def fused_multihead_head(
     labels_BH: Tensor,
     class_weights: list[Tensor] | None = None,
     impl: str | None = None,
-) -> tuple[Tensor, Tensor]:
+    return_probs: bool = False,
+) -> tuple[Tensor, ...]:
     """Training: Σ_i masked per-head CE of the head ``hidden·Wᵀ + b`` (Eq. 6-9, as
-    :func:`per_head_ce_loss`); returns (total, per_head_H), both fp32 and differentiable."""
+    :func:`per_head_ce_loss`); returns (total, per_head_H), both fp32 and differentiable, and with
+    ``return_probs`` also the per-head softmax ``[B, C]`` (fp32, detached) from the same pass."""
     num_classes = _check_head(hidden_BD, weight_CD, bias_C, num_classes, labels_BH, "labels_BH")
     if class_weights is not None and [tuple(w.shape) for w in class_weights] != [(k,) for k in num_classes]:
         raise KernelError(f"class_weights: expected one [K_i] tensor per head for K = {list(num_classes)}")
     if resolve_impl(impl, hidden_BD.device) == "reference":
-        return multihead_head_loss_reference(hidden_BD, weight_CD, bias_C, num_classes, labels_BH, class_weights)
+        return multihead_head_loss_reference(
+            hidden_BD, weight_CD, bias_C, num_classes, labels_BH, class_weights, return_probs
+        )
     dev = hidden_BD.device
     bias = bias_C if bias_C is not None else torch.zeros(sum(num_classes), dtype=weight_CD.dtype, device=dev)
     if class_weights is None:
         cw_C = torch.ones(sum(num_classes), dtype=torch.float32, device=dev)
     else:
         cw_C = torch.cat([w.to(dev, torch.float32) for w in class_weights])
-    return FusedMultiheadHeadLoss.apply(
+    total, per_head_H, probs_BC = FusedMultiheadHeadLoss.apply(
         hidden_BD.contiguous(), weight_CD.contiguous(), bias.contiguous(), labels_BH.to(dev).long().contiguous(),
         cw_C, num_classes,
     )
+    return (total, per_head_H, probs_BC) if return_probs else (total, per_head_H)
 
 
 @torch.no_grad()

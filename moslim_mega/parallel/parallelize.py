@@ -18,7 +18,7 @@ from torch.distributed.tensor.parallel import parallelize_module
 from . import dist as pdist
 from .mesh import tp_size
 from .plans import check_tp_divisible, decoder_layer_plan, embedding_plan, lm_head_plan
-from .vocab_parallel import ParallelLMInfo, register_parallel_lm, vocab_shard_start
+from .vocab_parallel import install_logprob_head
 
 
 def _mp_policy(pc) -> MixedPrecisionPolicy:
@@ -60,17 +60,13 @@ def parallelize_policy(model, mesh, pc, train: bool = True):
     if mesh is None:
         return model
     base = getattr(model, model.base_model_prefix)
-    tp = tp_size(mesh)
-    info = ParallelLMInfo()
-    if tp > 1:
+    # The LM head computes token log-probs with the fused kernel inside the model's forward (issue 7).
+    install_logprob_head(model)
+    if tp_size(mesh) > 1:
         _tp_backbone(base, mesh)
         parallelize_module(model, mesh["tp"], lm_head_plan())
-        vocab = model.get_output_embeddings().weight.shape[0]
-        tp_rank = mesh["tp"].get_local_rank()
-        info = ParallelLMInfo(mesh["tp"].get_group(), vocab_shard_start(vocab, tp_rank, tp))
     _checkpointing(model, pc, train)
     _fsdp(model, base.layers, mesh, pc)
-    register_parallel_lm(model, info)
     return model
 
 

@@ -3,9 +3,10 @@
 Megatron-style: q/k/v and gate/up are column parallel (each tp rank owns whole attention heads and
 a slice of the MLP width), o/down are row parallel (partial sums all-reduced once per block), so a
 decoder layer costs two all-reduces forward and two backward. The embedding is vocab parallel
-(row-wise over the vocabulary, partial rows all-reduced) and the LM head is column parallel with
-its logits left sharded over the vocabulary ("loss parallel"): the log-prob of a token is computed
-from the shards by :mod:`.vocab_parallel` without ever gathering the full logits.
+(row-wise over the vocabulary, partial rows all-reduced) and the LM head's weight rows are sharded
+over the vocabulary ("loss parallel"): the log-prob of a token is computed from each rank's rows by
+the fused vocab-parallel kernel (:mod:`.vocab_parallel`) without ever forming, let alone gathering,
+the full logits.
 
 Qwen2-MoE: attention and the shared expert follow the dense plan; the routed experts (fused 3-D
 parameters) stay replicated over tp — they are sharded by FSDP2 over dp instead.
@@ -13,8 +14,9 @@ parameters) stay replicated over tp — they are sharded by FSDP2 over dp instea
 
 from __future__ import annotations
 
-from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+from torch import nn
+from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
 from ..config import ConfigError
 
@@ -63,6 +65,20 @@ def embedding_plan() -> dict:
     return {"embed_tokens": RowwiseParallel(input_layouts=Replicate())}
 
 
+class VocabRowShard(ParallelStyle):
+    """Shard a linear's weight rows (the vocabulary) over tp and leave its inputs and outputs alone:
+    :class:`.vocab_parallel.LogprobLMHead` reads its local rows itself, for logits (this rank's slice)
+    or for the fused vocab-parallel log-prob, and handles the input gradient's all-reduce."""
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        def partition(_name, mod, mesh):
+            for pname, param in list(mod.named_parameters(recurse=False)):
+                sharded = nn.Parameter(distribute_tensor(param, mesh, [Shard(0)]), requires_grad=param.requires_grad)
+                mod.register_parameter(pname, sharded)
+
+        return distribute_module(module, device_mesh, partition)
+
+
 def lm_head_plan() -> dict:
-    """Column-parallel LM head whose logits stay sharded over the vocabulary (local tensors)."""
-    return {"lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=True)}
+    """Vocab-row-sharded LM head whose logits stay sharded over the vocabulary (never gathered)."""
+    return {"lm_head": VocabRowShard()}

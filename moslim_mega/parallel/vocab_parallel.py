@@ -1,99 +1,119 @@
-"""Token log-probs and entropies over a tensor-parallel (vocabulary-sharded) LM head.
+"""The LM head of a parallelised causal LM: token log-probs and entropies straight from its weight.
 
-Legend: N rows (tokens), V vocabulary, Vl = this tp rank's vocabulary slice [start, start + Vl).
-z = logits / temperature (local slice), logZ = logsumexp over the *global* vocabulary.
+Legend: B batch, T tokens, N rows (tokens with a target), H hidden size, V vocabulary, Vs = this tp
+rank's vocabulary rows [start, start + Vs).
 
-Nothing of size N×V is ever gathered: each rank reduces its slice to three numbers per row that
-are all-reduced over the tp group — the max (for stability), Σ exp(z − m) and Σ exp(z − m)·z —
-plus the target's logit (found on exactly one rank, zero elsewhere). Then
-log p(t) = z_t − logZ and entropy = logZ − E_p[z]. Backward is local to each slice:
-dL/dz_j = g_lp·(1[j = t] − p_j) − g_H·p_j·(z_j − E_p[z]).
-
-``parallel_info(model)`` tells :func:`moslim_mega.algos.logprob.sequence_logprobs` that a model was
-parallelised (and whether its logits come back vocab-sharded); it then takes the logits from the
-model's own forward, so FSDP2's gather/reshard hooks run as usual.
+``parallelize_policy`` swaps the model's ``nn.Linear`` LM head for :class:`LogprobLMHead` (same
+parameter, same state-dict name). Called plainly it returns logits — under tensor parallel only
+this rank's vocabulary slice, as Megatron's column-parallel head with "parallel output". Inside
+``head.logprobs_of(...)`` (what :func:`moslim_mega.algos.logprob.sequence_logprobs` opens around the
+model's own forward, so FSDP2's gather/reshard hooks run as usual) it instead hands the hidden
+states and the gathered weight to the fused linear → log-prob kernel of issue 7, and returns
+``[N, 2]`` = (log p(target), entropy): the N×V (or N×Vs) logits never exist. Under tensor
+parallel that is the vocab-parallel kernel: each rank reduces its Vs rows to a per-row online-
+softmax state, two collectives (all-reduce MAX, then SUM) combine the states, and in backward the
+partial hidden gradient is all-reduced.
 """
 
 from __future__ import annotations
 
-import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+from ..config import ConfigError
 
 
-class _VocabParallelLogprob(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z_NV: Tensor, targets_N: Tensor, vocab_start: int, group):
-        z_NV = z_NV.float()
-        vl = z_NV.shape[1]
-        max_N = z_NV.amax(dim=1)
-        dist.all_reduce(max_N, op=dist.ReduceOp.MAX, group=group)
-        e_NV = torch.exp(z_NV - max_N[:, None])
-        sums_2N = torch.stack([e_NV.sum(dim=1), (e_NV * z_NV).sum(dim=1)])
-        in_shard_N = (targets_N >= vocab_start) & (targets_N < vocab_start + vl)
-        local_N = (targets_N - vocab_start).clamp(0, vl - 1)
-        target_N = torch.where(in_shard_N, z_NV.gather(1, local_N[:, None]).squeeze(1), torch.zeros_like(max_N))
-        packed_3N = torch.cat([sums_2N, target_N[None]])  # one all-reduce for the three sums
-        dist.all_reduce(packed_3N, group=group)
-        sum_N, zsum_N, target_N = packed_3N
-        logz_N = max_N + torch.log(sum_N)
-        mean_z_N = zsum_N / sum_N
-        ctx.save_for_backward(z_NV, logz_N, mean_z_N, in_shard_N, local_N)
-        ctx.set_materialize_grads(False)
-        return target_N - logz_N, logz_N - mean_z_N
+class _CopyToGroup(torch.autograd.Function):
+    """Identity forward, all-reduce (SUM) backward: the input of a column-parallel linear."""
 
     @staticmethod
-    def backward(ctx, grad_logp_N, grad_entropy_N):
-        z_NV, logz_N, mean_z_N, in_shard_N, local_N = ctx.saved_tensors
-        p_NV = torch.exp(z_NV - logz_N[:, None])
-        grad_NV = torch.zeros_like(z_NV)
-        if grad_logp_N is not None:
-            grad_NV -= grad_logp_N[:, None] * p_NV
-            rows = torch.nonzero(in_shard_N).squeeze(1)
-            grad_NV[rows, local_N[rows]] += grad_logp_N[rows]
-        if grad_entropy_N is not None:
-            grad_NV -= grad_entropy_N[:, None] * p_NV * (z_NV - mean_z_N[:, None])
-        return grad_NV, None, None, None
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
 
-
-def vocab_parallel_logprob_entropy(z_NV: Tensor, targets_N: Tensor, vocab_start: int, group=None) -> tuple[Tensor, Tensor]:
-    """(log p(target), entropy) from this rank's vocabulary slice ``z_NV`` of the scaled logits.
-    ``targets_N`` are global token ids; every rank of ``group`` passes the same targets."""
-    return _VocabParallelLogprob.apply(z_NV, targets_N.long(), int(vocab_start), group)
-
-
-def full_logprob_entropy(z_NV: Tensor, targets_N: Tensor) -> tuple[Tensor, Tensor]:
-    """The same from unsharded logits (float32)."""
-    logp_NV = torch.log_softmax(z_NV.float(), dim=-1)
-    return logp_NV.gather(1, targets_N.long()[:, None]).squeeze(1), -(logp_NV.exp() * logp_NV).sum(-1)
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 @dataclass(frozen=True)
-class ParallelLMInfo:
-    """How a parallelised causal LM returns its logits: vocab-sharded over ``tp_group`` or whole."""
-
-    tp_group: object = None
-    vocab_start: int = 0
-
-    def logprob_entropy(self, z_NV: Tensor, targets_N: Tensor) -> tuple[Tensor, Tensor]:
-        if self.tp_group is None:
-            return full_logprob_entropy(z_NV, targets_N)
-        return vocab_parallel_logprob_entropy(z_NV, targets_N, self.vocab_start, self.tp_group)
+class _Request:
+    rows_BT: Tensor  # which positions' hidden states predict a target
+    targets_N: Tensor
+    temperature: float
+    chunk_size: int
+    impl: str | None
 
 
-_REGISTRY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+class LogprobLMHead(nn.Linear):
+    """A bias-free LM head that can return fused token log-probs and entropies instead of logits."""
+
+    _request: _Request | None = None
+
+    @contextmanager
+    def logprobs_of(self, rows_BT: Tensor, targets_N: Tensor, temperature: float, chunk_size: int, impl: str | None):
+        """While open, forward(hidden_BTH) returns ``[N, 2]`` (log p(targets_N), entropy) of the rows
+        ``hidden_BTH[rows_BT]`` (row-major order), in float32."""
+        self._request = _Request(rows_BT, targets_N, float(temperature), int(chunk_size), impl)
+        try:
+            yield
+        finally:
+            self._request = None
+
+    def _local_weight(self) -> tuple[Tensor, object, int]:
+        """(this rank's rows of W, tp group or None, first vocabulary id of those rows)."""
+        weight = self.weight
+        if not isinstance(weight, DTensor):
+            return weight, None, 0
+        mesh = weight.device_mesh
+        if mesh.ndim != 1:
+            raise ConfigError(f"LM head weight on a {mesh.ndim}-D mesh inside forward; expected the tp mesh")
+        start = vocab_shard_start(self.out_features, mesh.get_local_rank(), mesh.size())
+        return weight.to_local(), mesh.get_group(), start
+
+    def forward(self, hidden_BTH: Tensor) -> Tensor:
+        from ..kernels.linear_logprob import fused_linear_logprob, vocab_parallel_linear_logprob
+
+        weight, group, start = self._local_weight()
+        req = self._request
+        if req is None:
+            if group is not None:  # each rank's logits slice feeds back a partial input gradient
+                hidden_BTH = _CopyToGroup.apply(hidden_BTH, group)
+            return F.linear(hidden_BTH, weight)
+        hidden_NH = hidden_BTH[req.rows_BT]
+        if group is None:
+            logp_N, entropy_N = fused_linear_logprob(
+                hidden_NH, weight, req.targets_N, req.temperature, chunk_size=req.chunk_size, impl=req.impl
+            )
+        else:
+            logp_N, entropy_N = vocab_parallel_linear_logprob(
+                hidden_NH, weight, req.targets_N, group, vocab_start=start, vocab_size=self.out_features,
+                temperature=req.temperature, chunk_size=req.chunk_size, impl=req.impl,
+            )
+        return torch.stack([logp_N, entropy_N], dim=-1)
 
 
-def register_parallel_lm(model, info: ParallelLMInfo) -> None:
-    _REGISTRY[model] = info
-
-
-def parallel_info(model) -> ParallelLMInfo | None:
-    """Set by ``parallelize_policy``; None for a plain single-process model."""
-    return _REGISTRY.get(model)
+def install_logprob_head(model) -> LogprobLMHead:
+    """Swap ``model``'s ``nn.Linear`` LM head for a :class:`LogprobLMHead` holding the same weight
+    (tied embeddings stay tied; state-dict names do not change). Run before tp / FSDP2."""
+    head = model.get_output_embeddings()
+    if isinstance(head, LogprobLMHead):
+        return head
+    if type(head) is not nn.Linear or head.bias is not None:
+        raise ConfigError(f"LM head {type(head).__name__}: the parallel policy needs a bias-free nn.Linear head")
+    name = next(n for n, m in model.named_children() if m is head)
+    new = LogprobLMHead(head.in_features, head.out_features, bias=False, device="meta")
+    new.weight = head.weight
+    setattr(model, name, new)
+    return new
 
 
 def vocab_shard_start(vocab_size: int, tp_rank: int, tp: int) -> int:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ..algos import core, dpo, kl, ppo, rloo
 from ..checkpoint.hooks import StageCheckpoints
 from ..checkpoint.state import write_model_assets
-from ..config import Config, PolicyConfig, SamplingConfig, save_config
+from ..config import Config, KernelsConfig, PolicyConfig, SamplingConfig, save_config
 from ..models.value import ValueModel
 from ..prefs import PrefixError, parse_prefix
 from ..reward.data import RecordError, read_jsonl
@@ -91,9 +91,9 @@ def actor_loss(pc: PolicyConfig, logp_BT, entropy_BT, exp: Experience, kl_coef: 
 
 
 def update_actor(actor, updater: Updater, exp: Experience, pc: PolicyConfig, kl_coef: float, gen: torch.Generator,
-                 temperature: float = 1.0, step: int = 0) -> dict:
+                 temperature: float = 1.0, step: int = 0, kernels: KernelsConfig | None = None) -> dict:
     """Clipped-surrogate updates of the policy (PPO, RLOO) or the DPO loss (Online-DPO)."""
-    worker = LogprobWorker(actor, temperature)
+    worker = LogprobWorker(actor, temperature, kernels)
     if exp.chosen_P is not None:
         return _update_dpo(worker, updater, exp, pc, gen, step)
 
@@ -234,7 +234,7 @@ def train_policy(
 
     if rewarder is None:
         rm = load_reward_model(rm_dir)
-        rewarder = RewardWorker(rm, RewardMapper.from_config(rm.stats, cfg.mapping))
+        rewarder = RewardWorker(rm, RewardMapper.from_config(rm.stats, cfg.mapping), impl=cfg.kernels.impl)
     prompts = load_policy_prompts(prompts_path, rewarder.spec)
     critic = critic_upd = rollout_model = None
     if stage.distributed:
@@ -248,7 +248,8 @@ def train_policy(
         generator = HFGenerator(actor, tokenizer)
         if pc.algo == "ppo":
             critic = ValueModel(copy.deepcopy(getattr(actor, actor.base_model_prefix))).train()
-    ref_worker, old_worker = LogprobWorker(reference, sc.temperature), LogprobWorker(actor, sc.temperature)
+    ref_worker = LogprobWorker(reference, sc.temperature, cfg.kernels)
+    old_worker = LogprobWorker(actor, sc.temperature, cfg.kernels)
     actor_upd = Updater(actor.parameters(), pc.lr, pc.weight_decay, pc.warmup_steps, pc.grad_clip)
     if critic is not None:
         critic_upd = Updater(critic.parameters(), pc.critic_lr, pc.weight_decay, pc.warmup_steps, pc.grad_clip)
@@ -295,7 +296,7 @@ def train_policy(
         ref_logp, _ = ref_worker.logprobs(ids, attn)
         exp = Experience(ids, attn, mask, old_logp * mask, ref_logp * mask)
         metrics = compute_advantages(pc, exp, scored.reward_B, kl_ctl.value, K, critic, step)
-        metrics.update(update_actor(actor, actor_upd, exp, pc, kl_ctl.value, gen, sc.temperature, step))
+        metrics.update(update_actor(actor, actor_upd, exp, pc, kl_ctl.value, gen, sc.temperature, step, cfg.kernels))
         if critic is not None:
             metrics.update(update_critic(critic, critic_upd, exp, pc, gen, step))
         if stage.distributed:

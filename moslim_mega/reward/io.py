@@ -56,20 +56,43 @@ class LoadedRewardModel:
     stats: RunningClassStats
     max_length: int = 512
 
-    @torch.no_grad()
-    def probs(self, prompts: list[str], responses: list[str], batch_size: int = 64) -> list[torch.Tensor]:
-        """Per-head class probabilities ``[N, K_i]``; preference prefixes are stripped first."""
+    def _batches(self, prompts: list[str], responses: list[str], batch_size: int):
+        """(start, ids_BT, mask_BT) on the model's device; preference prefixes are stripped first."""
         device = next(self.model.parameters()).device
         seqs = [
             encode_pair(self.tokenizer, strip_prefix(p, self.spec), r, self.max_length)
             for p, r in zip(prompts, responses)
         ]
-        chunks = []
         for start in range(0, len(seqs), batch_size):
             ids_BT, mask_BT = pad_batch(seqs[start : start + batch_size], self.tokenizer.pad_token_id)
-            logits = self.model(ids_BT.to(device), mask_BT.to(device))
-            chunks.append([torch.softmax(x.float(), dim=-1).cpu() for x in logits])
+            yield start, ids_BT.to(device), mask_BT.to(device)
+
+    @torch.no_grad()
+    def probs(self, prompts: list[str], responses: list[str], batch_size: int = 64) -> list[torch.Tensor]:
+        """Per-head class probabilities ``[N, K_i]``; preference prefixes are stripped first."""
+        chunks = []
+        for _, ids_BT, mask_BT in self._batches(prompts, responses, batch_size):
+            chunks.append([torch.softmax(x.float(), dim=-1).cpu() for x in self.model(ids_BT, mask_BT)])
         return [torch.cat([c[i] for c in chunks]) for i in range(len(self.spec))]
+
+    @torch.no_grad()
+    def score(
+        self, prompts: list[str], responses: list[str], targets_BH: torch.Tensor, mapper, impl: str | None = None,
+        batch_size: int = 64,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per-head probabilities ``[N, K_i]`` and the mapped reward ``[N]`` (``mapper``, Eq. 11) from
+        one fused head pass per batch (Triton on CUDA, the eager reference elsewhere; issue 7)."""
+        from ..kernels.multihead_head import fused_multihead_reward
+
+        probs, rewards = [], []
+        for start, ids_BT, mask_BT in self._batches(prompts, responses, batch_size):
+            t_BH = targets_BH[start : start + ids_BT.shape[0]].to(ids_BT.device)
+            probs_BC, reward_B = self.model(ids_BT, mask_BT, head=lambda h, w, b: fused_multihead_reward(
+                h, w, b, self.model.num_classes, t_BH, mapper, impl=impl))
+            probs.append(probs_BC.float().cpu())
+            rewards.append(reward_B.float().cpu())
+        probs_NC = torch.cat(probs)
+        return list(torch.split(probs_NC, list(self.model.num_classes), dim=1)), torch.cat(rewards)
 
 
 def load_reward_model(path: str | Path, device: str = "cpu") -> LoadedRewardModel:

@@ -37,7 +37,15 @@ class MultiHeadRewardModel(nn.Module):
         idx_B = last_token_index(attention_mask_BT)
         return hidden_BTD[torch.arange(hidden_BTD.shape[0], device=hidden_BTD.device), idx_B]
 
-    def forward(self, input_ids_BT, attention_mask_BT) -> list[torch.Tensor]:
-        """Per-head logits: a list of H tensors ``[B, K_i]``."""
-        logits_BC = self.heads(self.pooled_hidden(input_ids_BT, attention_mask_BT))
-        return list(torch.split(logits_BC, self.num_classes, dim=-1))
+    def forward(self, input_ids_BT, attention_mask_BT, head=None):
+        """Per-head logits: a list of H tensors ``[B, K_i]``.
+
+        ``head``: optional ``head(hidden_BD, weight_CD, bias_C)`` run on the pooled state instead of
+        the linear heads, returning whatever it returns — how a fused head kernel (loss or mapped
+        reward, issue 7) reads the weights. It runs inside ``forward`` so that FSDP2's gathered
+        parameters are in place, as they are for the plain heads.
+        """
+        hidden_BD = self.pooled_hidden(input_ids_BT, attention_mask_BT)
+        if head is not None:
+            return head(hidden_BD, self.heads.weight, self.heads.bias)
+        return list(torch.split(self.heads(hidden_BD), self.num_classes, dim=-1))

@@ -29,7 +29,8 @@ from ..parallel.parallelize import parallelize_rm
 from ..parallel.stage import Stage
 from .data import RMExamples, load_rm_examples
 from .io import save_reward_model
-from .losses import balanced_class_weights, paper_eq10_loss, per_head_ce_loss
+from ..kernels.multihead_head import fused_multihead_head
+from .losses import balanced_class_weights, paper_eq10_loss
 from .mapping import RewardMapper, RunningClassStats
 from .metrics import rm_report
 from .model import MultiHeadRewardModel
@@ -105,9 +106,6 @@ def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = T
     model.train()
 
     weights = balanced_class_weights(train.labels_NH, spec.num_classes) if rc.class_weights == "balanced" else None
-    loss_fn = (lambda lg, lb: paper_eq10_loss(lg, lb)) if rc.loss == "paper_eq10" else (
-        lambda lg, lb: per_head_ce_loss(lg, lb, weights)
-    )
     steps_per_epoch = math.ceil(len(train) / rc.batch_size)
     total_steps = max(1, math.ceil(rc.epochs * steps_per_epoch))
     upd = Updater(model.parameters(), rc.lr, rc.weight_decay, rc.warmup_steps, rc.grad_clip, total_steps)
@@ -134,8 +132,7 @@ def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = T
                 stats.reset()  # statistics of the current epoch's weights only
         i0 = (step % steps_per_epoch) * rc.batch_size
         ids_BT, mask_BT, labels_BH = train.batch(stage.shard(order[i0 : i0 + rc.batch_size]), pad_id)
-        logits = model(ids_BT, mask_BT)
-        loss, per_head = loss_fn(logits, labels_BH)
+        loss, per_head, probs = _head_loss(model, ids_BT, mask_BT, labels_BH, weights, rc.loss, cfg.kernels.impl)
         if stage.distributed:
             # Each head's loss is a mean over this rank's labelled rows; rescale so FSDP's gradient
             # average over dp equals the single-process mean over the global batch.
@@ -146,7 +143,7 @@ def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = T
         loss.backward()
         grad_norm = upd.step(step, "rm grad norm")
         with torch.no_grad():
-            stats.update([stage.gather_dp(torch.softmax(x.detach().float(), -1)) for x in logits])
+            stats.update([stage.gather_dp(p_BK) for p_BK in probs])
         if step % 10 == 0:
             row = {"loss": stage.sum_dp(loss.item()) / stage.dp, "grad_norm": grad_norm, "lr": upd.lr}
             row.update({f"loss_{n}": stage.sum_dp(v.item()) / stage.dp for n, v in zip(spec.names, per_head)})
@@ -176,6 +173,20 @@ def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = T
         (out / "eval.json").write_text(json.dumps(report, indent=2))
     stage.barrier()
     return report
+
+
+def _head_loss(model, ids_BT, mask_BT, labels_BH, weights, loss_kind: str, impl: str):
+    """(total loss, per-head losses, per-head probabilities) of one batch. Eq. 6-9 runs the fused
+    head (linear → per-head log-softmax → masked CE in one kernel on CUDA, the eager reference
+    elsewhere, issue 7); the Eq. 10 ablation stays eager."""
+    if loss_kind == "paper_eq10":
+        logits = model(ids_BT, mask_BT)
+        loss, per_head = paper_eq10_loss(logits, labels_BH)
+        return loss, per_head, [torch.softmax(x.detach().float(), -1) for x in logits]
+    nc = model.num_classes
+    loss, per_head_H, probs_BC = model(ids_BT, mask_BT, head=lambda h, w, b: fused_multihead_head(
+        h, w, b, nc, labels_BH.to(h.device), weights, impl=impl, return_probs=True))
+    return loss, list(per_head_H.unbind(0)), [p.contiguous() for p in torch.split(probs_BC, nc, dim=1)]
 
 
 def _rm_skeleton(config, num_classes):

@@ -99,3 +99,128 @@ def test_multihead_reward_triton_matches_mapper(kind, normalize_by, clip):
     torch.testing.assert_close(probs, want_probs, **TOL)
     torch.testing.assert_close(reward, want_reward, **TOL)
     assert reward[0] == 0
+
+
+# ---- the call sites (issue 7 wiring): what the trainers run with kernels.impl=triton --------------
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts Triton launches per kernel family, so a call site that silently took the reference
+    path fails its test."""
+    from moslim_mega.kernels import linear_logprob, multihead_head
+
+    seen = {"logprob": 0, "head": 0}
+    local_state, layout = linear_logprob._local_state, multihead_head._layout
+
+    def spy_state(*args):
+        seen["logprob"] += args[-1] == "triton"
+        return local_state(*args)
+
+    def spy_layout(*args):
+        seen["head"] += 1  # only the Triton paths lay out the head columns
+        return layout(*args)
+
+    monkeypatch.setattr(linear_logprob, "_local_state", spy_state)
+    monkeypatch.setattr(multihead_head, "_layout", spy_layout)
+    return seen
+
+
+def _tiny_llama(vocab=83, seed=0):
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _padded_batch(vocab, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (3, 11), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    mask[2, 8:] = 0  # right padding
+    return ids, mask
+
+
+@pytest.mark.parametrize("parallel_head", [False, True])
+def test_policy_logprobs_and_sft_loss_run_the_triton_kernel(parallel_head, launches):
+    from moslim_mega.algos.logprob import sequence_logprobs
+    from moslim_mega.config import KernelsConfig
+    from moslim_mega.parallel.vocab_parallel import install_logprob_head
+    from moslim_mega.sft import sft_loss
+
+    model = _tiny_llama()
+    if parallel_head:  # the head a parallelised policy carries (here without a process group)
+        install_logprob_head(model)
+    ids, mask = _padded_batch(83)
+    labels = torch.where(mask.bool(), ids, -100)
+    labels[:, :6] = -100
+    params = [p for p in model.parameters()]
+    results = []
+    for impl in ("triton", "reference"):
+        model.zero_grad()
+        logp, ent = sequence_logprobs(model, ids, mask, temperature=0.8, chunk_size=32, impl=impl)
+        loss = sft_loss(model, ids, mask, labels, KernelsConfig(impl=impl, logprob_chunk=32))
+        (logp.sum() + 0.5 * ent.sum() + loss).backward()
+        results.append([logp.detach(), ent.detach(), loss.detach()] + [p.grad.clone() for p in params])
+        if impl == "triton":
+            assert launches["logprob"] == 2  # sequence_logprobs and sft_loss
+    for i, (a, b) in enumerate(zip(*results)):
+        torch.testing.assert_close(a, b, **TOL, msg=f"output/grad {i}")
+    assert results[0][0].abs().sum() > 0 and results[0][3].abs().sum() > 0
+
+
+def _tiny_rm():
+    import transformers
+
+    from moslim_mega.reward.model import MultiHeadRewardModel
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=83, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2)
+    return MultiHeadRewardModel(transformers.LlamaModel(cfg), K)
+
+
+def test_rm_training_head_runs_the_triton_kernel(launches):
+    from moslim_mega.reward.trainer import _head_loss
+
+    model = _tiny_rm()
+    ids, mask = _padded_batch(83, seed=1)
+    labels = torch.tensor([[4, -1, 1], [0, 2, -1], [2, 1, 0]])
+    weights = [torch.rand(k) + 0.5 for k in K]
+    results = []
+    for impl in ("triton", "reference"):
+        model.zero_grad()
+        loss, per_head, probs = _head_loss(model, ids, mask, labels, weights, "per_head_ce", impl)
+        loss.backward()
+        results.append([loss.detach(), torch.stack(per_head).detach(), torch.cat(probs, 1)]
+                       + [p.grad.clone() for p in model.parameters()])
+        assert launches["head"] == 1
+    for i, (a, b) in enumerate(zip(*results)):
+        torch.testing.assert_close(a, b, **TOL, msg=f"output/grad {i}")
+
+
+def test_reward_worker_scores_with_the_triton_kernel(launches):
+    from moslim_mega.config import ModelConfig, PrefsConfig
+    from moslim_mega.models.build import build_backbone, build_tokenizer
+    from moslim_mega.policy.workers import RewardWorker
+    from moslim_mega.prefs import spec_from_config
+    from moslim_mega.reward.io import LoadedRewardModel
+    from moslim_mega.reward.model import MultiHeadRewardModel
+
+    spec = spec_from_config(PrefsConfig())
+    mc = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    tokenizer = build_tokenizer(mc, spec.names)
+    model = MultiHeadRewardModel(build_backbone(mc, tokenizer, seed=0), spec.num_classes).eval()
+    gen = torch.Generator().manual_seed(2)
+    stats = RunningClassStats(spec.num_classes)
+    stats.update([torch.softmax(3 * torch.randn(30, k, generator=gen), 1) for k in spec.num_classes])
+    rm = LoadedRewardModel(model, tokenizer, spec, stats)
+    names = spec.names
+    prompts = [f"<{names[0]} 4><{names[-1]} 1> How do I bake bread?", f"<{names[1]} 2> What is rain?", "Hello?"]
+    responses = ["Mix flour and water.", "Water falling from clouds.", "Hi."]
+    outs = [RewardWorker(rm, RewardMapper(stats), impl=impl).score(prompts, responses) for impl in ("triton", "reference")]
+    assert launches["head"] == 1
+    for field in ("reward_B", "terms_BH", "targets_BH"):
+        torch.testing.assert_close(getattr(outs[0], field), getattr(outs[1], field), **TOL, msg=field)
+    assert outs[0].reward_B[2] == 0 and outs[0].reward_B[:2].abs().min() > 0

@@ -21,7 +21,11 @@ def test_resolve_impl_auto_env_and_errors(monkeypatch):
     monkeypatch.setenv("MOSLIM_KERNELS", "triton")
     with pytest.raises(KernelError, match="MOSLIM_KERNELS"):
         resolve_impl(None, cpu)
-    assert resolve_impl("reference", cpu) == "reference"  # the argument wins over the env
+    with pytest.raises(KernelError, match="MOSLIM_KERNELS"):
+        resolve_impl("auto", cpu)  # kernels.impl=auto leaves the choice to the variable
+    assert resolve_impl("reference", cpu) == "reference"  # an explicit argument wins over the env
+    monkeypatch.setenv("MOSLIM_KERNELS", "reference")
+    assert resolve_impl("auto", cpu) == "reference"
     monkeypatch.setenv("MOSLIM_KERNELS", "fast")
     with pytest.raises(KernelError, match="MOSLIM_KERNELS: 'fast'"):
         resolve_impl(None, cpu)

@@ -18,6 +18,7 @@ from moslim_mega.models.value import ValueModel
 from moslim_mega.parallel.mesh import build_mesh
 from moslim_mega.parallel.parallelize import build_sharded, parallelize_policy, parallelize_rm, parallelize_value
 from moslim_mega.parallel.stage import plain_copy
+from moslim_mega.parallel.vocab_parallel import vocab_shard_start
 from moslim_mega.reward.losses import per_head_ce_loss
 from moslim_mega.reward.model import MultiHeadRewardModel
 from moslim_mega.utils.optim import Updater
@@ -159,6 +160,22 @@ def main():
 
         compare(f"value_{tag}", seeded(build_value), lambda c: ValueModel(AutoModel.from_config(c)),
                 parallelize_value, value_loss, mesh, pc, out)
+        if tag == "tp2":
+            # The LM head's plain call under tp: this rank's logits slice, whose partial input
+            # gradient the head all-reduces; a loss over every logit equals the unsharded one.
+            def logits_loss(m, r):
+                z = m(input_ids=ids[r], attention_mask=mask[r]).logits.float()
+                start = vocab_shard_start(V, dist.get_rank(), 2) if z.shape[-1] < V else 0
+                w = torch.linspace(-1.0, 1.0, V)[start : start + z.shape[-1]]
+                local = (z.pow(2) * w).sum() / (z.shape[0] * z.shape[1] * V)
+                if z.shape[-1] == V:
+                    return (local,)
+                total = local.detach().clone()
+                dist.all_reduce(total)
+                return (local + (total - local.detach()),)  # the global value, this rank's gradient
+
+            compare("logits_tp2", seeded(lambda: AutoModelForCausalLM.from_config(llama_cfg())),
+                    lambda c: AutoModelForCausalLM.from_config(c), parallelize_policy, logits_loss, mesh, pc, out)
         if tag == "fsdp2":
             # Activation checkpointing recomputes each layer in backward: same numbers.
             pc_ac = ParallelConfig(dp=2, tp=1, activation_checkpointing=True)

@@ -28,7 +28,8 @@ def results(tmp_path_factory):
     return json.loads((tmp / "out.json").read_text())
 
 
-CASES = ["policy_fsdp2", "policy_fsdp2_ac", "policy_tp2", "rm_fsdp2", "rm_tp2", "value_fsdp2", "value_tp2", "moe_policy_fsdp2"]
+CASES = ["policy_fsdp2", "policy_fsdp2_ac", "policy_tp2", "logits_tp2", "rm_fsdp2", "rm_tp2", "value_fsdp2", "value_tp2",
+         "moe_policy_fsdp2"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -45,8 +46,9 @@ def test_one_step_equals_single_process(results, case):
 
 @pytest.mark.parametrize("case", ["policy_fsdp2", "policy_tp2"])
 def test_parallel_logprobs_equal_reference(results, case):
-    # tp2: the vocab-parallel path (max / Σexp / target logit all-reduced, logits never gathered);
-    # fsdp2: logits from the FSDP forward; both against the single-process chunked reference.
+    # tp2: the fused vocab-parallel kernel inside the LM head (MAX, then one SUM all-reduce; logits
+    # never formed beyond one vocabulary chunk); fsdp2: the fused kernel on the gathered head weight;
+    # both against the single-process path.
     assert results[case]["logp_diff"] < 1e-5
 
 
