@@ -71,3 +71,48 @@ def test_multihead_head_gpu(dtype):
         p2, r2 = multihead_reward_reference(hidden, weight, bias, K, targets, mapper)
     torch.testing.assert_close(p1, p2, **TOL[dtype])
     torch.testing.assert_close(r1, r2, **TOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wired_call_sites_take_triton_on_cuda(dtype, monkeypatch):
+    """What the trainers run on a GPU with kernels.impl=auto: the policy's log-probs (plain and the
+    parallel LM head) and the RM's training head, equal to the reference path."""
+    import transformers
+
+    from moslim_mega.algos.logprob import sequence_logprobs
+    from moslim_mega.kernels import linear_logprob
+    from moslim_mega.parallel.vocab_parallel import install_logprob_head
+    from moslim_mega.reward.model import MultiHeadRewardModel
+    from moslim_mega.reward.trainer import _head_loss
+
+    monkeypatch.delenv("MOSLIM_KERNELS", raising=False)
+    impls = []
+    state = linear_logprob._local_state
+    monkeypatch.setattr(linear_logprob, "_local_state", lambda *a: impls.append(a[-1]) or state(*a))
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=5003, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    ids = torch.randint(0, 5003, (4, 33), device="cuda", generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    for parallel_head in (False, True):
+        model = transformers.LlamaForCausalLM(cfg).to("cuda", dtype)
+        if parallel_head:
+            install_logprob_head(model)
+        outs = []
+        for impl in ("auto", "reference"):
+            model.zero_grad()
+            logp, ent = sequence_logprobs(model, ids, mask, 0.9, chunk_size=1024, impl=impl)
+            (logp.sum() + ent.sum()).backward()
+            outs.append([logp.detach(), ent.detach(), model.lm_head.weight.grad.float().clone()])
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b, **TOL[dtype])
+    assert impls == ["triton", "reference"] * 2
+    rm = MultiHeadRewardModel(transformers.LlamaModel(cfg), K).to("cuda", dtype)
+    labels = torch.stack([torch.randint(-1, k, (4,), device="cuda", generator=gen) for k in K], 1)
+    got = _head_loss(rm, ids, mask, labels, None, "per_head_ce", "auto")
+    want = _head_loss(rm, ids, mask, labels, None, "per_head_ce", "reference")
+    for a, b in zip([got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]]):
+        torch.testing.assert_close(a.float(), b.float(), **TOL[dtype])
