@@ -10,6 +10,10 @@ set -u
 WHAT="${1:-all}"
 OUT="${OUT:-bench_out}"
 mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" > /dev/null; then  # carried wheels (fetch_wheels.sh): Liger-Kernel
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export MOSLIM_KERNELS=auto TRITON_DEFAULT_FP_FUSION=1
 PY="${PYTHON:-python}"
