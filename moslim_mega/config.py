@@ -369,6 +369,8 @@ class RunConfig:
     """Directory with train/eval jsonl (empty = build the embedded world into the run dir)."""
     num_threads: int = 0
     """torch intra-op threads (0 = leave torch's default)."""
+    device: str = "auto"
+    """Training device of a single-process run: `auto` (CUDA when available, else CPU), `cuda` or `cpu`; under torchrun each rank uses its local GPU when CUDA is available."""
     tensorboard: bool = True
     """Also write TensorBoard event files beside metrics.jsonl."""
 
@@ -421,6 +423,7 @@ _CHOICES = {
     (BenchConfig, "rm_score"): ("mapped", "expected"),
     (ParallelConfig, "mixed_precision"): ("none", "bf16"),
     (KernelsConfig, "impl"): ("auto", "triton", "reference"),
+    (RunConfig, "device"): ("auto", "cuda", "cpu"),
 }
 # ---- lower bounds checked at load time -------------------------------------------------------
 _MINIMUM = {

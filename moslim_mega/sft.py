@@ -105,14 +105,21 @@ def sft_loss(model, ids_BT: torch.Tensor, mask_BT: torch.Tensor, labels_BT: torc
     kc = kernels or KernelsConfig()
     logp_BT, _ = sequence_logprobs(model, ids_BT, mask_BT, chunk_size=kc.logprob_chunk, impl=kc.impl)
     keep_BT = labels_BT != IGNORE
-    keep_BT[:, 0] = False  # column 0 predicts nothing
+    keep_BT[:, 0] = False  # column 0 is never a target
+    # A labelled token needs itself and its context token attended, else its log-prob is the
+    # 0 of "no prediction" and would dilute the mean.
+    scored_BT = torch.zeros_like(keep_BT)
+    scored_BT[:, 1:] = (mask_BT[:, 1:] != 0) & (mask_BT[:, :-1] != 0)
+    if bool((keep_BT & ~scored_BT).any()):
+        b, t = (keep_BT & ~scored_BT).nonzero()[0].tolist()
+        raise ValueError(f"labels_BT[{b}, {t}]: a labelled token without an attended predecessor (mask_BT)")
     return -logp_BT[keep_BT].mean()
 
 
 def train_sft(cfg: Config, data_path, out_dir, show_progress: bool = True) -> dict:
     """Fine-tune ``cfg.sft.model`` on ``data_path``; save ``out_dir/model``; return a summary."""
     out = Path(out_dir)
-    stage = Stage(cfg.parallel)  # inert in one process; the mesh and dp shard under torchrun
+    stage = Stage(cfg.parallel, cfg.run.device)  # inert in one process; the mesh and dp shard under torchrun
     out.mkdir(parents=True, exist_ok=True)
     if stage.is_main:
         save_config(cfg, out)
@@ -144,7 +151,7 @@ def _causal_lm_skeleton(config):
 
 def _train_loop(cfg: Config, model, data: SFTExamples, pad_id: int, writer: MetricsWriter, show_progress: bool,
                 out=None, tokenizer=None, stage: Stage | None = None) -> dict:
-    stage = stage or Stage(cfg.parallel)
+    stage = stage or Stage(cfg.parallel, cfg.run.device)
     sc = cfg.sft
     device = next(model.parameters()).device
     steps_per_epoch = math.ceil(len(data) / sc.batch_size)

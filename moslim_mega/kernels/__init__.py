@@ -6,7 +6,8 @@
   vocab-parallel variant for a tensor-parallel LM head.
 
 Triton is imported lazily by the kernel modules; :mod:`.dispatch` picks Triton on CUDA and the
-reference elsewhere (``impl=`` or ``MOSLIM_KERNELS=triton|reference|auto``).
+reference elsewhere; an explicit ``impl=triton|reference`` wins, and where ``impl`` is None or
+``auto`` (config ``kernels.impl``) the ``MOSLIM_KERNELS`` environment variable may force one.
 """
 
 from .dispatch import IMPLS, KernelError, resolve_impl

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..config import ConfigError
 from . import dist as pdist
 from .mesh import build_mesh, dp_rank_size
 from .parallelize import build_sharded
@@ -35,13 +36,16 @@ class NullWriter:
 
 
 class Stage:
-    def __init__(self, pc):
+    def __init__(self, pc, device: str = "auto"):
         self.pc = pc
         pdist.init_distributed()
         self.mesh = build_mesh(pc)
         self.dp_rank, self.dp = dp_rank_size(self.mesh)
         self.is_main = pdist.is_main()
         self._dp_group = None if self.mesh is None else self.mesh["dp"].get_group()
+        self.device = _comm_device() if self.distributed else _single_device(device)
+        """Where this rank's models and batches live (``run.device``; under torchrun its local GPU when
+        CUDA is available, as ``build_sharded`` places the shards)."""
 
     @property
     def distributed(self) -> bool:
@@ -84,7 +88,8 @@ class Stage:
 
     # ---- models --------------------------------------------------------------------------
     def build(self, build_full, build_skeleton, apply):
-        return build_sharded(build_full, build_skeleton, apply, self.mesh, self.pc)
+        model = build_sharded(build_full, build_skeleton, apply, self.mesh, self.pc)
+        return model if self.distributed else model.to(self.device)
 
     def full_state_dict(self, model) -> dict:
         """Every rank calls this (collectives); rank 0 gets the full CPU state dict, others {}."""
@@ -112,6 +117,14 @@ class Stage:
 
     def barrier(self) -> None:
         pdist.barrier()
+
+
+def _single_device(choice: str) -> torch.device:
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"run.device={choice}: torch.cuda.is_available() is False on this machine")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def _comm_device() -> torch.device:

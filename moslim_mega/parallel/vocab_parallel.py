@@ -89,6 +89,7 @@ class LogprobLMHead(nn.Linear):
                 hidden_BTH = _CopyToGroup.apply(hidden_BTH, group)
             return F.linear(hidden_BTH, weight)
         hidden_NH = hidden_BTH[req.rows_BT]
+        weight = weight.to(hidden_NH.dtype)  # as sequence_logprobs' plain path (a no-op under FSDP2's cast)
         if group is None:
             logp_N, entropy_N = fused_linear_logprob(
                 hidden_NH, weight, req.targets_N, req.temperature, chunk_size=req.chunk_size, impl=req.impl

@@ -194,7 +194,7 @@ def compute_advantages(pc: PolicyConfig, exp: Experience, reward_B, kl_coef: flo
         exp.adv_BT = adv_B[:, None] * exp.mask_BT
     else:
         chosen_P, rejected_P, valid_P = dpo.select_pairs(reward_B.view(-1, K))
-        base_P = torch.arange(chosen_P.shape[0]) * K
+        base_P = torch.arange(chosen_P.shape[0], device=chosen_P.device) * K
         exp.chosen_P, exp.rejected_P = (base_P + chosen_P)[valid_P], (base_P + rejected_P)[valid_P]
         metrics["dpo_pairs"] = int(valid_P.sum())
     if exp.adv_BT is not None:
@@ -221,7 +221,7 @@ def train_policy(
     """
     pc, sc = cfg.policy, cfg.sampling
     out = Path(out_dir)
-    stage = Stage(cfg.parallel)  # inert in one process; the mesh and dp shard under torchrun
+    stage = Stage(cfg.parallel, cfg.run.device)  # inert in one process; the mesh and dp shard under torchrun
     out.mkdir(parents=True, exist_ok=True)
     if stage.is_main:
         save_config(cfg, out)
@@ -233,7 +233,7 @@ def train_policy(
         raise ValueError(f"policy.samples_per_prompt={K}: Online-DPO needs at least 2 samples per prompt to rank")
 
     if rewarder is None:
-        rm = load_reward_model(rm_dir)
+        rm = load_reward_model(rm_dir, device=stage.device)  # under torchrun on GPUs: fused RM head on CUDA
         rewarder = RewardWorker(rm, RewardMapper.from_config(rm.stats, cfg.mapping), impl=cfg.kernels.impl)
     prompts = load_policy_prompts(prompts_path, rewarder.spec)
     critic = critic_upd = rollout_model = None
@@ -243,6 +243,7 @@ def train_policy(
         generator = HFGenerator(rollout_model, tokenizer)  # each rank's plain copy: see parallel/policy.py
     else:
         actor, tokenizer = load_policy(init_dir)
+        actor = actor.to(stage.device)
         reference = copy.deepcopy(actor).eval().requires_grad_(False)  # π_SFT of Eq. 12
         actor.train()
         generator = HFGenerator(actor, tokenizer)
@@ -292,6 +293,7 @@ def train_policy(
         scored = rewarder.score(rollout.prompts, rollout.responses)
         core.check_finite(scored.reward_B, "mapped reward", step)
         ids, attn, mask = rollout.input_ids_BT, rollout.attention_mask_BT, rollout.response_mask_BT.float()
+        scored = RewardOutput(*(t.to(ids.device) for t in (scored.reward_B, scored.terms_BH, scored.targets_BH)))
         old_logp, _ = old_worker.logprobs(ids, attn)
         ref_logp, _ = ref_worker.logprobs(ids, attn)
         exp = Experience(ids, attn, mask, old_logp * mask, ref_logp * mask)

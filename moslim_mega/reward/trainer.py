@@ -47,9 +47,10 @@ def predict_probs(model: MultiHeadRewardModel, examples: RMExamples, pad_id: int
     was_training = model.training
     model.eval()
     chunks = []
+    device = next(model.parameters()).device
     for start in range(0, len(examples), batch_size):
         ids_BT, mask_BT, _ = examples.batch(list(range(start, min(start + batch_size, len(examples)))), pad_id)
-        chunks.append([torch.softmax(x.float(), -1) for x in model(ids_BT, mask_BT)])
+        chunks.append([torch.softmax(x.float(), -1).cpu() for x in model(ids_BT.to(device), mask_BT.to(device))])
     model.train(was_training)
     return [torch.cat([c[i] for c in chunks]) for i in range(len(model.num_classes))]
 
@@ -87,7 +88,7 @@ def _data_paths(cfg: Config, out: Path, spec: PreferenceSpec) -> tuple[Path, Pat
 def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = True) -> dict:
     """Train, evaluate, calibrate and save an RM into ``out_dir``; returns the final eval report."""
     out = Path(out_dir)
-    stage = Stage(cfg.parallel)  # inert in one process; the mesh and dp shard under torchrun
+    stage = Stage(cfg.parallel, cfg.run.device)  # inert in one process; the mesh and dp shard under torchrun
     out.mkdir(parents=True, exist_ok=True)
     if stage.is_main:
         save_config(cfg, out)
@@ -132,6 +133,7 @@ def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = T
                 stats.reset()  # statistics of the current epoch's weights only
         i0 = (step % steps_per_epoch) * rc.batch_size
         ids_BT, mask_BT, labels_BH = train.batch(stage.shard(order[i0 : i0 + rc.batch_size]), pad_id)
+        ids_BT, mask_BT = ids_BT.to(stage.device), mask_BT.to(stage.device)  # labels_BH stays on the CPU
         loss, per_head, probs = _head_loss(model, ids_BT, mask_BT, labels_BH, weights, rc.loss, cfg.kernels.impl)
         if stage.distributed:
             # Each head's loss is a mean over this rank's labelled rows; rescale so FSDP's gradient
@@ -179,13 +181,14 @@ def _head_loss(model, ids_BT, mask_BT, labels_BH, weights, loss_kind: str, impl:
     """(total loss, per-head losses, per-head probabilities) of one batch. Eq. 6-9 runs the fused
     head (linear → per-head log-softmax → masked CE in one kernel on CUDA, the eager reference
     elsewhere, issue 7); the Eq. 10 ablation stays eager."""
+    labels_BH = labels_BH.to(ids_BT.device)
     if loss_kind == "paper_eq10":
         logits = model(ids_BT, mask_BT)
         loss, per_head = paper_eq10_loss(logits, labels_BH)
         return loss, per_head, [torch.softmax(x.detach().float(), -1) for x in logits]
     nc = model.num_classes
     loss, per_head_H, probs_BC = model(ids_BT, mask_BT, head=lambda h, w, b: fused_multihead_head(
-        h, w, b, nc, labels_BH.to(h.device), weights, impl=impl, return_probs=True))
+        h, w, b, nc, labels_BH, weights, impl=impl, return_probs=True))
     return loss, list(per_head_H.unbind(0)), [p.contiguous() for p in torch.split(probs_BC, nc, dim=1)]
 
 

@@ -3,6 +3,7 @@
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from moslim_mega.config import ConfigError, ParallelConfig, PolicyConfig, load_config
 from moslim_mega.parallel.mesh import resolve_shape
@@ -35,8 +36,18 @@ def test_mixed_precision_is_a_checked_choice():
 def test_single_process_stage_is_inert():
     stage = Stage(ParallelConfig())
     assert not stage.distributed and stage.dp == 1 and stage.is_main
+    assert stage.device.type == ("cuda" if torch.cuda.is_available() else "cpu")  # run.device=auto
+    assert Stage(ParallelConfig(), "cpu").device == torch.device("cpu")
     items = list(range(7))
     assert stage.shard(items) == items
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
+def test_run_device_cuda_without_cuda_is_a_clear_error():
+    with pytest.raises(ConfigError, match="run.device=cuda: torch.cuda.is_available"):
+        Stage(ParallelConfig(), "cuda")
+    with pytest.raises(ConfigError, match="run.device"):
+        load_config(None, ["run.device=gpu"])
 
 
 @pytest.mark.parametrize("n,dp", [(7, 2), (8, 4), (5, 3)])
