@@ -3,8 +3,9 @@
 #     bash kernels/bench/run_gpu.sh [all|tests|head|logprob]     # default all
 # Writes into $OUT (the device tool's folder), else ./bench_out: summary.txt (one line per step
 # with exit code and wall time), each step's log, and the JSON of each benchmark.
-# Step limits sum to 540 s so that `all` fits one 600 s device command: tests 150 s, head bench
-# 120 s, log-prob bench 270 s (eager at V=152k and torch.compile warm-up are the slow parts);
+# Step limits sum to 540 s so that `all` fits one 600 s device command: tests 170 s (kernels, and
+# the quick demo trained on CUDA), head bench 110 s, log-prob bench 260 s (eager at V=152k and
+# torch.compile warm-up are the slow parts);
 # rerun a single step if one is cut off.
 set -u
 WHAT="${1:-all}"
@@ -29,15 +30,15 @@ nvidia-smi > "$OUT/nvidia_smi.txt" 2>&1
   2>&1 | tee -a "$summary"
 if [[ "$WHAT" == all || "$WHAT" == tests ]]; then
   if "$PY" -c "import pytest" 2>/dev/null; then
-    step gpu_tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/kernels
+    step gpu_tests 170 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/test_demo.py
   else
     echo "gpu_tests skipped: pytest not importable on this machine" | tee -a "$summary"
   fi
 fi
 if [[ "$WHAT" == all || "$WHAT" == head ]]; then
-  step bench_multihead_head 120 "$PY" kernels/bench/bench_multihead_head.py --out "$OUT/bench_multihead_head.json"
+  step bench_multihead_head 110 "$PY" kernels/bench/bench_multihead_head.py --out "$OUT/bench_multihead_head.json"
 fi
 if [[ "$WHAT" == all || "$WHAT" == logprob ]]; then
-  step bench_linear_logprob 270 "$PY" kernels/bench/bench_linear_logprob.py --out "$OUT/bench_linear_logprob.json"
+  step bench_linear_logprob 260 "$PY" kernels/bench/bench_linear_logprob.py --out "$OUT/bench_linear_logprob.json"
 fi
 cat "$summary"
