@@ -17,7 +17,7 @@
     moslim config show [--config FILE] [a.b=value ...]
     moslim config doc
     moslim export hf --ckpt DIR --out DIR [--model NAME]
-    moslim plan --model qwen2-7b|qwen2-57b-a14b|qwen2-72b|PATH --nodes N --gpus-per-node G --tp T --dp D [--stage rm|ppo]
+    moslim plan --model qwen2-0.5b|qwen2-7b|qwen2-57b-a14b|qwen2-72b|PATH --nodes N --gpus-per-node G --tp T --dp D [--stage rm|sft|ppo] [--logprob-chunk C]
     moslim plan --paper-table
 """
 
@@ -226,7 +226,7 @@ def cmd_plan(args) -> int:
         raise ConfigError("moslim plan needs --model (or --paper-table)")
     dp = args.dp or (args.nodes * args.gpus_per_node) // args.tp
     p = plan(args.model, args.nodes, args.gpus_per_node, args.tp, dp, args.stage, args.seq, args.micro_batch,
-             args.rollout_seqs, args.gpu_gb)
+             args.rollout_seqs, args.gpu_gb, args.logprob_chunk)
     print(plan_json(p) if args.json else format_plan(p))
     return 0
 
@@ -378,11 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--dp", type=int, default=0, help="0 = nodes × gpus-per-node / tp")
-    p.add_argument("--stage", default="rm", choices=("rm", "ppo"))
+    p.add_argument("--stage", default="rm", choices=("rm", "sft", "ppo"))
     p.add_argument("--seq", type=int, default=2048, help="tokens per sequence")
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per forward/backward")
     p.add_argument("--rollout-seqs", type=int, default=32, help="PPO: sequences whose KV cache the rollout keeps")
     p.add_argument("--gpu-gb", type=float, default=80.0, help="GPU memory in GB (H100: 80)")
+    p.add_argument("--logprob-chunk", type=int, default=None,
+                   help="vocabulary rows per chunk of the fused log-prob (default: kernels.logprob_chunk's default)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--paper-table", action="store_true", help="the README table of the paper's configurations")
     p.set_defaults(func=cmd_plan)

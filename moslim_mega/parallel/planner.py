@@ -6,19 +6,39 @@ under a *fake* process group of the full world size, so the per-rank parameter c
 a run would have — uneven shards, TP-replicated norms and (for Qwen2-MoE) TP-replicated experts
 included. Rank 0 holds the largest shard, so it is the rank reported.
 
-Memory model (bytes per rank; b micro-batch, s sequence length, H hidden, V vocabulary, L layers):
-  trained model: fp32 master weights 4, fp32 gradients 4, Adam m and v 8 — per local parameter;
-                 plus FSDP's bf16 all-gather working set (two decoder layers: current + prefetched,
-                 and the root unit: embeddings / LM head), over tp;
+What is measured and what is modelled. MEASURED: the parameter counts — total, this rank's local
+shard and the FSDP gather working set — read off the parallelised meta-device model. MODELLED:
+every byte figure, a formula over those counts and the shapes below; nothing is allocated. A
+``@pytest.mark.gpu`` test compares the peak with ``torch.cuda.max_memory_allocated`` for one
+single-GPU training step of a 0.5 B Qwen2 (tests/parallel/test_planner.py).
+
+Memory model (bytes per rank; b micro-batch, s sequence length, N = b·s tokens, H hidden, V
+vocabulary, Vl = ceil(V/tp) this rank's vocabulary rows, C the fused log-prob's vocabulary chunk
+``kernels.logprob_chunk``, L layers, a the activation dtype's bytes):
+  compute dtype: with dp > 1 FSDP2's bf16 mixed precision (a = 2: bf16 all-gathers and compute,
+                 fp32 master weights); with dp = 1 nothing is wrapped (``_fsdp`` returns), so the
+                 model computes in its stored fp32 (a = 4) and there is no gather working set;
+  trained model: fp32 weights 4, fp32 gradients 4, Adam m and v 8 — per local parameter; during
+                 the optimizer step one more fp32 copy (4 per local parameter: foreach AdamW's
+                 sqrt(v) temporary), at a time when activations are freed;
+                 with dp > 1 plus FSDP's bf16 working set (two decoder layers: current + prefetched,
+                 and the root unit: embeddings / LM head);
   frozen model (reference, RM during PPO): bf16 weights 2 per local parameter + the same working set;
-  activations, activation checkpointing on: one bf16 layer input per layer (2·b·s·H·L) + one layer
-                 recomputed in backward, b·s·H·(10 + 24/tp) (Korthikanti et al. 2022, Table 2,
-                 without the attention-score term: SDPA / flash attention never stores it) + fp32
-                 logits and their gradient over this rank's vocabulary slice, 8·b·s·V/tp (LM only);
+  activations, activation checkpointing on: one layer input per layer (a·N·H·L) + one layer
+                 recomputed in backward, N·H·(10 + 24/tp)·a/2 (Korthikanti et al. 2022, Table 2,
+                 without the attention-score term: SDPA / flash attention never stores it);
+  logits (LM only): what the fused linear → log-prob kernel keeps (kernels/linear_logprob.py):
+                 the chunk's fp32 logits z_NC (4·N·min(C, Vl)), plus in backward its gradient dz_NC
+                 in the matmul dtype when that is not fp32 (bf16: 2·N·min(C, Vl); fp32: in place);
+                 the gathered hidden rows (a·N·H) and the fp32 input-gradient accumulator (4·N·H);
+                 with dp > 1 the unsharded bf16 gradient of this rank's LM-head rows (2·Vl·H).
+                 Never N×V: only one chunk of logits exists at a time;
   rollout (PPO): a colocated engine's bf16 weights (2 / tp per policy parameter) and a KV cache of
                  ``rollout_seqs`` sequences of length s, 2·L·kv_heads·head_dim·2 bytes per token / tp;
                  the KV cache is freed while training (hybrid engine), so it competes with the
                  training activations, not with them added.
+peak = weights + grads + Adam (+ rollout weights) + the largest transient (one model's working
+set + activations + logits, the KV cache, or one optimizer step's temporary).
 A layout fits if the peak is at most 90% of the GPU (CUDA context, NCCL buffers, fragmentation).
 """
 
@@ -34,6 +54,7 @@ import torch.distributed as dist
 from ..config import ConfigError, ParallelConfig
 
 GIB = 2**30
+STAGES = ("rm", "sft", "ppo")
 
 
 @dataclass
@@ -49,6 +70,8 @@ class ModelMemory:
     optimizer: float
     working: float
     activations: float
+    logits: float
+    step_temp: float
 
 
 @dataclass
@@ -61,15 +84,28 @@ class Plan:
     tp: int
     seq: int
     micro_batch: int
+    logprob_chunk: int
     parts: list
     rollout_weights: float
     kv_cache: float
     peak: float
     capacity: float
     fits: bool
+    provenance: dict
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# Which Plan / ModelMemory fields are read off the parallelised model and which are formulas.
+PROVENANCE = {
+    "measured": ["total_params", "local_params", "gathered params behind 'working'"],
+    "modelled": ["weights", "grads", "optimizer", "working", "activations", "logits", "step_temp",
+                 "rollout_weights", "kv_cache", "peak", "fits"],
+    "how": "parameter counts: real model on the meta device under the real parallel plan (fake process group); "
+           "bytes: formulas in moslim_mega/parallel/planner.py (dtype bytes per parameter, activation and "
+           "fused log-prob kernel models); nothing is allocated",
+}
 
 
 def load_shape(model: str):
@@ -105,24 +141,39 @@ def _measure(build, apply, mesh, pc, train: bool):
     return total, local, 2 * layer0 + root
 
 
-def _activations(cfg, seq: int, micro_batch: int, tp: int, with_logits: bool) -> float:
-    b, s, h, L = micro_batch, seq, cfg.hidden_size, cfg.num_hidden_layers
-    act = 2 * b * s * h * L + b * s * h * (10 + 24 / tp)
-    if with_logits:
-        act += 8 * b * s * cfg.vocab_size / tp
-    return act / GIB
+def _activations(cfg, seq: int, micro_batch: int, tp: int, act_bytes: int) -> float:
+    """Checkpointed decoder activations (module docstring)."""
+    n, h, L = micro_batch * seq, cfg.hidden_size, cfg.num_hidden_layers
+    return (act_bytes * n * h * L + n * h * (10 + 24 / tp) * act_bytes / 2) / GIB
 
 
-def _part(name, counts, cfg, seq, micro_batch, tp, trained: bool, logits: bool) -> ModelMemory:
+def logits_bytes(tokens: int, hidden: int, vocab: int, tp: int, chunk: int, act_bytes: int, sharded: bool) -> int:
+    """Bytes the fused linear → log-prob kernel holds at its backward peak on one rank: one fp32
+    chunk of logits, its gradient in the matmul dtype unless that is fp32 (then in place), the
+    gathered hidden rows, the fp32 input-gradient accumulator and, under FSDP, the unsharded bf16
+    gradient of this rank's LM-head rows. Grows with tokens × chunk, never tokens × vocabulary."""
+    vl = -(-vocab // tp)
+    c = min(chunk, vl)
+    chunk_bytes = tokens * c * (4 + (0 if act_bytes == 4 else act_bytes))
+    rows = tokens * hidden * (act_bytes + 4)
+    head_grad = 2 * vl * hidden if sharded else 0
+    return chunk_bytes + rows + head_grad
+
+
+def _part(name, counts, cfg, seq, micro_batch, tp, trained: bool, logits: bool, chunk: int, sharded: bool):
     total, local, gathered = counts
-    if trained:
-        return ModelMemory(name, total, local, True, 4 * local / GIB, 4 * local / GIB, 8 * local / GIB,
-                           2 * gathered / GIB, _activations(cfg, seq, micro_batch, tp, logits))
-    return ModelMemory(name, total, local, False, 2 * local / GIB, 0.0, 0.0, 2 * gathered / GIB, 0.0)
+    act_bytes = 2 if sharded else 4
+    working = 2 * gathered / GIB if sharded else 0.0
+    if not trained:
+        return ModelMemory(name, total, local, False, (2 if sharded else 4) * local / GIB, 0.0, 0.0, working,
+                           0.0, 0.0, 0.0)
+    lg = logits_bytes(micro_batch * seq, cfg.hidden_size, cfg.vocab_size, tp, chunk, act_bytes, sharded) / GIB
+    return ModelMemory(name, total, local, True, 4 * local / GIB, 4 * local / GIB, 8 * local / GIB, working,
+                       _activations(cfg, seq, micro_batch, tp, act_bytes), lg if logits else 0.0, 4 * local / GIB)
 
 
 def plan(model: str, nodes: int, gpus_per_node: int, tp: int, dp: int, stage: str = "rm", seq: int = 2048,
-         micro_batch: int = 1, rollout_seqs: int = 32, gpu_gb: float = 80.0) -> Plan:
+         micro_batch: int = 1, rollout_seqs: int = 32, gpu_gb: float = 80.0, logprob_chunk: int | None = None) -> Plan:
     """Build, parallelise and measure; see the module docstring for the memory model."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -132,8 +183,13 @@ def plan(model: str, nodes: int, gpus_per_node: int, tp: int, dp: int, stage: st
     from ..reward.model import MultiHeadRewardModel
     from .parallelize import parallelize_backbone_model, parallelize_policy
 
-    if stage not in ("rm", "ppo"):
-        raise ConfigError(f"--stage {stage!r}: one of rm, ppo")
+    from ..config import KernelsConfig
+
+    if stage not in STAGES:
+        raise ConfigError(f"--stage {stage!r}: one of {', '.join(STAGES)}")
+    chunk = KernelsConfig().logprob_chunk if logprob_chunk is None else int(logprob_chunk)
+    if chunk < 1:
+        raise ConfigError(f"--logprob-chunk {chunk}: must be >= 1 (kernels.logprob_chunk)")
     world = nodes * gpus_per_node
     if dp * tp != world:
         raise ConfigError(f"--dp {dp} × --tp {tp} = {dp * tp} ≠ nodes × gpus-per-node = {world}")
@@ -145,6 +201,7 @@ def plan(model: str, nodes: int, gpus_per_node: int, tp: int, dp: int, stage: st
     try:
         mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
         args = (cfg, seq, micro_batch, tp)
+        extra = dict(chunk=chunk, sharded=dp > 1)
 
         def lm():
             return AutoModelForCausalLM.from_config(cfg)
@@ -154,14 +211,17 @@ def plan(model: str, nodes: int, gpus_per_node: int, tp: int, dp: int, stage: st
 
         parts = []
         if stage == "rm":
-            parts.append(_part("rm", _measure(rm, parallelize_backbone_model, mesh, pc, True), *args, True, False))
+            parts.append(_part("rm", _measure(rm, parallelize_backbone_model, mesh, pc, True), *args, True, False, **extra))
+        elif stage == "sft":
+            parts.append(_part("policy", _measure(lm, parallelize_policy, mesh, pc, True), *args, True, True, **extra))
         else:
             lm_counts = _measure(lm, parallelize_policy, mesh, pc, True)
-            parts.append(_part("policy", lm_counts, *args, True, True))
+            parts.append(_part("policy", lm_counts, *args, True, True, **extra))
             parts.append(_part("value", _measure(lambda: ValueModel(AutoModel.from_config(cfg)),
-                                                 parallelize_backbone_model, mesh, pc, True), *args, True, False))
-            parts.append(_part("reference", lm_counts, *args, False, False))
-            parts.append(_part("rm", _measure(rm, parallelize_backbone_model, mesh, pc, False), *args, False, False))
+                                                 parallelize_backbone_model, mesh, pc, True), *args, True, False, **extra))
+            parts.append(_part("reference", lm_counts, *args, False, False, **extra))
+            parts.append(_part("rm", _measure(rm, parallelize_backbone_model, mesh, pc, False), *args, False, False,
+                               **extra))
     finally:
         dist.destroy_process_group()
     rollout_w = kv = 0.0
@@ -170,21 +230,26 @@ def plan(model: str, nodes: int, gpus_per_node: int, tp: int, dp: int, stage: st
         rollout_w = 2 * parts[0].total_params / tp / GIB
         kv = rollout_seqs * seq * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2 / tp / GIB
     static = sum(p.weights + p.grads + p.optimizer for p in parts) + rollout_w
-    transient = max([p.working + p.activations for p in parts] + [kv])
+    transient = max([p.working + p.activations + p.logits for p in parts] + [p.step_temp for p in parts] + [kv])
     peak = static + transient
     capacity = gpu_gb * 1e9 / GIB
-    return Plan(model, stage, nodes, gpus_per_node, dp, tp, seq, micro_batch, [asdict(p) for p in parts], rollout_w,
-                kv, peak, capacity, peak <= 0.9 * capacity)
+    return Plan(model, stage, nodes, gpus_per_node, dp, tp, seq, micro_batch, chunk, [asdict(p) for p in parts],
+                rollout_w, kv, peak, capacity, peak <= 0.9 * capacity, PROVENANCE)
 
 
 def format_plan(p: Plan) -> str:
+    precision = "bf16 (FSDP2) + fp32 master/Adam" if p.dp > 1 else "fp32 (dp=1: no FSDP wrapping) + fp32 Adam"
     lines = [f"{p.model} stage={p.stage} {p.nodes}×{p.gpus_per_node} GPUs, dp={p.dp} tp={p.tp}, "
-             f"seq {p.seq}, micro-batch {p.micro_batch}, bf16 + fp32 master/Adam, activation checkpointing",
+             f"seq {p.seq}, micro-batch {p.micro_batch}, {precision}, activation checkpointing, "
+             f"log-prob chunk {p.logprob_chunk}",
+             "MEASURED: params, local (parameter counts of the real model and parallel plan on the meta device)",
+             "MODELLED: every GiB figure below (formulas over those counts; nothing allocated)",
              f"{'model':10s} {'params':>9s} {'local':>9s} {'weights':>8s} {'grads':>8s} {'optim':>8s} "
-             f"{'gather':>8s} {'activ':>8s}   (GiB per rank)"]
+             f"{'gather':>8s} {'activ':>8s} {'logits':>8s} {'step':>8s}   (GiB per rank)"]
     for m in p.parts:
         lines.append(f"{m['name']:10s} {m['total_params'] / 1e9:8.2f}B {m['local_params'] / 1e9:8.3f}B "
-                     f"{m['weights']:8.2f} {m['grads']:8.2f} {m['optimizer']:8.2f} {m['working']:8.2f} {m['activations']:8.2f}")
+                     f"{m['weights']:8.2f} {m['grads']:8.2f} {m['optimizer']:8.2f} {m['working']:8.2f} "
+                     f"{m['activations']:8.2f} {m['logits']:8.2f} {m['step_temp']:8.2f}")
     if p.stage == "ppo":
         lines.append(f"rollout engine: bf16 weights {p.rollout_weights:.2f} GiB, KV cache {p.kv_cache:.2f} GiB")
     verdict = "fits" if p.fits else "does NOT fit"
@@ -202,13 +267,13 @@ PAPER_LAYOUTS = [
 
 def paper_table(seq: int = 2048) -> str:
     """Markdown table of PAPER_LAYOUTS (model, stage, nodes, gpus, tp, dp)."""
-    rows = ["| model | stage | nodes × GPUs | dp × tp | params / rank | weights+grads+Adam | activations (AC) | "
-            "peak / rank | fits 80 GB |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | stage | nodes × GPUs | dp × tp | params / rank (measured) | weights+grads+Adam (modelled) | "
+            "activations+logits, AC (modelled) | peak / rank (modelled) | fits 80 GB |", "|---|---|---|---|---|---|---|---|---|"]
     for model, stage, nodes, gpus, tp, dp in PAPER_LAYOUTS:
         p = plan(model, nodes, gpus, tp, dp, stage, seq)
         local = sum(m["local_params"] for m in p.parts)
         states = sum(m["weights"] + m["grads"] + m["optimizer"] for m in p.parts)
-        act = max(m["activations"] for m in p.parts)
+        act = max(m["activations"] + m["logits"] for m in p.parts)
         rows.append(f"| {model} | {stage} | {nodes} × {gpus} | {dp} × {tp} | {local / 1e9:.2f} B | {states:.1f} GiB | "
                     f"{act:.1f} GiB | {p.peak:.1f} GiB | {'yes' if p.fits else 'no'} |")
     return "\n".join(rows) + "\n"

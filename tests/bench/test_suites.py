@@ -117,12 +117,12 @@ def test_hackaprompt_policy(tmp_path, policy_dir):
 
 def test_section_scores_hand_computed():
     acc = {"alpacaeval-easy": 1.0, "mt-bench-med": 0.0, "math-prm": 0.0, "hep-go": 1.0, "hep-js": 0.5, "x": 1.0}
-    n = {"alpacaeval-easy": 3, "mt-bench-med": 1, "math-prm": 100, "hep-go": 2, "hep-js": 2, "x": 5}
-    s = section_scores(acc, n)
-    assert s["Chat"] == pytest.approx(0.75)
-    # math-prm weighs as much as the hep-* subsets together (4 pairs), not its own 100.
-    assert s["Reasoning"] == pytest.approx((0.0 * 4 + 1.0 * 2 + 0.5 * 2) / 8)
-    assert s["Other"] == 1.0
+    s = section_scores(acc)
+    # Published sizes, not this run's: alpacaeval-easy 100, mt-bench-med 40.
+    assert s["Chat"] == pytest.approx(100 / 140)
+    # math-prm counts 984 (as all six hep-* subsets together), each hep-* subset 164.
+    assert s["Reasoning"] == pytest.approx((0.0 * 984 + 1.0 * 164 + 0.5 * 164) / (984 + 2 * 164))
+    assert set(s) == {"Chat", "Reasoning"}  # "x" is no section's
 
 
 @pytest.mark.parametrize("mode", ["mapped", "expected"])
@@ -151,10 +151,12 @@ def test_rewardbench_with_the_multi_head_rm(tmp_path, rm_dir, mode):
     assert report["subsets"] == pytest.approx({s: sum(v) / len(v) for s, v in subsets.items()})
     chat = subsets["alpacaeval-easy"]
     assert report["sections"]["Chat"] == pytest.approx(sum(chat) / len(chat))
-    assert report["sections"]["Reasoning"] == pytest.approx((subsets["math-prm"][0] + subsets["hep-python"][0]) / 2)
+    reasoning = (subsets["math-prm"][0] * 984 + subsets["hep-python"][0] * 164) / (984 + 164)
+    assert report["sections"]["Reasoning"] == pytest.approx(reasoning)
     core = [report["sections"][k] for k in ("Chat", "Chat Hard", "Safety", "Reasoning")]
     assert report["overall"] == pytest.approx(sum(core) / 4)
-    assert "Other" in report["sections"] and report["num_pairs"] == 7
+    assert report["unknown_subsets"] == {"my-own-subset": {"num_pairs": 1, "accuracy": subsets["my-own-subset"][0]}}
+    assert report["num_pairs"] == 7
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moslim_mega.config import ConfigError
-from moslim_mega.parallel.planner import GIB, plan
+from moslim_mega.parallel.planner import GIB, format_plan, logits_bytes, plan
 from moslim_mega.parallel.presets import PRESETS
 
 from .test_equivalence import REPO
@@ -53,6 +53,7 @@ def test_per_rank_counts_follow_the_real_plan():
     assert policy["weights"] == pytest.approx(4 * policy["local_params"] / GIB)
     assert policy["optimizer"] == pytest.approx(2 * policy["weights"])
     assert [m["name"] for m in p.parts] == ["policy", "value", "reference", "rm"]
+    assert policy["logits"] > 0 and p.parts[1]["logits"] == 0.0  # only the LM runs the log-prob kernel
     assert p.parts[2]["grads"] == 0.0 and p.parts[2]["weights"] == pytest.approx(policy["weights"] / 2)
     assert p.fits and p.peak < p.capacity
 
@@ -79,3 +80,72 @@ def test_plan_cli_json(tmp_path):
     assert out.returncode == 0, out.stderr
     p = json.loads(out.stdout)
     assert (p["dp"], p["tp"], p["stage"]) == (8, 1, "rm") and p["fits"]
+
+
+def test_logits_term_scales_with_the_chunk_not_the_vocabulary():
+    # 4096 tokens, Qwen2-7B hidden size; bf16 compute under FSDP (a = 2).
+    n, h = 4096, 3584
+    small_v, big_v = logits_bytes(n, h, 152064, 1, 1024, 2, False), logits_bytes(n, h, 4 * 152064, 1, 1024, 2, False)
+    assert small_v == big_v  # the vocabulary does not enter: only one chunk of logits ever exists
+    one, two = logits_bytes(n, h, 152064, 1, 1024, 2, False), logits_bytes(n, h, 152064, 1, 2048, 2, False)
+    assert two - one == n * 1024 * (4 + 2)  # fp32 logits + bf16 gradient per extra column
+    # fp32 compute (dp = 1): the gradient overwrites the logits in place, 4 bytes per element.
+    assert logits_bytes(n, h, 152064, 1, 2048, 4, False) - logits_bytes(n, h, 152064, 1, 1024, 4, False) == n * 1024 * 4
+    # A chunk wider than this rank's vocabulary shard is capped at the shard.
+    assert logits_bytes(n, h, 8000, 4, 8192, 2, False) == logits_bytes(n, h, 8000, 4, 2000, 2, False)
+    # Far below the N x V fp32 logits and their gradient the old planner budgeted (8 bytes x N x V).
+    assert logits_bytes(n, h, 152064, 1, 8192, 2, False) < 8 * n * 152064 / 10
+
+
+def test_plan_takes_the_chunk_and_reports_provenance():
+    a = plan("qwen2-7b", 1, 8, tp=4, dp=2, stage="sft", logprob_chunk=1024)
+    b = plan("qwen2-7b", 1, 8, tp=4, dp=2, stage="sft", logprob_chunk=4096)
+    assert a.logprob_chunk == 1024 and b.logprob_chunk == 4096
+    grown = (b.parts[0]["logits"] - a.parts[0]["logits"]) * GIB
+    assert grown == pytest.approx(2048 * 3072 * 6)  # tokens x extra columns x (fp32 + bf16)
+    assert "total_params" in a.provenance["measured"] and "peak" in a.provenance["modelled"]
+    assert "activations" in a.provenance["modelled"] and "logits" in a.provenance["modelled"]
+    text = format_plan(a)
+    assert "MEASURED: params, local" in text and "MODELLED: every GiB figure" in text
+
+
+def test_single_gpu_plan_is_fp32_without_a_gather_working_set():
+    p = plan("qwen2-0.5b", 1, 1, tp=1, dp=1, stage="sft", seq=1024, micro_batch=2)
+    m = p.parts[0]
+    assert m["working"] == 0.0  # dp = 1: parallelize does not wrap FSDP, weights stay resident fp32
+    assert m["local_params"] == m["total_params"]
+    static = m["weights"] + m["grads"] + m["optimizer"]
+    assert static == pytest.approx(16 * m["total_params"] / GIB)
+    assert p.peak == pytest.approx(static + max(m["activations"] + m["logits"], m["step_temp"]))
+
+
+@pytest.mark.gpu
+def test_planned_peak_matches_cuda_for_one_training_step():
+    """One fp32 training step of a random-weight Qwen2-0.5B on one GPU (the dp = 1 layout the plan
+    models: no FSDP, activation checkpointing, the fused log-prob kernel, AdamW) against the plan."""
+    from transformers import AutoModelForCausalLM
+
+    from moslim_mega.algos.logprob import sequence_logprobs
+    from moslim_mega.config import KernelsConfig
+    from moslim_mega.utils.optim import Updater
+
+    seq, batch, chunk = 1024, 2, KernelsConfig().logprob_chunk
+    p = plan("qwen2-0.5b", 1, 1, tp=1, dp=1, stage="sft", seq=seq, micro_batch=batch, logprob_chunk=chunk)
+    torch.manual_seed(0)
+    cfg = PRESETS["qwen2-0.5b"]()
+    model = AutoModelForCausalLM.from_config(cfg).cuda().train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    opt = Updater(model.parameters(), lr=1e-5, weight_decay=0.0, warmup_steps=0, grad_clip=1.0)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda")
+    mask = torch.ones_like(ids)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    logp, _ = sequence_logprobs(model, ids, mask, chunk_size=chunk, impl="triton")
+    loss = -logp.sum() / mask[:, 1:].sum()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated() / GIB
+    print(f"planned peak {p.peak:.2f} GiB, measured {measured:.2f} GiB")
+    assert abs(p.peak - measured) <= 0.15 * measured, (p.peak, measured, format_plan(p))
