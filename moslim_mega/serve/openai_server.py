@@ -198,7 +198,8 @@ def make_handler(chat_model: ChatModel, name: str, max_tokens_limit: int = DEFAU
             try:
                 length = int(raw)
             except (TypeError, ValueError):
-                raise RequestError(411 if raw is None else 400, f"Content-Length: expected a byte count, got {raw!r}") from None
+                status = 411 if raw is None else 400
+                raise RequestError(status, f"Content-Length: expected a byte count, got {raw!r}") from None
             if length > max_body_bytes:
                 raise RequestError(413, f"request body of {length} bytes is above this server's limit of "
                                         f"{max_body_bytes} bytes (moslim serve --max-body-bytes)")

@@ -115,7 +115,8 @@ def test_oversized_reply_fails_naming_the_cap(monkeypatch, endpoint, with_length
         OpenAIJudge(url, "m", BenchConfig(max_retries=1)).complete([[{"role": "user", "content": "q"}]])
     # Under the cap the same kind of reply is read whole.
     monkeypatch.setattr(judges, "MAX_RESPONSE_BYTES", 10_000)
-    assert OpenAIJudge(url, "m", BenchConfig(max_retries=1)).complete([[{"role": "user", "content": "q"}]]) == ["x" * 5000]
+    judge = OpenAIJudge(url, "m", BenchConfig(max_retries=1))
+    assert judge.complete([[{"role": "user", "content": "q"}]]) == ["x" * 5000]
 
 
 def test_non_json_reply_is_a_judge_error(endpoint):
