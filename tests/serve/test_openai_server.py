@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import openai  # the dev extra installs it: a missing client is an error, not a skip
 import pytest
 
 from moslim_mega.bench import mtbench, prompts
@@ -147,7 +148,6 @@ def test_cli_bench_run_with_the_http_judge_names_it_in_the_report(server, judge_
 
 # --- the official `openai` client against `moslim serve` -------------------------------------------
 
-openai = pytest.importorskip("openai")
 USER_Q = [{"role": "user", "content": "What is the capital of France?"}]
 
 
