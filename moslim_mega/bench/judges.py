@@ -2,7 +2,8 @@
 
     openai:URL#MODEL   any OpenAI-compatible endpoint (vLLM, ``moslim serve``, a hosted API);
                        URL is the base (``http://host:8000`` or ``http://host:8000/v1``).
-                       ``OPENAI_API_KEY`` is sent as a bearer token when set.
+                       ``OPENAI_API_KEY`` is sent as a bearer token when set (over plain
+                       http:// only to loopback, unless ``bench.allow_insecure_key``).
     hf:PATH            a local HF causal LM generating the verdict text
     rm:DIR             a multi-head reward model of this repo (a scalar score, no text)
 
@@ -14,10 +15,12 @@ are not comparable, and from a non-GPT-4 judge not comparable to the paper's.
 from __future__ import annotations
 
 import abc
+import ipaddress
 import json
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import torch
@@ -27,8 +30,34 @@ from ..config import BenchConfig
 KINDS = ("openai", "hf", "rm")
 
 
+MAX_RESPONSE_BYTES = 8 << 20
+"""Largest judge reply read (a verdict is judge_max_tokens tokens: far below this)."""
+ERROR_DETAIL_BYTES = 4096
+
+
 class JudgeError(ValueError):
     """A bad judge SPEC, or a judge that cannot do what a suite asks; the message says which."""
+
+
+def _key_safe_url(url: str) -> bool:
+    """https, or http to this machine (loopback never leaves it)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        return True
+    host = parts.hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Surface a redirect as its HTTPError: following it would carry the Authorization header."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
 
 
 class TextJudge(abc.ABC):
@@ -46,7 +75,11 @@ class TextJudge(abc.ABC):
 
 
 class OpenAIJudge(TextJudge):
-    """POST /v1/chat/completions, one request per conversation, bounded retries."""
+    """POST /v1/chat/completions, one request per conversation, bounded retries.
+
+    ``OPENAI_API_KEY`` (when set) goes only to ``https://`` or loopback ``http://`` endpoints unless
+    ``bench.allow_insecure_key``; redirects are never followed (the key would follow them), and a
+    reply is read up to :data:`MAX_RESPONSE_BYTES`."""
 
     kind = "openai"
 
@@ -58,21 +91,46 @@ class OpenAIJudge(TextJudge):
         self.model = model
         self.cfg = cfg
         self.num_requests = 0
+        self._key = os.environ.get("OPENAI_API_KEY") or None
+        if self._key and not cfg.allow_insecure_key and not _key_safe_url(self.base):
+            raise JudgeError(
+                f"judge {self.spec}: refusing to send OPENAI_API_KEY over plain http:// to a non-loopback host "
+                "(anyone on the path can read it); use https://, unset OPENAI_API_KEY, or set "
+                "bench.allow_insecure_key=true to send it anyway"
+            )
+        self._opener = urllib.request.build_opener(_NoRedirect)
+
+    def _read_reply(self, resp) -> dict:
+        declared = resp.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES:
+            raise JudgeError(f"judge {self.spec}: reply of {declared} bytes is above the "
+                             f"{MAX_RESPONSE_BYTES}-byte cap (judges.MAX_RESPONSE_BYTES)")
+        data = resp.read(MAX_RESPONSE_BYTES + 1)
+        if len(data) > MAX_RESPONSE_BYTES:
+            raise JudgeError(f"judge {self.spec}: reply is above the {MAX_RESPONSE_BYTES}-byte cap "
+                             "(judges.MAX_RESPONSE_BYTES)")
+        try:
+            return json.loads(data.decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise JudgeError(f"judge {self.spec}: the reply is not JSON ({e})") from None
 
     def _post(self, body: dict) -> dict:
         data = json.dumps(body).encode()
         headers = {"Content-Type": "application/json"}
-        if os.environ.get("OPENAI_API_KEY"):
-            headers["Authorization"] = "Bearer " + os.environ["OPENAI_API_KEY"]
+        if self._key:
+            headers["Authorization"] = "Bearer " + self._key
         last = None
         for attempt in range(max(self.cfg.max_retries, 1)):
             req = urllib.request.Request(self.base + "/chat/completions", data=data, headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(req, timeout=self.cfg.request_timeout) as resp:
+                with self._opener.open(req, timeout=self.cfg.request_timeout) as resp:
                     self.num_requests += 1
-                    return json.loads(resp.read().decode())
+                    return self._read_reply(resp)
             except urllib.error.HTTPError as e:
-                detail = e.read().decode(errors="replace")[:300]
+                detail = e.read(ERROR_DETAIL_BYTES).decode(errors="replace")[:300]
+                if 300 <= e.code < 400:
+                    raise JudgeError(f"judge {self.spec}: HTTP {e.code} redirect to {e.headers.get('Location')!r} "
+                                     "not followed (the API key would go with it); give the final URL") from None
                 if e.code < 500:  # a client error will not go away by asking again
                     raise JudgeError(f"judge {self.spec}: HTTP {e.code}: {detail}") from None
                 last = f"HTTP {e.code}: {detail}"

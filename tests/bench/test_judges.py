@@ -18,7 +18,8 @@ def test_parse_spec():
             parse_spec(bad)
 
 
-def test_openai_judge_normalises_the_base_url():
+def test_openai_judge_normalises_the_base_url(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # a key would refuse the plain-http h:8000
     cfg = BenchConfig()
     assert OpenAIJudge("http://h:8000", "m", cfg).base == "http://h:8000/v1"
     assert OpenAIJudge("http://h:8000/v1/", "m", cfg).base == "http://h:8000/v1"

@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import openai  # the dev extra installs it: a missing client is an error, not a skip
 import pytest
 
 from moslim_mega.bench import mtbench, prompts
@@ -22,6 +23,8 @@ from tiny_lm import JUDGE_REPLY
 REPO = Path(__file__).resolve().parents[2]
 MTBENCH_SMALL = [{"question_id": 1, "category": "writing", "turns": ["Write a haiku about rain.", "Now about snow."]}]
 STARTUP_S = 180
+TOKENS_LIMIT = 64
+BODY_LIMIT = 65536
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,8 @@ def server(judge_dir, tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     with log.open("w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "moslim_mega.cli", "serve", "--model", str(judge_dir), "--port", "0", "--name", "tiny-judge"],
+            [sys.executable, "-m", "moslim_mega.cli", "serve", "--model", str(judge_dir), "--port", "0", "--name", "tiny-judge",
+             "--max-tokens-limit", str(TOKENS_LIMIT), "--max-body-bytes", str(BODY_LIMIT)],
             stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=REPO,
         )
     try:
@@ -140,3 +144,155 @@ def test_cli_bench_run_with_the_http_judge_names_it_in_the_report(server, judge_
     report = json.loads((out / "report.json").read_text())
     assert report["judge"]["spec"] == spec and report["judge"]["kind"] == "openai"
     assert report["score"] == 7.0 and report["num_verdicts"] == 2 and report["num_unparseable"] == 0
+
+
+# --- the official `openai` client against `moslim serve` -------------------------------------------
+
+USER_Q = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture
+def client(server):
+    c = openai.OpenAI(base_url=server, api_key="unused", max_retries=0, timeout=60)
+    yield c
+    c.close()
+
+
+def test_openai_client_chat_completion(client):
+    r = client.chat.completions.create(model="tiny-judge", messages=USER_Q, max_tokens=40, temperature=0, seed=3)
+    assert r.choices[0].message.content == JUDGE_REPLY and r.choices[0].finish_reason == "stop"
+    assert r.choices[0].logprobs is None  # not asked for
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_openai_client_logprobs_equal_a_plain_forward_pass(client, judge_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moslim_mega.bench.generate import render_conversation
+
+    r = client.chat.completions.create(model="tiny-judge", messages=USER_Q, max_tokens=40, temperature=0,
+                                       logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == r.choices[0].message.content == JUDGE_REPLY
+    assert r.usage.completion_tokens == len(content) + 1  # + the EOS, which has no entry (as in OpenAI)
+    # Independent check: one forward pass over prompt + answer, teacher-forced.
+    tok = AutoTokenizer.from_pretrained(judge_dir)
+    model = AutoModelForCausalLM.from_pretrained(judge_dir).eval()
+    prompt = tok(render_conversation(tok, USER_Q), add_special_tokens=False)["input_ids"]
+    answer = tok(JUDGE_REPLY, add_special_tokens=False)["input_ids"]
+    assert len(answer) == len(content)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt + answer])).logits[0].float(), -1)
+    for t, (entry, token_id) in enumerate(zip(content, answer)):
+        step = logp[len(prompt) - 1 + t]
+        assert entry.logprob == pytest.approx(float(step[token_id]), abs=1e-4)
+        assert entry.bytes == list(entry.token.encode())
+        tops = entry.top_logprobs
+        assert len(tops) == 3 and [x.logprob for x in tops] == sorted((x.logprob for x in tops), reverse=True)
+        assert tops[0].token == entry.token and tops[0].logprob == pytest.approx(entry.logprob)  # greedy = top-1
+        want = torch.topk(step, 3)
+        assert [x.logprob for x in tops] == pytest.approx(want.values.tolist(), abs=1e-4)
+        assert [x.token for x in tops] == [tok.decode([i]) for i in want.indices.tolist()]
+    # logprobs without alternatives; top_logprobs without logprobs is refused.
+    r = client.chat.completions.create(model="tiny-judge", messages=USER_Q, max_tokens=40, temperature=0, logprobs=True)
+    assert len(r.choices[0].logprobs.content) == len(answer) and r.choices[0].logprobs.content[0].top_logprobs == []
+    with pytest.raises(openai.BadRequestError, match="top_logprobs: needs logprobs=true"):
+        client.chat.completions.create(model="tiny-judge", messages=USER_Q, max_tokens=4, top_logprobs=2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        (dict(n=2), "n: only n=1"),
+        (dict(stream=True), "stream: only stream=false"),
+        (dict(stop=["."]), "stop: only"),
+        (dict(top_p=0.5), "top_p: only top_p=1"),
+        (dict(presence_penalty=1.0), "presence_penalty: only"),
+        (dict(logit_bias={"5": 10}), "logit_bias: only"),
+        (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+         "tools: only"),
+        (dict(response_format={"type": "json_object"}), "response_format: parameter not supported"),
+        (dict(extra_body={"top_k": 5}), "top_k: parameter not supported"),
+        (dict(messages=[{"role": "user", "content": "q", "name": "bob"}]), r"messages\[0\].name: not supported"),
+        (dict(max_tokens=TOKENS_LIMIT + 1), f"max_tokens: {TOKENS_LIMIT + 1} is above this server's limit of "
+                                            f"{TOKENS_LIMIT} \\(moslim serve --max-tokens-limit\\)"),
+        (dict(max_completion_tokens=10**6), "max_completion_tokens: 1000000 is above"),
+    ],
+)
+def test_openai_client_unsupported_parameters_are_400s_naming_them(client, kwargs, word):
+    args = {"model": "tiny-judge", "messages": USER_Q, "max_tokens": 4, **kwargs}
+    with pytest.raises(openai.BadRequestError, match=word):
+        client.chat.completions.create(**args)
+
+
+def test_openai_client_neutral_values_are_accepted(client):
+    r = client.chat.completions.create(model="tiny-judge", messages=USER_Q, max_tokens=TOKENS_LIMIT, temperature=0,
+                                       n=1, stream=False, top_p=1, presence_penalty=0, frequency_penalty=0, user="u1")
+    assert r.choices[0].message.content == JUDGE_REPLY
+
+
+def test_unknown_route_is_a_json_404_and_the_connection_stays_usable(client, server):
+    with pytest.raises(openai.NotFoundError, match="no route POST /v1/completions") as e:
+        client.completions.create(model="tiny-judge", prompt="hello", max_tokens=4)
+    assert e.value.body["type"] == "not_found"
+    # The same client (a kept-alive connection) still works: the 404's unread body was not taken
+    # for the next request.
+    r = client.chat.completions.create(model="tiny-judge", messages=USER_Q, max_tokens=40, temperature=0)
+    assert r.choices[0].message.content == JUDGE_REPLY
+    try:
+        urllib.request.urlopen(server + "/embeddings", timeout=30)
+        pytest.fail("GET /v1/embeddings answered")
+    except urllib.error.HTTPError as err:
+        assert err.code == 404 and json.loads(err.read())["error"]["message"].startswith("no route GET /v1/embeddings")
+
+
+def test_request_body_size_is_bounded(server):
+    big = {"messages": [{"role": "user", "content": "x" * BODY_LIMIT}], "max_tokens": 1}
+    got, reply = _post(server, big)
+    assert got == 413 and f"limit of {BODY_LIMIT} bytes (moslim serve --max-body-bytes)" in reply["error"]["message"]
+    # A declared length that is too large is refused before any of it is read.
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(server)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    try:
+        conn.putrequest("POST", "/v1/chat/completions")
+        conn.putheader("Content-Length", str(10**12))
+        conn.endheaders()
+        resp = conn.getresponse()
+        assert resp.status == 413 and "above this server's limit" in json.loads(resp.read())["error"]["message"]
+    finally:
+        conn.close()
+
+
+def test_internal_errors_are_generic_500s_logged_on_stderr(judge_dir, capfd, monkeypatch):
+    """In process: a model failure must not reach the client, only the server log."""
+    import threading
+
+    from moslim_mega.serve.openai_server import build_server
+
+    srv, _ = build_server(str(judge_dir), port=0, name="tiny-judge")
+    handler_model = ChatModel  # the server's model is an instance of this class: make its generate fail
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret detail /home/someone/model.bin")
+
+    monkeypatch.setattr(handler_model, "chat_detailed", broken)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.server_address[1]}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as e:
+            c.chat.completions.create(model="tiny-judge", messages=USER_Q, max_tokens=4)
+        c.close()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=10)
+    assert "secret" not in str(e.value) and "RuntimeError" not in str(e.value)
+    assert "internal server error (reference" in str(e.value)
+    ref = e.value.body["message"].split("reference ")[1].split(";")[0]
+    err = capfd.readouterr().err
+    assert f"error {ref}" in err and "RuntimeError: secret detail /home/someone/model.bin" in err
