@@ -2,12 +2,20 @@
 
 gloo on CPU, NCCL on CUDA. A process started without ``torchrun`` (no WORLD_SIZE) is a world of
 one and never initialises a process group, so single-process runs stay exactly as before.
+
+A rank dies with its launcher: torchrun starts every worker in a session of its own, so a SIGKILL
+of the agent (or of its process group) alone would leave the ranks running, holding their GPUs.
 """
 
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
+import signal
+import sys
+import threading
+import time
 from datetime import timedelta
 
 import torch
@@ -25,6 +33,7 @@ def init_distributed(timeout_s: float = 600.0) -> bool:
         return True
     if env_world_size() <= 1:
         return False
+    die_with_parent()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl"
@@ -35,6 +44,47 @@ def init_distributed(timeout_s: float = 600.0) -> bool:
     # process ("terminate called without an active exception") after a run that succeeded.
     atexit.register(destroy)
     return True
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(poll_s: float = 1.0) -> None:
+    """SIGKILL this process as soon as its parent (the torchrun agent) dies.
+
+    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, delivered by the kernel when the thread that
+    spawned us exits; torchrun's agent spawns its workers from its main thread, so that is the
+    agent process's death. Elsewhere a daemon thread polls the parent pid. Called before the
+    rendezvous: a rank whose agent died even earlier finds no store to join and fails there.
+    """
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        _set_parent_death_signal(signal.SIGKILL)
+    else:
+        _watch_parent(parent, poll_s)
+    if os.getppid() != parent:  # the agent died before the signal was armed: it will never come
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _set_parent_death_signal(sig: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(err)}")
+
+
+def _watch_parent(parent: int, poll_s: float) -> threading.Thread:
+    """A daemon thread that SIGKILLs this process once its parent pid is no longer ``parent``
+    (the parent died and we were re-parented)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, name="moslim-parent-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def device_type() -> str:
