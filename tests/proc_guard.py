@@ -41,9 +41,10 @@ def _interpreter_helpers() -> set[int]:
     return pids
 
 
-def _describe(proc: psutil.Process) -> str:
+def _describe(proc: psutil.Process, width: int = 400) -> str:
     try:
-        return f"pid {proc.pid} (parent {proc.ppid()}): {' '.join(proc.cmdline()) or proc.name()}"
+        cmd = " ".join(proc.cmdline()) or proc.name()
+        return f"pid {proc.pid} (parent {proc.ppid()}): {cmd[:width]}{' ...' if len(cmd) > width else ''}"
     except psutil.Error:
         return f"pid {proc.pid}: <exited>"
 

@@ -54,8 +54,9 @@ def die_with_parent(poll_s: float = 1.0) -> None:
 
     Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, delivered by the kernel when the thread that
     spawned us exits; torchrun's agent spawns its workers from its main thread, so that is the
-    agent process's death. Elsewhere a daemon thread polls the parent pid. Called before the
-    rendezvous: a rank whose agent died even earlier finds no store to join and fails there.
+    agent process's death. Elsewhere a daemon thread polls the parent pid. Called first thing in
+    ``init_distributed``; a rank whose agent dies before that (interpreter start-up) is not caught
+    here, and fails only at the rendezvous (the agent hosted the store), after its timeout.
     """
     parent = os.getppid()
     if sys.platform.startswith("linux"):
@@ -63,7 +64,7 @@ def die_with_parent(poll_s: float = 1.0) -> None:
     else:
         _watch_parent(parent, poll_s)
     if os.getppid() != parent:  # the agent died before the signal was armed: it will never come
-        os.kill(os.getpid(), signal.SIGKILL)
+        _exit_orphaned(parent)
 
 
 def _set_parent_death_signal(sig: int) -> None:
@@ -73,14 +74,21 @@ def _set_parent_death_signal(sig: int) -> None:
         raise OSError(err, f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(err)}")
 
 
+def _exit_orphaned(parent: int) -> None:
+    """Exit at once (no atexit, no collective that would wait for the other ranks)."""
+    print(f"moslim: parent process {parent} (the launcher) is gone; rank {os.getpid()} exits",
+          file=sys.stderr, flush=True)
+    os._exit(1)
+
+
 def _watch_parent(parent: int, poll_s: float) -> threading.Thread:
-    """A daemon thread that SIGKILLs this process once its parent pid is no longer ``parent``
+    """A daemon thread that ends this process once its parent pid is no longer ``parent``
     (the parent died and we were re-parented)."""
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(poll_s)
-        os.kill(os.getpid(), signal.SIGKILL)
+        _exit_orphaned(parent)
 
     thread = threading.Thread(target=watch, name="moslim-parent-watch", daemon=True)
     thread.start()
