@@ -31,9 +31,10 @@ def init_distributed(timeout_s: float = 600.0) -> bool:
     """Initialise the default process group from torchrun's env; True when distributed."""
     if dist.is_initialized():
         return True
+    if env_world_size() > 1 or LAUNCHER_ENV in os.environ:  # a rank, even torchrun's only one
+        die_with_parent()
     if env_world_size() <= 1:
         return False
-    die_with_parent()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl"
@@ -47,6 +48,8 @@ def init_distributed(timeout_s: float = 600.0) -> bool:
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+LAUNCHER_ENV = "TORCHELASTIC_RUN_ID"  # set by torchrun for its workers
+_armed = False
 
 
 def die_with_parent(poll_s: float = 1.0) -> None:
@@ -58,6 +61,10 @@ def die_with_parent(poll_s: float = 1.0) -> None:
     ``init_distributed``; a rank whose agent dies before that (interpreter start-up) is not caught
     here, and fails only at the rendezvous (the agent hosted the store), after its timeout.
     """
+    global _armed
+    if _armed:  # once per process (several stages may run in one)
+        return
+    _armed = True
     parent = os.getppid()
     if sys.platform.startswith("linux"):
         _set_parent_death_signal(signal.SIGKILL)

@@ -42,13 +42,14 @@ def _assert_gone_soon(procs, timeout=5.0):
     assert not alive, f"still running {timeout} s after their parent died: {[p.pid for p in alive]}"
 
 
-def test_ranks_die_with_their_sigkilled_torchrun_agent(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_ranks_die_with_their_sigkilled_torchrun_agent(tmp_path, nproc):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
            str(REPO / "tests/parallel/wait_rank.py"), str(tmp_path)]
     agent = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ranks = []
     try:
-        ranks = _wait_for_files([tmp_path / "rank0.pid", tmp_path / "rank1.pid"], agent, timeout=180)
+        ranks = _wait_for_files([tmp_path / f"rank{r}.pid" for r in range(nproc)], agent, timeout=180)
         assert all(r.ppid() == agent.pid for r in ranks)  # really the agent's own workers
         assert all(os.getsid(r.pid) == r.pid for r in ranks)  # each in its own session: killpg misses them
         agent.send_signal(signal.SIGKILL)  # the agent only
