@@ -53,7 +53,7 @@ _armed = False
 
 
 def die_with_parent(poll_s: float = 1.0) -> None:
-    """SIGKILL this process as soon as its parent (the torchrun agent) dies.
+    """End this process as soon as its parent (the torchrun agent) dies.
 
     Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, delivered by the kernel when the thread that
     spawned us exits; torchrun's agent spawns its workers from its main thread, so that is the
