@@ -22,6 +22,7 @@ setup(
     extras_require={
         "dev": [
             "pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "scipy>=1.10", "matplotlib>=3.7",
+            "psutil>=5.9",  # tests/proc_guard.py: no test leaves a process behind
             "triton>=3.0",  # the CPU suite runs the fused kernels in Triton interpreter mode
             "openai>=1.0",  # tests drive `moslim serve` with the official client
         ],

@@ -1,6 +1,7 @@
 """Exact resume under ``torchrun --nproc_per_node=2`` (gloo, FSDP2 dp=2): the policy loop is
-SIGKILLed (the whole torchrun process group) after step 3, restarted with ``resume=auto`` from its
-sharded step-2 checkpoint, and must reproduce every metrics row and final weight of an
+SIGKILLed after step 3 (both ranks and the agent, each by pid: torchrun puts every rank in a session
+of its own, so killing the agent's process group would miss them), restarted with ``resume=auto``
+from its sharded step-2 checkpoint, and must reproduce every metrics row and final weight of an
 uninterrupted 2-process run bitwise; the sharded checkpoint then exports to the same HF weights."""
 
 import os
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -24,12 +26,11 @@ EXTRA = ["policy.algo=rloo", "policy.steps=4", "policy.lr=0.05", "checkpoint.eve
 
 def _torchrun(argv, tmp, env_extra=None, kill_when=None, timeout=300.0):
     """``torchrun -m moslim_mega.cli argv`` on 2 processes; with ``kill_when`` (a marker file)
-    SIGKILL the whole process group once it appears, as a node failure would."""
+    SIGKILL every process of the run once it appears, as a node failure would."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env_extra or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            "-m", "moslim_mega.cli", *argv]
-    proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + timeout
     try:
         if kill_when is None:
@@ -43,12 +44,41 @@ def _torchrun(argv, tmp, env_extra=None, kill_when=None, timeout=300.0):
                 raise AssertionError(f"fault point not reached in {timeout} s")
             time.sleep(0.05)
         time.sleep(0.5)  # let the other rank reach the point too (it waits there as well)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        _kill_run(proc)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            _kill_tree(psutil.Process(proc.pid))
+        proc.wait()
+
+
+def _kill_run(agent: subprocess.Popen) -> None:
+    """SIGKILL both ranks (the agent's children) and then the agent, and check that no process of
+    the run survives."""
+    tree = psutil.Process(agent.pid).children(recursive=True)
+    ranks = [p for p in tree if p.ppid() == agent.pid]
+    assert len(ranks) == 2 and all("moslim_mega.cli" in p.cmdline() for p in ranks), [p.cmdline() for p in tree]
+    _kill_tree(psutil.Process(agent.pid))
+    assert agent.wait(timeout=30) == -signal.SIGKILL
+    _, alive = psutil.wait_procs(tree, timeout=30)  # reaped here when re-parented to pytest
+    assert not alive, f"survived the kill: {[(p.pid, p.cmdline()) for p in alive]}"
+    left = [p for p in psutil.Process().children(recursive=True) if _is_moslim(p)]
+    assert not left, f"processes of the run still running: {[(p.pid, p.cmdline()) for p in left]}"
+
+
+def _kill_tree(root: psutil.Process) -> None:
+    """SIGKILL ``root``'s descendants, deepest first, then ``root``."""
+    for p in [*reversed(root.children(recursive=True)), root]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _is_moslim(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE and "moslim_mega.cli" in p.cmdline()
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_killed_torchrun_policy_resumes_bitwise_and_exports(stage, tmp_path):
