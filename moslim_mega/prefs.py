@@ -4,10 +4,13 @@ A prefix is a run of ``<name level>`` tags at the very start of a prompt, e.g.
 ``<helpfulness 5><honesty 3>Tell me about cooking``. ``level`` is an integer in the
 dimension's level range or ``max`` / ``min``; names are case-insensitive and may be aliases
 (``harmless`` → ``harmlessness``). Targets are returned as *class indices* (0-based), which is
-what the reward model's heads and the reward mapping (Eq. 11) use.
+what the reward model's heads and the reward mapping (Eq. 11) use. A leading ``<`` opens a tag
+only when its first word is a known name/alias or it has the ``<word level>`` shape; other markup
+(``<div>``, ``<|im_start|>``, ``</s>``) is prompt text (see :func:`is_preference_tag`).
 
 Public API: :class:`Dimension`, :class:`PreferenceSpec`, :func:`parse_prefix`,
-:func:`format_prefix`, :func:`strip_prefix`, :func:`targets_to_tensor`, :class:`PrefixError`.
+:func:`format_prefix`, :func:`strip_prefix`, :func:`check_plain_prompt`,
+:func:`is_preference_tag`, :func:`targets_to_tensor`, :class:`PrefixError`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ __all__ = [
     "parse_prefix",
     "format_prefix",
     "strip_prefix",
+    "check_plain_prompt",
+    "is_preference_tag",
     "targets_to_tensor",
     "spec_from_config",
 ]
@@ -257,16 +262,65 @@ class PreferenceSpec:
 
 
 # ---- the grammar ------------------------------------------------------------------------
-_TAG_BODY_RE = re.compile(r"^\s*([A-Za-z][A-Za-z0-9_]*)\s+([+-]?\d+|max|min|MAX|MIN|Max|Min)\s*$")
+# Which leading ``<…>`` is a preference tag (the one rule every path uses, via parse_prefix):
+#   1. its first word (the letters/digits/_ right after ``<`` and optional spaces) is a known
+#      dimension name or alias of the spec — then it must be a valid tag, whatever follows; or
+#   2. it has the tag shape ``<word level>`` (or the swapped ``<level word>``), level an integer,
+#      ``max`` or ``min`` — then an unknown word is an error, not text.
+# Anything else that starts with ``<`` — ``<div>``, ``<html lang="en">``, ``<|im_start|>``,
+# ``<!-- -->``, ``</s>``, ``<3`` — is prompt text: real data (UltraFeedback, hh-rlhf, MT-Bench,
+# RewardBench) has prompts that open with HTML, XML or JSX, and they must pass through.
+_LEVEL = r"[+-]?\d+|max|min|MAX|MIN|Max|Min"
+_WORD = r"[A-Za-z][A-Za-z0-9_]*"
+_TAG_BODY_RE = re.compile(rf"^\s*({_WORD})\s+({_LEVEL})\s*$")
+_TAG_NAME_RE = re.compile(rf"<\s*({_WORD})")
+_TAG_SHAPE_RE = re.compile(rf"<\s*(?:{_WORD}\s+(?:{_LEVEL})|(?:{_LEVEL})\s+{_WORD})\s*>")
+_SHOW = 60  # characters of a tag quoted in an error (a '>' may be far away)
+
+
+def _show(tag: str) -> str:
+    return repr(tag if len(tag) <= _SHOW else tag[:_SHOW] + "…")
+
+
+def is_preference_tag(text: str, pos: int, spec: PreferenceSpec) -> bool:
+    """Whether the ``<`` at ``text[pos]`` opens a preference tag (rules above) rather than text."""
+    if not text.startswith("<", pos):
+        return False
+    m = _TAG_NAME_RE.match(text, pos)
+    if m and m.group(1).lower() in spec._lookup:
+        return True
+    return _TAG_SHAPE_RE.match(text, pos) is not None
+
+
+def _tag_to_class(tag: str, spec: PreferenceSpec) -> tuple[str, int]:
+    """A complete preference tag ``<name level>`` → (canonical name, class index)."""
+    m = _TAG_BODY_RE.match(tag[1:-1])
+    if not m:
+        raise PrefixError(
+            f"malformed tag {_show(tag)}: expected '<name level>' with an integer level, 'max' or 'min'"
+        )
+    name, level = m.group(1), m.group(2).lower()
+    try:
+        dim = spec[name]
+    except PrefixError as e:
+        raise PrefixError(f"in tag {_show(tag)}: {e}") from None
+    if level == "max":
+        return dim.name, dim.num_classes - 1
+    if level == "min":
+        return dim.name, 0
+    try:
+        return dim.name, dim.level_to_class(int(level))
+    except ValueError as e:  # PrefixError, or int() refusing a >4300-digit level
+        raise PrefixError(f"in tag {_show(tag)}: {e}") from None
 
 
 def parse_prefix(text: str, spec: PreferenceSpec) -> tuple[dict[str, int], str]:
     """Split ``text`` into (targets, prompt).
 
     targets maps canonical dimension name → class index, in the order the tags appear.
-    The prompt is the text after the last tag with leading whitespace removed. Any text that
-    starts (after whitespace) with ``<`` must be a well-formed tag: a prompt whose first
-    character is ``<`` is read as a tag, as the grammar in ARCHITECTURE.md prescribes.
+    The prompt is the text after the last tag with leading whitespace removed. A leading ``<``
+    opens a tag only by the rule of :func:`is_preference_tag` (a known name, or the
+    ``<word level>`` shape); such a tag must be valid. Other markup is returned as prompt text.
     """
     if not isinstance(text, str):
         raise PrefixError(f"prompt must be a string, got {type(text).__name__}")
@@ -275,33 +329,28 @@ def parse_prefix(text: str, spec: PreferenceSpec) -> tuple[dict[str, int], str]:
     while True:
         while pos < len(text) and text[pos].isspace():
             pos += 1
-        if pos >= len(text) or text[pos] != "<":
+        if not is_preference_tag(text, pos, spec):
             return targets, text[pos:]
         end = text.find(">", pos)
         if end < 0:
-            raise PrefixError(f"unterminated tag {text[pos:pos + 40]!r}: missing '>'")
+            raise PrefixError(f"unterminated tag {_show(text[pos:])}: missing '>'")
         tag = text[pos : end + 1]
-        m = _TAG_BODY_RE.match(tag[1:-1])
-        if not m:
-            raise PrefixError(f"malformed tag {tag!r}: expected '<name level>' with an integer level, 'max' or 'min'")
-        name, level = m.group(1), m.group(2).lower()
-        try:
-            dim = spec[name]
-        except PrefixError as e:
-            raise PrefixError(f"in tag {tag!r}: {e}") from None
-        if dim.name in targets:
-            raise PrefixError(f"tag {tag!r} repeats dimension {dim.name!r}")
-        if level == "max":
-            cls = dim.num_classes - 1
-        elif level == "min":
-            cls = 0
-        else:
-            try:
-                cls = dim.level_to_class(int(level))
-            except ValueError as e:  # PrefixError, or int() refusing a >4300-digit level
-                raise PrefixError(f"in tag {tag!r}: {e}") from None
-        targets[dim.name] = cls
+        name, cls = _tag_to_class(tag, spec)
+        if name in targets:
+            raise PrefixError(f"tag {_show(tag)} repeats dimension {name!r}")
+        targets[name] = cls
         pos = end + 1
+
+
+def check_plain_prompt(text: str, spec: PreferenceSpec) -> None:
+    """Raise :class:`PrefixError` if ``text``, meant as a prompt with no prefix (raw data, a
+    benchmark prompt), would be read as starting with a preference tag — a tag would change
+    its meaning (or fail) once a prefix is put before it or it is stripped."""
+    pos = len(text) - len(text.lstrip())
+    if is_preference_tag(text, pos, spec):
+        end = text.find(">", pos)
+        tag = text[pos : end + 1] if end >= 0 else text[pos:]
+        raise PrefixError(f"prompt text starts with the preference tag {_show(tag)}; it cannot be used unprefixed")
 
 
 def format_prefix(targets: dict[str, int], spec: PreferenceSpec) -> str:

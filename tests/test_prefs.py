@@ -18,6 +18,7 @@ from moslim_mega.prefs import (
     PreferenceSpec,
     PrefixError,
     SpecError,
+    check_plain_prompt,
     format_prefix,
     parse_prefix,
     spec_from_config,
@@ -60,9 +61,24 @@ def spec_and_targets(draw):
     return spec, targets
 
 
-# A prompt may contain anything, including '<' and tags, as long as it does not *start* with
-# whitespace or '<' (those would be read as part of the prefix).
-prompts = st.text().filter(lambda s: not s or not (s[0].isspace() or s[0] == "<"))
+# Real prompts open with markup (UltraFeedback, hh-rlhf, MT-Bench, RewardBench: HTML, XML, JSX,
+# chat-template tokens). None of these is a preference tag: no dimension name or alias of any
+# spec below, and no '<word level>' shape.
+MARKUP_OPENERS = (
+    "<div>", "<div class=\"note\">", "<html lang=\"en\">", "<!DOCTYPE html>", "<?xml version=\"1.0\"?>",
+    "<code>", "<pre><code class=\"python\">", "<b>bold</b>", "<p>", "<br/>", "<br />", "<img src=\"a.png\">",
+    "<table><tr><td>1</td></tr></table>", "<svg width=\"10\" height=\"10\">", "<script>", "<style>",
+    "<a href=\"https://x.org\">", "<ul><li>", "<h1>Title</h1>", "<Button onClick={f}>", "<MyComponent />",
+    "<React.Fragment>", "<root><item id=\"3\"/>", "<|im_start|>user\n", "<|endoftext|>", "<s>", "</s>",
+    "</div>", "<!-- a comment -->", "<>", "<<", "<=", "<3 love it", "< not a tag", "<user>", "<system>",
+    "<question>", "<doc_1>", "<T>", "<xsl:template match=\"/\">",
+)
+markup_tails = st.builds(lambda opener, rest: opener + rest, st.sampled_from(MARKUP_OPENERS), st.text())
+
+# A prompt may contain anything, including '<' and tags later on. It may start with markup, but
+# not with whitespace (parse_prefix drops whitespace after the prefix) or a bare '<' from
+# st.text(), which could form a '<word level>' tag with what follows.
+prompts = st.one_of(st.text().filter(lambda s: not s or not (s[0].isspace() or s[0] == "<")), markup_tails)
 
 
 @st.composite
@@ -111,16 +127,41 @@ def test_every_spelling_parses_to_the_same_targets(data):
 @given(st.data())
 def test_strip_never_leaves_a_tag(data):
     spec, targets = data.draw(spec_and_targets())
-    # The "prompt" here is arbitrary text: it may start with whitespace or more tags.
-    tail = data.draw(st.one_of(st.text(), st.text(alphabet="<> helpfulness12max", max_size=30)))
+    # The "prompt" here is arbitrary text: it may start with whitespace, markup or more tags.
+    markup = data.draw(st.booleans())
+    tail = data.draw(markup_tails if markup else st.one_of(st.text(), st.text(alphabet="<> helpfulness12max", max_size=30)))
     text = data.draw(spelled_prefix(spec, targets)) + tail
     try:
         stripped = strip_prefix(text, spec)
     except PrefixError:
-        return  # the tail began with a bad tag: an error, not a silently kept tag
+        assert not markup, f"markup tail {tail!r} read as a tag"
+        # The prefix is well formed, so the error must come from the tail: a bad tag at its
+        # start, or a valid one that repeats a dimension of the prefix.
+        try:
+            tail_targets, _ = parse_prefix(tail, spec)
+        except PrefixError:
+            return
+        assert set(tail_targets) & set(targets), (text, tail_targets)
+        return
+    assert text.endswith(stripped)
     assert parse_prefix(stripped, spec) == ({}, stripped)
     assert strip_prefix(stripped, spec) == stripped
-    assert not stripped[:1].isspace() and not stripped.startswith("<")
+    assert not stripped[:1].isspace()
+    if markup or not tail.lstrip().startswith("<"):
+        assert stripped == tail.lstrip()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_markup_after_a_prefix_is_kept_as_prompt(data):
+    """Tails that start with '<' but are markup, not tags, round-trip untouched."""
+    spec, targets = data.draw(spec_and_targets())
+    tail = data.draw(markup_tails)
+    text = data.draw(spelled_prefix(spec, targets)) + tail
+    assert parse_prefix(text, spec) == (targets, tail)
+    assert strip_prefix(text, spec) == tail
+    assert parse_prefix(tail, spec) == ({}, tail)  # and alone, with no prefix at all
+    check_plain_prompt(tail, spec)
 
 
 JUNK_FRAGMENTS = ("<", ">", "helpfulness", "harmless", "Honesty", "max", "min", "MAX", "-", "+",
@@ -190,6 +231,27 @@ def test_no_prefix_and_later_tags_are_prompt(dt4):
 
 
 @pytest.mark.parametrize(
+    "markup",
+    ['<div class="q">What is 2+2?</div>', '<html lang="en"><body>hi</body></html>', "<|im_start|>user\nhi<|im_end|>",
+     "<code>print(1)</code> what does it print?", "<!-- note -->fix this", "</s>continue", "<b>bold</b> text",
+     "<>hi", "<3 thanks", "<Button onClick={go}>Go</Button>", "<?xml version=\"1.0\"?><a/>", "<T> generics",
+     "<s>[INST] hi [/INST]", "<a 5 b>", "<helpfulnesses>"],
+)
+def test_markup_is_prompt_text(dt4, markup):
+    assert parse_prefix(markup, dt4) == ({}, markup)
+    assert parse_prefix("  \n" + markup, dt4) == ({}, markup)
+    assert parse_prefix("<helpfulness 5><honesty min>\n" + markup, dt4) == ({"helpfulness": 4, "honesty": 0}, markup)
+    assert strip_prefix("<harmless 1>" + markup, dt4) == markup
+    check_plain_prompt(markup, dt4)
+
+
+@pytest.mark.parametrize("text", ["<helpfulness 3>hi", " <Honest max> hi", "<foo 2>hi", "<helpful>hi", "<5 harmless>"])
+def test_check_plain_prompt_refuses_tag_openers(dt4, text):
+    with pytest.raises(PrefixError, match="preference tag"):
+        check_plain_prompt(text, dt4)
+
+
+@pytest.mark.parametrize(
     "text, tag",
     [
         ("<kindness 3>hi", "<kindness 3>"),  # unknown dimension
@@ -204,8 +266,16 @@ def test_no_prefix_and_later_tags_are_prompt(dt4):
         ("<helpfulness 3 4>hi", "<helpfulness 3 4>"),
         ("<helpfulness 3.5>hi", "<helpfulness 3.5>"),
         ("<helpfulness mAx>hi", "<helpfulness mAx>"),
-        ("<5 helpfulness>hi", "<5 helpfulness>"),
-        ("<>hi", "<>"),
+        ("<5 helpfulness>hi", "<5 helpfulness>"),  # the tag shape, words swapped
+        ("<helpfulness 9><div>hi</div>", "<helpfulness 9>"),  # a known name: the tag must be valid
+        ("<helpfulness><div>", "<helpfulness>"),
+        ("<Helpful >hi", "<Helpful >"),
+        ("<help.html>hi", "<help.html>"),  # a known alias as the tag's first word
+        ("<honest advice, please", "<honest advice, please"),  # unterminated
+        ("<foo 3>hi", "foo"),  # tag shape, unknown dimension
+        ("<Foo max><div>", "Foo"),
+        ("<helpfulnesses 3>hi", "helpfulnesses"),
+        ("<helpfulness 5><verbosity min><p>hi", "verbosity"),
         ("<helpfulness 3", "<helpfulness 3"),  # unterminated
         ("<honesty 2><helpfulness 3", "<helpfulness 3"),
         ("<helpfulness 3><helpful 2>hi", "<helpful 2>"),  # repeated dimension (via an alias)

@@ -226,6 +226,13 @@ class RMJudge:
                     raise JudgeError(f"bench.rm_head: {cfg.rm_head!r} is not a head of {rm_dir} ({', '.join(spec.names)})") from None
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        from ..prefs import PrefixError, check_plain_prompt
+
+        for i, p in enumerate(prompts):  # benchmark prompts carry no prefix; markup is plain text
+            try:
+                check_plain_prompt(p, self.rm.spec)
+            except PrefixError as e:
+                raise JudgeError(f"prompt {i}: {e} (the RM would strip it)") from None
         probs = self.rm.probs(prompts, responses, batch_size=max(self.cfg.batch_size, 1))
         if self.cfg.rm_score == "mapped":
             targets_BH = self._targets_1H.expand(len(prompts), -1)

@@ -19,7 +19,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from ..prefs import PreferenceSpec, format_prefix
+from ..prefs import PreferenceSpec, PrefixError, check_plain_prompt, format_prefix
 from ..world.build import random_targets
 from .fields import RowProblem, row_object
 from .sources import Row, iter_records
@@ -37,7 +37,7 @@ def hh_prompt(transcript: str) -> str | None:
     return transcript[: cut + len(ASSISTANT_MARK)]
 
 
-def _row_prompt(row: Row, source: str, log: DropLog) -> str | None:
+def _row_prompt(row: Row, source: str, log: DropLog, spec: PreferenceSpec) -> str | None:
     """The prompt of one hh-rlhf row, or None after logging why the row is dropped."""
     try:
         data = row_object(row)
@@ -58,6 +58,13 @@ def _row_prompt(row: Row, source: str, log: DropLog) -> str | None:
     human = prompt[: -len(ASSISTANT_MARK)].replace(HUMAN_MARK, "").strip()
     if not human:
         log.drop(source, row.where, "empty text: the prompt has no human turn text")
+        return None
+    try:
+        # Markup at the start stays prompt text; a preference tag there would merge with (or
+        # break) the prefix written in front of it.
+        check_plain_prompt(prompt, spec)
+    except PrefixError as e:
+        log.drop(source, row.where, f"preference tag: {e}")
         return None
     return prompt
 
@@ -98,7 +105,7 @@ def build_policy_prompts(
     seen: set[str] = set()
     for row in iter_records(hh_rlhf, split):
         log.count(f"{source}.rows")
-        prompt = _row_prompt(row, source, log)
+        prompt = _row_prompt(row, source, log, spec)
         if prompt is None:
             continue
         key = prompt.strip()

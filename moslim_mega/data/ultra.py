@@ -23,7 +23,7 @@ import json
 import random
 from pathlib import Path
 
-from ..prefs import PreferenceSpec
+from ..prefs import PreferenceSpec, PrefixError, check_plain_prompt
 from .fields import RowProblem, get_field, get_text, parse_rating, row_object
 from .sources import Row, iter_records
 from .stats import DropLog, class_histogram, write_stats
@@ -34,6 +34,9 @@ UF_RANGE = (1.0, 5.0)
 US_RANGE = (0.0, 1.0)
 # Some UltraSafety prompts are jailbreak templates with a slot for the instruction.
 JAILBREAK_SLOT = "[INSERT PROMPT HERE]"
+# Whether a prompt opens with a preference tag depends only on the dimension names, not on the
+# class counts, so one preset serves every DataType.
+_TAG_SPEC = PreferenceSpec.datatype(4)
 
 
 def prompt_id(prompt: str) -> str:
@@ -83,8 +86,14 @@ def completion_records(rows, log: DropLog, source: str, prompt_of, ratings_of) -
             continue
         try:
             prompt = prompt_of(row.data)
+            # Markup (<div>, <code>) is kept; a prompt that opens with a preference tag is not:
+            # `rm train` would strip it (a changed prompt) or refuse it.
+            check_plain_prompt(prompt, _TAG_SPEC)
         except RowProblem as e:
             log.drop(source, row.where, str(e))
+            continue
+        except PrefixError as e:
+            log.drop(source, row.where, f"preference tag: {e}")
             continue
         for j, comp in enumerate(completions):
             log.count(f"{source}.completions")

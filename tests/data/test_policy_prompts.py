@@ -84,3 +84,26 @@ def test_asking_for_more_than_the_pool_warns_and_the_trainer_reads_the_output(hh
     stats = build_policy_prompts(str(path), tmp_path, 10_000, SPEC, seed=0)
     assert stats["written"] == len(exp["prompts"]) and "only" in stats["warning"]
     assert len(load_policy_prompts(tmp_path / "policy_train.jsonl", SPEC)) == len(exp["prompts"])
+
+
+def test_markup_transcripts_keep_their_markup_after_the_prefix(tmp_path):
+    """`data build-prompts`: a transcript that opens with markup gets a prefix and parses back to
+    it intact; one that opens with a preference tag is dropped, the tag named."""
+    from moslim_mega.cli import main
+
+    markup = ['<system>Be brief.</system>\n\nHuman: Hi\n\nAssistant:', "<|im_start|>system\n\nHuman: Hello\n\nAssistant:",
+              '<div class="chat">\n\nHuman: <code>x=1</code> ok?\n\nAssistant:']
+    tagged = ["<helpfulness 2>\n\nHuman: Hey\n\nAssistant:", "<foo 1>\n\nHuman: Yo\n\nAssistant:"]
+    src = tmp_path / "hh.jsonl"
+    src.write_text("".join(json.dumps({"chosen": p + " yes", "rejected": p + " no"}) + "\n" for p in markup + tagged))
+    assert main(["data", "build-prompts", "--hh-rlhf", str(src), "--n", "0", "--out", str(tmp_path / "out")]) == 0
+    rows = _rows(tmp_path / "out")
+    assert sorted(parse_prefix(r["prompt"], SPEC)[1] for r in rows) == sorted(markup)
+    for r in rows:
+        targets, _ = parse_prefix(r["prompt"], SPEC)
+        assert {k: SPEC[k].first_level + c for k, c in targets.items()} == r["targets"] and targets
+    assert load_policy_prompts(tmp_path / "out" / "policy_train.jsonl", SPEC) == [r["prompt"] for r in rows]
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert sorted(d["where"].rsplit(":", 1)[1] for d in stats["dropped"]) == ["4", "5"]
+    assert all(d["reason"].startswith("preference tag:") for d in stats["dropped"])
+    assert any("'<foo 1>'" in d["reason"] for d in stats["dropped"])

@@ -160,3 +160,37 @@ def test_missing_source_is_a_clear_error(tmp_path):
         build_rm_data(tmp_path, 4, str(tmp_path / "nope.jsonl"), None)
     with pytest.raises(ValueError, match="--ultrafeedback and/or --ultrasafety"):
         build_rm_data(tmp_path, 4, None, None)
+
+
+MARKUP_INSTRUCTIONS = [
+    '<div class="q">Centre this div.</div>',
+    "<code>x = [1, 2]</code> What is x[1]?",
+    '<html lang="en"><body>Summarise.</body></html>',
+    "<|im_start|>user\nHi<|im_end|>",
+    "</s> Continue the story.",
+]
+
+
+def test_build_rm_keeps_markup_prompts_and_drops_tag_prompts(tmp_path):
+    """`data build-rm` → `rm train`'s loader: markup-led prompts arrive verbatim; a prompt that
+    opens with a preference tag is dropped with the tag named (`rm train` would strip or refuse it)."""
+    from datafixtures import uf_completion, uf_row
+
+    from moslim_mega.cli import main
+
+    tagged = ["<helpfulness 3> Rate this.", "<foo 2> Explain.", "  <Honest max>Be frank."]
+    rows = [uf_row("src", text, [uf_completion("Answer one.", "4", "5"), uf_completion("Answer two.", "2", "1")])
+            for text in MARKUP_INSTRUCTIONS + tagged]
+    uf = tmp_path / "uf.jsonl"
+    uf.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert main(["data", "build-rm", "--ultrafeedback", str(uf), "--datatype", "4", "--out", str(out),
+                 "--val-fraction", "0"]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    dropped = {(d["where"], d["reason"].split(":")[0]) for d in stats["dropped"]}
+    first_tagged = len(MARKUP_INSTRUCTIONS) + 1
+    assert dropped == {(f"{uf}:{line}", "preference tag") for line in range(first_tagged, first_tagged + 3)}
+    assert any("'<foo 2>'" in d["reason"] for d in stats["dropped"])
+    spec = PreferenceSpec.datatype(4)
+    ex = load_rm_examples(out / "rm_train.jsonl", spec, build_tokenizer(ModelConfig(), spec.names), 64)
+    assert sorted(set(ex.prompts)) == sorted(MARKUP_INSTRUCTIONS)

@@ -242,3 +242,42 @@ def test_policy_train_cli_with_checkpoints(stage, tmp_path, capsys):
     # without the three inputs the command explains what it needs
     assert main(["policy", "train", "--out", str(tmp_path / "x")]) == 2
     assert "policy.init" in capsys.readouterr().err
+
+
+# ---- prompts that open with markup (issue 13, item 1) ------------------------------------------
+MARKUP = ['<div class="q">tell me about cats</div>', "<code>print(1)</code> explain cooking",
+          "<|im_start|>user tell me about dogs", "</s>explain rain"]
+
+
+def test_policy_loop_takes_markup_prompts_and_the_rm_sees_them_verbatim(stage, tmp_path, monkeypatch):
+    lines = [{"prompt": "<helpfulness 5><harmless 1>" + MARKUP[0]}, {"prompt": "<honesty min>" + MARKUP[1]},
+             {"prompt": MARKUP[2]}, {"prompt": MARKUP[3]}]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    spec = PreferenceSpec.datatype(4)
+    assert load_policy_prompts(path, spec) == [x["prompt"] for x in lines]
+    seen = []
+    real_score = workers.RewardWorker.score
+
+    def recording_score(self, prompts, responses):
+        out = real_score(self, prompts, responses)
+        seen.append((list(prompts), out.targets_BH.clone()))
+        return out
+
+    real_rm_score = workers.LoadedRewardModel.score
+    rm_inputs = []
+
+    def recording_rm_score(self, prompts, *args, **kw):
+        rm_inputs.extend(prompts)
+        return real_rm_score(self, prompts, *args, **kw)
+
+    monkeypatch.setattr(workers.RewardWorker, "score", recording_score)
+    monkeypatch.setattr(workers.LoadedRewardModel, "score", recording_rm_score)
+    cfg = load_config(None, stage["overrides"] + ["policy.steps=1"])
+    summary = train_policy(cfg, tmp_path / "run", stage["init"], stage["rm"], path, show_progress=False)
+    assert summary["steps"] == 1
+    ((prompts, targets_BH),) = seen
+    want = {"<helpfulness 5><harmless 1>" + MARKUP[0]: [4, -1, 1], "<honesty min>" + MARKUP[1]: [-1, 0, -1],
+            MARKUP[2]: [-1, -1, -1], MARKUP[3]: [-1, -1, -1]}
+    assert [want[p] for p in prompts] == targets_BH.tolist()
+    assert set(rm_inputs) <= set(MARKUP) and len(rm_inputs) == len(prompts)  # prefix stripped, markup kept

@@ -74,3 +74,21 @@ def test_examples_keep_every_valid_record_and_truncate_from_the_left(tmp_path):
     assert len(ex) == 5 and ex.labels_NH.shape == (5, 3)
     assert all(len(s) == 4 for s in ex.input_ids)
     assert ex.input_ids[0][-1] == tok.eos_token_id  # the read-out token survives truncation
+
+
+@pytest.mark.parametrize(
+    "markup",
+    ['<div class="q">What is 2+2?</div>', "<code>x = 1</code> explain", '<html lang="en">hi', "<|im_start|>user hi",
+     "<!-- c --> hi", "</s> hi", "<b>bold</b>"],
+)
+def test_markup_prompts_are_prompt_text(markup):
+    assert parse_record(_with(prompt=markup), SPEC, "f:1")[0] == markup
+    prompt, _, _, labels = parse_record(_with(prompt="<helpfulness 5>" + markup), SPEC, "f:1")
+    assert prompt == markup and labels == [1, 4, 1]
+
+
+@pytest.mark.parametrize("prompt, named", [("<helpfulness 9><div>hi", "<helpfulness 9>"), ("<foo 3><div>hi", "foo"),
+                                           ("<helpfulness><div>hi", "<helpfulness>")])
+def test_bad_tag_before_markup_is_a_record_error(prompt, named):
+    with pytest.raises(RecordError, match=f"f:7: field 'prompt': .*{named}"):
+        parse_record(_with(prompt=prompt), SPEC, "f:7")
