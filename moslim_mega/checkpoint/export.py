@@ -114,4 +114,8 @@ def _export_reward(info: dict, config, tensors: dict, tokenizer, out: Path, what
     state = info["mapping_stats"]
     stats = RunningClassStats(state["num_classes"], mode=state["mode"], momentum=state["momentum"])
     stats.load_state_dict(state)
-    save_reward_model(model, tokenizer, PreferenceSpec.from_dict(info["spec"]), stats, out)
+    if "max_length" not in info:
+        raise CheckpointError(f"{what}: assets model.json has no max_length (the RM's training truncation); "
+                              "this checkpoint predates it, export the RM from a newer checkpoint")
+    save_reward_model(model, tokenizer, PreferenceSpec.from_dict(info["spec"]), stats, out,
+                      max_length=info["max_length"])

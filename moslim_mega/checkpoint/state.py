@@ -89,8 +89,8 @@ def write_model_assets(ckpt_dir: Path, name: str, kind: str, model, tokenizer, *
     (out / "model.json").write_text(json.dumps({"kind": kind, "key": model_key(name), **meta}, indent=1))
 
 
-def write_reward_assets(ckpt_dir: Path, name: str, model, tokenizer, spec, stats) -> None:
+def write_reward_assets(ckpt_dir: Path, name: str, model, tokenizer, spec, stats, max_length: int) -> None:
     """Export files of the multi-head RM: backbone config + tokenizer, class counts, preference
-    spec and the running mapping statistics at this step (Eq. 11)."""
+    spec, the running mapping statistics at this step (Eq. 11) and the training truncation."""
     write_model_assets(ckpt_dir, name, "reward", model, tokenizer, num_classes=list(model.num_classes),
-                       spec=spec.to_dict(), mapping_stats=stats.state_dict())
+                       spec=spec.to_dict(), mapping_stats=stats.state_dict(), max_length=max_length)
