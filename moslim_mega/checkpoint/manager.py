@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.api import CheckpointException
 
 from . import faults
 from .state import (LoopStateError, apply_tensor_state, read_loop_state, rng_state, set_rng_state, tensor_state,
@@ -175,15 +176,27 @@ class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
             torch.load(io.BytesIO(data), weights_only=True)
         except pickle.UnpicklingError as e:
             raise CheckpointError(f"checkpoint value {read_item.dest_index.fqn!r} is not plain data; refusing to "
-                                  f"unpickle it ({str(e).splitlines()[0]})") from None
+                                  f"unpickle it ({_unsafe_global(e)})") from None
         super().load_bytes(read_item, io.BytesIO(data))
+
+
+def _unsafe_global(e: Exception) -> str:
+    """The line of torch's weights_only error that names the refused global."""
+    lines = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
+    return lines[0] if lines else type(e).__name__
 
 
 def safe_dcp_load(state_dict: dict, path: Path, no_dist: bool) -> None:
     """``dcp.load`` of ``path`` into ``state_dict`` that unpickles only DCP metadata and plain data."""
     check_dcp_metadata(path)
-    with quiet_single_process():
-        dcp.load(state_dict, checkpoint_id=str(path), planner=WeightsOnlyLoadPlanner(), no_dist=no_dist)
+    try:
+        with quiet_single_process():
+            dcp.load(state_dict, checkpoint_id=str(path), planner=WeightsOnlyLoadPlanner(), no_dist=no_dist)
+    except CheckpointException as e:  # DCP wraps each rank's error; surface a refusal of ours as is
+        ours = [exc for exc, _tb in e.failures.values() if isinstance(exc, CheckpointError)]
+        if ours:
+            raise ours[0] from None
+        raise
 
 
 class CheckpointManager:
