@@ -106,7 +106,7 @@ class RewardConfig:
     eval_every: int = 100
     """Evaluate on the held-out set every N steps (0 = only at the end)."""
     max_length: int = 96
-    """Truncate prompt+response to this many tokens (prompt side is truncated first)."""
+    """Truncate prompt+response to this many tokens (prompt side is truncated first); recorded in rm.json, so scoring truncates alike."""
     stats_mode: str = "welford"
     """Running class-probability statistics for Eq. 11: `welford` (exact) or `ema`."""
     stats_momentum: float = 0.99

@@ -128,7 +128,7 @@ def tiny_rm(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_rm")
     stats = RunningClassStats(spec.num_classes)
     stats.update([torch.full((1, k), 1.0 / k) for k in spec.num_classes])  # placeholder, refitted below
-    save_reward_model(model, tok, spec, stats, out)
+    save_reward_model(model, tok, spec, stats, out, max_length=512)
     rm = load_reward_model(out)
     rng = random.Random(2)
     texts = [_random_text(rng, 2, 20) for _ in range(32)]

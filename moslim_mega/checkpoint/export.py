@@ -24,7 +24,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from .manager import CheckpointError, quiet_single_process, resolve_checkpoint
+from .manager import CheckpointError, check_dcp_metadata, resolve_checkpoint, safe_dcp_load
 
 EXPORTABLE = ("causal_lm", "reward")
 
@@ -56,6 +56,7 @@ def _choose(ckpt: Path, name: str | None) -> tuple[str, dict]:
 def load_model_tensors(ckpt: Path, key: str) -> dict[str, torch.Tensor]:
     """Whole (unsharded) tensors of one model from a DCP checkpoint: {fqn: tensor} on CPU."""
     prefix = key + "."
+    check_dcp_metadata(ckpt)  # read_metadata unpickles; only DCP's own records may be in there
     meta = dcp.FileSystemReader(str(ckpt)).read_metadata()
     sd = {}
     for fqn, md in meta.state_dict_metadata.items():
@@ -63,8 +64,7 @@ def load_model_tensors(ckpt: Path, key: str) -> dict[str, torch.Tensor]:
             sd[fqn] = torch.empty(md.size, dtype=md.properties.dtype)
     if not sd:
         raise CheckpointError(f"{ckpt}: no tensors under {key!r}")
-    with quiet_single_process():
-        dcp.load(sd, checkpoint_id=str(ckpt), no_dist=True)
+    safe_dcp_load(sd, ckpt, no_dist=True)
     return {fqn[len(prefix):]: t for fqn, t in sd.items()}
 
 
@@ -114,4 +114,8 @@ def _export_reward(info: dict, config, tensors: dict, tokenizer, out: Path, what
     state = info["mapping_stats"]
     stats = RunningClassStats(state["num_classes"], mode=state["mode"], momentum=state["momentum"])
     stats.load_state_dict(state)
-    save_reward_model(model, tokenizer, PreferenceSpec.from_dict(info["spec"]), stats, out)
+    if "max_length" not in info:
+        raise CheckpointError(f"{what}: assets model.json has no max_length (the RM's training truncation); "
+                              "this checkpoint predates it, export the RM from a newer checkpoint")
+    save_reward_model(model, tokenizer, PreferenceSpec.from_dict(info["spec"]), stats, out,
+                      max_length=info["max_length"])

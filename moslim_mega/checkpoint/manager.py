@@ -4,7 +4,7 @@ Layout of a checkpoint root (``checkpoint.dir``, default ``<stage out>/ckpt``)::
 
     step_12/              one checkpoint (step = optimizer/rollout steps completed)
       .metadata, *.distcp   torch.distributed.checkpoint shards of models + optimizers
-      extra_rank<r>.pt      per-rank RNG states and loop state
+      extra_rank<r>.json    per-rank RNG states and loop state (JSON, never a pickle)
       assets/<name>/        HF config, tokenizer, model.json (for `moslim export hf`)
       meta.json             step, world size, models, written last inside the directory
     step_16/
@@ -12,16 +12,26 @@ Layout of a checkpoint root (``checkpoint.dir``, default ``<stage out>/ckpt``)::
 
 A save writes everything into ``step_N.tmp``, renames it to ``step_N`` and only then replaces
 ``latest`` (temporary file + ``os.replace``); retention deletes old complete checkpoints last.
+Saving a step that already exists (after resuming from an older checkpoint) first points
+``latest`` at ``step_N.swap``, a hard-linked complete copy of the new checkpoint, if it named
+the old ``step_N``; then replaces ``step_N``, points ``latest`` back at it and drops the copy.
 A process killed at any moment therefore leaves ``latest`` naming a complete checkpoint (or no
-``latest`` at all), and ``resume=auto`` never reads a half-written one. Left-over ``*.tmp``
-directories are removed by the next save of the same step.
+``latest`` at all), and ``resume=auto`` never reads a half-written one. Left-over ``*.tmp`` /
+``*.swap`` directories that ``latest`` does not name are removed by the next save.
+
+Reading a checkpoint runs no pickle of ours (the loop state is JSON) and lets DCP unpickle only
+what it needs: ``.metadata`` is checked against an allowlist of DCP's metadata classes and the
+optimizers' non-tensor values are loaded with ``torch.load(weights_only=True)``, so a checkpoint
+someone hands you (``checkpoint.resume=PATH``, ``moslim export hf``) cannot run code.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import pickle
 import shutil
 import warnings
 from pathlib import Path
@@ -30,12 +40,16 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.api import CheckpointException
 
 from . import faults
-from .state import apply_tensor_state, rng_state, set_rng_state, tensor_state
+from .state import (LoopStateError, apply_tensor_state, read_loop_state, rng_state, set_rng_state, tensor_state,
+                    write_loop_state)
 
 LATEST = "latest"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: loop state in ``extra_rank<r>.json``. 1 (before): a pickled ``extra_rank<r>.pt``, refused."""
 
 
 class CheckpointError(ValueError):
@@ -81,6 +95,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_tree(path: Path) -> None:
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+        else:
+            _fsync_dir(f)
+    _fsync_dir(path)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """A durable copy of the complete checkpoint ``src`` at ``dst``: hard links (no data copied)
+    where the file system has them, else copies."""
+    try:
+        shutil.copytree(src, dst, copy_function=os.link)
+    except OSError:
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst)
+    _fsync_tree(dst)
+    _fsync_dir(dst.parent)
+
+
 def is_complete(path: Path) -> bool:
     return (path / "meta.json").is_file() and (path / ".metadata").is_file()
 
@@ -93,6 +129,74 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not is_complete(path):
         raise CheckpointError(f"{path}: not a complete checkpoint (no meta.json/.metadata, and no '{LATEST}' pointer)")
     return path
+
+
+# What a DCP ``.metadata`` pickle may name: DCP's own metadata records and plain torch values.
+_DCP_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+     ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file, where: Path):
+        super().__init__(file)
+        self.where = where
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _DCP_METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise CheckpointError(f"{self.where}: refers to {module}.{name}, which is not DCP checkpoint metadata; "
+                              "refusing to unpickle it (it could run code)")
+
+
+def check_dcp_metadata(path: Path) -> None:
+    """Unpickle ``path/.metadata`` with only DCP's metadata classes allowed. DCP then reads the
+    same bytes with plain ``pickle.load``, which can only build what this pass allowed."""
+    meta = Path(path) / ".metadata"
+    try:
+        with open(meta, "rb") as fh:
+            _MetadataUnpickler(fh, meta).load()
+    except CheckpointError:
+        raise
+    except Exception as e:  # truncated or foreign bytes: any unpickling error
+        raise CheckpointError(f"{meta}: not a readable DCP metadata file ({type(e).__name__}: {e})") from None
+
+
+class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DCP's planner loads non-tensor values (optimizer hyper-parameters) with
+    ``torch.load(weights_only=False)``; check each with ``weights_only=True`` first."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        data = value.read()
+        try:
+            torch.load(io.BytesIO(data), weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"checkpoint value {read_item.dest_index.fqn!r} is not plain data; refusing to "
+                                  f"unpickle it ({_unsafe_global(e)})") from None
+        super().load_bytes(read_item, io.BytesIO(data))
+
+
+def _unsafe_global(e: Exception) -> str:
+    """The line of torch's weights_only error that names the refused global."""
+    lines = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
+    return lines[0] if lines else type(e).__name__
+
+
+def safe_dcp_load(state_dict: dict, path: Path, no_dist: bool) -> None:
+    """``dcp.load`` of ``path`` into ``state_dict`` that unpickles only DCP metadata and plain data."""
+    check_dcp_metadata(path)
+    try:
+        with quiet_single_process():
+            dcp.load(state_dict, checkpoint_id=str(path), planner=WeightsOnlyLoadPlanner(), no_dist=no_dist)
+    except CheckpointException as e:  # DCP wraps each rank's error; surface a refusal of ours as is
+        ours = [exc for exc, _tb in e.failures.values() if isinstance(exc, CheckpointError)]
+        if ours:
+            raise ours[0] from None
+        raise
 
 
 class CheckpointManager:
@@ -123,13 +227,14 @@ class CheckpointManager:
         tmp = self.root / f"step_{steps_done}.tmp"
         if _rank() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
+            self._remove_leftovers()
             if tmp.exists():
                 shutil.rmtree(tmp)  # a save that died earlier
             tmp.mkdir()
         _barrier()
         with quiet_single_process():
             dcp.save(tensor_state(models, optimizers), checkpoint_id=str(tmp), no_dist=_no_dist())
-        torch.save({**extra, "_global_rng": rng_state()}, tmp / f"extra_rank{_rank()}.pt")
+        write_loop_state(tmp / f"extra_rank{_rank()}.json", {**extra, "_global_rng": rng_state()})
         if _rank() == 0 and assets is not None:
             assets(tmp)
         _barrier()
@@ -137,22 +242,40 @@ class CheckpointManager:
             meta = {"format_version": FORMAT_VERSION, "step": steps_done, "world_size": _world(),
                     "models": sorted(models), "optimizers": sorted(optimizers)}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            for f in sorted(tmp.rglob("*")):  # durable before the rename makes them "complete"
-                if f.is_file():
-                    with open(f, "rb+") as fh:
-                        os.fsync(fh.fileno())
-                else:
-                    _fsync_dir(f)
-            _fsync_dir(tmp)
+            _fsync_tree(tmp)  # durable before the rename makes it "complete"
             faults.maybe_wait_for_kill("in_save", steps_done)
-            if final.exists():  # the same step saved again (e.g. after a resume from an older one)
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            _fsync_dir(self.root)
-            self._write_latest(final.name)
+            self._publish(tmp, final)
             self._retain()
         _barrier()
         return final
+
+    def _latest_name(self) -> str | None:
+        pointer = self.root / LATEST
+        return pointer.read_text().strip() if pointer.is_file() else None
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        """``tmp`` (complete) becomes ``final`` and ``latest`` names it; ``latest`` names a complete
+        directory after every single step here."""
+        if final.exists():  # the same step saved again (e.g. after a resume from an older one)
+            if self._latest_name() == final.name:
+                # latest must not name final while it is replaced: point it at a complete copy.
+                swap = final.with_name(final.name + ".swap")
+                if swap.exists():
+                    shutil.rmtree(swap)
+                _link_tree(tmp, swap)
+                self._write_latest(swap.name)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
+        self._write_latest(final.name)
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """``*.swap`` copies that ``latest`` no longer names (a save was killed after its swap)."""
+        latest = self._latest_name()
+        for p in self.root.glob("step_*.swap"):
+            if p.name != latest:
+                shutil.rmtree(p)
 
     def _write_latest(self, name: str) -> None:
         tmp = self.root / f".{LATEST}.tmp"
@@ -200,6 +323,11 @@ class CheckpointManager:
     def load(self, path: Path, models: dict, optimizers: dict) -> dict:
         """Restore models, optimizers and global RNG states from ``path``; return the loop state."""
         meta = json.loads((path / "meta.json").read_text())
+        if meta.get("format_version") == 1:
+            raise CheckpointError(
+                f"{path}: an older checkpoint (format_version 1) whose loop state is a pickle (extra_rank*.pt); "
+                "resume no longer unpickles it, since that could run code. Start over "
+                "(checkpoint.resume=never) or finish the run with the version that wrote it")
         if meta.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{path}/meta.json: unsupported format_version {meta.get('format_version')!r}")
         if meta["world_size"] != _world():
@@ -209,10 +337,12 @@ class CheckpointManager:
         if sorted(models) != meta["models"] or sorted(optimizers) != meta["optimizers"]:
             raise CheckpointError(f"{path}: holds models {meta['models']} / optimizers {meta['optimizers']}, "
                                   f"this run has {sorted(models)} / {sorted(optimizers)}")
+        try:
+            extra = read_loop_state(path / f"extra_rank{_rank()}.json")
+        except (LoopStateError, OSError) as e:
+            raise CheckpointError(str(e)) from None
         sd = tensor_state(models, optimizers)
-        with quiet_single_process():
-            dcp.load(sd, checkpoint_id=str(path), no_dist=_no_dist())
+        safe_dcp_load(sd, path, _no_dist())
         apply_tensor_state(sd, models, optimizers)
-        extra = torch.load(path / f"extra_rank{_rank()}.pt", weights_only=False)  # our own file
         set_rng_state(extra.pop("_global_rng"))
         return extra

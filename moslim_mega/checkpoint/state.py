@@ -4,9 +4,11 @@
   optimizer's state, taken with ``get_model_state_dict`` / ``get_optimizer_state_dict`` so that
   FSDP2/DTensor-sharded models save their local shards and plain models save whole tensors.
   DCP keys are ``model_<name>.<fqn>`` and ``optim_<name>.…``.
-* **Per-rank objects** (``extra_rank<r>.pt``): RNG states (torch CPU/CUDA, python ``random``,
-  numpy), the loop's own state (step, data order, ``torch.Generator`` / ``random.Random``
-  states, scheduler, KL controller, running statistics, metrics-file offset). Small, pickled.
+* **Per-rank loop state** (``extra_rank<r>.json``): RNG states (torch CPU/CUDA, python
+  ``random``, numpy), the loop's own state (step, data order, ``torch.Generator`` /
+  ``random.Random`` states, scheduler, KL controller, running statistics, metrics-file offset).
+  Small; plain JSON (:func:`encode_state`), never a pickle, so reading a checkpoint someone
+  hands you runs no code.
 * **Assets** (rank 0, ``assets/<name>/``): what ``moslim export hf`` needs to rebuild a standard
   HF model without the training code's config: the HF ``config.json``, the tokenizer and a
   ``model.json`` (kind, and for the RM its class counts, preference spec and mapping statistics).
@@ -14,6 +16,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 from pathlib import Path
@@ -56,6 +59,117 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class LoopStateError(ValueError):
+    """A loop-state file that is not the JSON this module writes; the message names the file."""
+
+
+# Tags of values JSON has no type for. A decoder that meets any other "__…__" key refuses.
+_TUPLE, _TENSOR, _NDARRAY, _DICT = "__tuple__", "__tensor__", "__ndarray__", "__dict__"
+_TAGS = (_TUPLE, _TENSOR, _NDARRAY, _DICT)
+
+
+def _array_to_json(dtype: str, shape, raw: bytes) -> dict:
+    return {"dtype": dtype, "shape": list(shape), "b64": base64.b64encode(raw).decode("ascii")}
+
+
+def encode_state(obj, where: str = "state"):
+    """A JSON-able form of loop state: tuples, tensors and numpy arrays (bit-exact, base64) and
+    dicts with non-string keys are tagged; anything else unknown is a bug of the caller."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, list):
+        return [encode_state(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, tuple):
+        return {_TUPLE: [encode_state(v, f"{where}[{i}]") for i, v in enumerate(obj)]}
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        return {_TENSOR: _array_to_json(str(t.dtype).removeprefix("torch."), t.shape,
+                                        t.reshape(-1).view(torch.uint8).numpy().tobytes())}
+    if isinstance(obj, np.ndarray):
+        a = np.ascontiguousarray(obj)
+        return {_NDARRAY: _array_to_json(a.dtype.str, a.shape, a.tobytes())}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and k not in _TAGS for k in obj):
+            return {k: encode_state(v, f"{where}.{k}") for k, v in obj.items()}
+        return {_DICT: [[encode_state(k, where), encode_state(v, f"{where}.{k}")] for k, v in obj.items()]}
+    raise TypeError(f"{where}: {type(obj).__name__} cannot go into a checkpoint's loop state")
+
+
+def _array_bytes(spec, where: str) -> tuple[str, list, bytes]:
+    if not (isinstance(spec, dict) and isinstance(spec.get("dtype"), str) and isinstance(spec.get("shape"), list)
+            and all(isinstance(n, int) and n >= 0 for n in spec["shape"]) and isinstance(spec.get("b64"), str)):
+        raise LoopStateError(f"{where}: malformed array (expected dtype, shape, b64)")
+    return spec["dtype"], spec["shape"], base64.b64decode(spec["b64"], validate=True)
+
+
+def _decode_tensor(spec, where: str) -> torch.Tensor:
+    dtype_name, shape, raw = _array_bytes(spec, where)
+    dtype = getattr(torch, dtype_name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise LoopStateError(f"{where}: unknown tensor dtype {dtype_name!r}")
+    flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+    return flat.view(dtype).reshape(shape).clone()
+
+
+def _decode_ndarray(spec, where: str) -> np.ndarray:
+    dtype_name, shape, raw = _array_bytes(spec, where)
+    try:
+        dtype = np.dtype(dtype_name)
+    except TypeError:
+        raise LoopStateError(f"{where}: unknown array dtype {dtype_name!r}") from None
+    if dtype.hasobject:  # object arrays would need a pickle
+        raise LoopStateError(f"{where}: array dtype {dtype_name!r} is not plain data")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
+
+
+def decode_state(obj, where: str = "state"):
+    """Inverse of :func:`encode_state`; refuses any tag it does not know."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, list):
+        return [decode_state(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if not isinstance(obj, dict):
+        raise LoopStateError(f"{where}: unexpected {type(obj).__name__}")
+    tags = [k for k in obj if k.startswith("__") and k.endswith("__")]
+    if not tags:
+        return {k: decode_state(v, f"{where}.{k}") for k, v in obj.items()}
+    if len(obj) != 1 or tags[0] not in _TAGS:
+        raise LoopStateError(f"{where}: unknown tagged value {sorted(obj)}")
+    tag, value = tags[0], obj[tags[0]]
+    if tag == _TENSOR:
+        return _decode_tensor(value, where)
+    if tag == _NDARRAY:
+        return _decode_ndarray(value, where)
+    if not isinstance(value, list):
+        raise LoopStateError(f"{where}: {tag} must hold a list")
+    if tag == _TUPLE:
+        return tuple(decode_state(v, f"{where}[{i}]") for i, v in enumerate(value))
+    if not all(isinstance(kv, list) and len(kv) == 2 for kv in value):
+        raise LoopStateError(f"{where}: {_DICT} must hold [key, value] pairs")
+    return {decode_state(k, where): decode_state(v, f"{where}[{k!r}]") for k, v in value}
+
+
+def write_loop_state(path: Path, state: dict) -> None:
+    Path(path).write_text(json.dumps(encode_state(state)))
+
+
+def read_loop_state(path: Path) -> dict:
+    """The loop state in ``path``; anything but this module's JSON (a pickle, say) is refused."""
+    raw = Path(path).read_bytes()
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise LoopStateError(f"{path}: not a JSON loop-state file (checkpoints never hold pickles; "
+                             "refusing to read it)") from None
+    if not isinstance(data, dict):
+        raise LoopStateError(f"{path}: the loop state must be a JSON object")
+    try:
+        state = decode_state(data)
+    except (ValueError, TypeError) as e:  # base64/shape errors from the arrays
+        raise LoopStateError(f"{path}: {e}") from None
+    return state
+
+
 def tensor_state(models: dict, optimizers: dict) -> dict:
     """The DCP state dict: ``models`` {name: module}, ``optimizers`` {name: (module, optimizer)}."""
     opts = StateDictOptions(full_state_dict=False, cpu_offload=False)
@@ -89,8 +203,8 @@ def write_model_assets(ckpt_dir: Path, name: str, kind: str, model, tokenizer, *
     (out / "model.json").write_text(json.dumps({"kind": kind, "key": model_key(name), **meta}, indent=1))
 
 
-def write_reward_assets(ckpt_dir: Path, name: str, model, tokenizer, spec, stats) -> None:
+def write_reward_assets(ckpt_dir: Path, name: str, model, tokenizer, spec, stats, max_length: int) -> None:
     """Export files of the multi-head RM: backbone config + tokenizer, class counts, preference
-    spec and the running mapping statistics at this step (Eq. 11)."""
+    spec, the running mapping statistics at this step (Eq. 11) and the training truncation."""
     write_model_assets(ckpt_dir, name, "reward", model, tokenizer, num_classes=list(model.num_classes),
-                       spec=spec.to_dict(), mapping_stats=stats.state_dict())
+                       spec=spec.to_dict(), mapping_stats=stats.state_dict(), max_length=max_length)

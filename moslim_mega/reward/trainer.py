@@ -117,7 +117,7 @@ def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = T
     start = time.time()
     order: list[int] = []
     ckpt = StageCheckpoints(cfg.checkpoint, out, {"rm": model}, {"rm": (model, upd.opt)}, writer,
-                            lambda d: write_reward_assets(d, "rm", model, tokenizer, spec, stats))
+                            lambda d: write_reward_assets(d, "rm", model, tokenizer, spec, stats, rc.max_length))
     first = 0
     if (state := ckpt.restore()) is not None:
         first, order = state["steps_done"], state["order"]
@@ -171,7 +171,7 @@ def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = T
     writer.close()
     full = stage.full_model(model, lambda config: _rm_skeleton(config, spec.num_classes))
     if stage.is_main:
-        save_reward_model(full, tokenizer, spec, stats, out)
+        save_reward_model(full, tokenizer, spec, stats, out, max_length=rc.max_length)
         (out / "eval.json").write_text(json.dumps(report, indent=2))
     stage.barrier()
     return report

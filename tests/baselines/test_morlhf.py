@@ -39,7 +39,7 @@ def _save_single_head_rm(name, path, seed):
     tok = build_tokenizer(MC)
     model = MultiHeadRewardModel(build_backbone(MC, tok, seed), spec.num_classes)
     torch.nn.init.normal_(model.heads.weight, std=1.0)  # spread the class probabilities
-    save_reward_model(model, tok, spec, RunningClassStats(spec.num_classes), path)
+    save_reward_model(model, tok, spec, RunningClassStats(spec.num_classes), path, max_length=96)
     return path
 
 

@@ -26,7 +26,7 @@ def test_fsdp2_sharded_checkpoint_reloads_exactly_and_exports_to_hf(tmp_path):
 
     step_dir = tmp_path / "ckpt" / "step_1"
     assert sorted(p.name for p in step_dir.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one per rank
-    assert (step_dir / "extra_rank0.pt").is_file() and (step_dir / "extra_rank1.pt").is_file()
+    assert (step_dir / "extra_rank0.json").is_file() and (step_dir / "extra_rank1.json").is_file()
 
     summary = export_hf(tmp_path / "ckpt", tmp_path / "hf")  # one process, no process group
     assert summary["model"] == "actor" and summary["step"] == 1

@@ -114,3 +114,146 @@ def test_relative_and_absolute_dirs_and_bad_settings(tmp_path):
         CheckpointManager(replace(CheckpointConfig(), every=-1), tmp_path)
     with pytest.raises(CheckpointError, match="checkpoint.resume"):
         CheckpointManager(replace(CheckpointConfig(), resume=""), tmp_path)
+
+
+# ---- nothing in a checkpoint is unpickled beyond plain data -----------------------------------
+class _Payload:
+    """Unpickling this creates the directory ``path``: the proof that a load ran code."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (self.path,)
+
+
+def _saved(tmp_path):
+    model, opt = _setup()
+    _train_step(model, opt)
+    mgr = CheckpointManager(CheckpointConfig(every=1), tmp_path)
+    return mgr, _save(mgr, 1, model, opt, note="x"), model, opt
+
+
+def test_a_loop_state_file_carrying_a_pickle_is_refused_without_running_it(tmp_path):
+    import pickle
+
+    mgr, path, model, opt = _saved(tmp_path)
+    ran = tmp_path / "payload_ran"
+    (path / "extra_rank0.json").write_bytes(pickle.dumps({"note": _Payload(ran)}))
+    with pytest.raises(CheckpointError, match=r"extra_rank0.json: not a JSON loop-state file"):
+        mgr.load(path, {"net": model}, {"net": (model, opt)})
+    assert not ran.exists()
+    (path / "extra_rank0.json").write_text('{"note": {"__pickle__": "x"}}')
+    with pytest.raises(CheckpointError, match="unknown tagged value"):
+        mgr.load(path, {"net": model}, {"net": (model, opt)})
+
+
+def test_an_old_pickled_checkpoint_is_refused_without_running_it(tmp_path):
+    mgr, path, model, opt = _saved(tmp_path)
+    ran = tmp_path / "payload_ran"
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps({**meta, "format_version": 1}))
+    torch.save({"note": _Payload(ran), "_global_rng": {}}, path / "extra_rank0.pt")  # format 1's file
+    with pytest.raises(CheckpointError, match="format_version 1.*pickle"):
+        mgr.load(path, {"net": model}, {"net": (model, opt)})
+    assert not ran.exists()
+
+
+def test_dcp_metadata_and_values_carrying_code_are_refused(tmp_path):
+    import pickle
+
+    from moslim_mega.checkpoint.export import load_model_tensors
+
+    mgr, path, model, opt = _saved(tmp_path)
+    ran = tmp_path / "payload_ran"
+    good = (path / ".metadata").read_bytes()
+    (path / ".metadata").write_bytes(pickle.dumps(_Payload(ran)))
+    with pytest.raises(CheckpointError, match=r"\.metadata: refers to posix\.mkdir"):
+        mgr.load(path, {"net": model}, {"net": (model, opt)})
+    with pytest.raises(CheckpointError, match=r"\.metadata: refers to posix\.mkdir"):
+        load_model_tensors(path, "model_net")  # what `moslim export hf` reads
+    assert not ran.exists()
+    (path / ".metadata").write_bytes(good)
+
+    # A non-tensor optimizer value is saved as a pickle by DCP: a hostile one must not load.
+    evil_model, evil_opt = _setup()
+    evil_opt.param_groups[0]["note"] = _Payload(ran)
+    evil = _save(CheckpointManager(CheckpointConfig(every=1), tmp_path / "evil"), 1, evil_model, evil_opt)
+    fresh, fresh_opt = _setup()
+    fresh_opt.param_groups[0]["note"] = None  # the same keys, so DCP asks for that value
+    with pytest.raises(CheckpointError, match="param_groups.0.note.*not plain data.*posix.mkdir"):
+        mgr.load(evil, {"net": fresh}, {"net": (fresh, fresh_opt)})
+    assert not ran.exists()
+
+
+# ---- a crash at any moment of a re-save leaves `latest` naming a complete checkpoint -----------
+class _Crash(BaseException):
+    """Stands for a SIGKILL: nothing after it runs (not even `except Exception` handlers)."""
+
+
+def _crash_after(monkeypatch, root, n: int) -> list:
+    """Make the n-th rename/replace/rmtree of an entry of ``root`` (a checkpoint directory or the
+    pointer; DCP's own renames inside a directory being written do not count) "kill" the
+    process right after it ran."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    done = []
+
+    def wrap(fn):
+        def op(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            if Path(args[0]).parent != root:
+                return out
+            done.append(f"{fn.__name__}({Path(args[0]).name})")
+            if len(done) == n:
+                raise _Crash(f"killed after {fn.__name__}{args}")
+            return out
+        return op
+
+    for mod, name in ((os, "rename"), (os, "replace"), (shutil, "rmtree")):
+        monkeypatch.setattr(mod, name, wrap(getattr(mod, name)))
+    return done
+
+
+def test_resaving_the_step_latest_names_survives_a_kill_after_every_file_operation(tmp_path, monkeypatch):
+    """Resumed from step_2 while `latest` names step_4, the run saves step_4 again: killed after
+    any single rename/replace/delete of that save, `resume=auto` loads a complete checkpoint,
+    either the old step_4 or the new one."""
+    import shutil
+
+    model, opt = _setup(0)
+    base = tmp_path / "base"
+    mgr = CheckpointManager(CheckpointConfig(every=2, keep_last=0), base)
+    _save(mgr, 2, model, opt)
+    _train_step(model, opt)
+    _save(mgr, 4, model, opt, timeline="old")
+    old = {k: v.clone() for k, v in model.state_dict().items()}
+    _train_step(model, opt)  # the resumed timeline reaches step 4 with other weights
+    new = {k: v.clone() for k, v in model.state_dict().items()}
+    outcomes = []
+    for n in range(1, 50):
+        root = tmp_path / f"kill_{n}"
+        shutil.copytree(base, root)
+        done = _crash_after(monkeypatch, root / "ckpt", n)
+        run = CheckpointManager(CheckpointConfig(every=2, keep_last=0), root)
+        try:
+            _save(run, 4, model, opt, timeline="new")
+            finished = True
+        except _Crash:
+            finished = False
+        monkeypatch.undo()
+        resumed = CheckpointManager(CheckpointConfig(every=2), root).resume_path()  # resume=auto
+        assert resumed is not None and is_complete(resumed), (n, done)
+        fresh, fresh_opt = _setup(1)
+        state = CheckpointManager(CheckpointConfig(every=2), root).load(resumed, {"net": fresh}, {"net": (fresh, fresh_opt)})
+        want = new if state["timeline"] == "new" else old
+        assert all(torch.equal(want[k], v) for k, v in fresh.state_dict().items()), (n, done)
+        outcomes.append((done[-1] if done else None, state["timeline"], resumed.name))
+        if finished:
+            break
+    assert finished and outcomes[-1][1] == "new" and len(outcomes) >= 4, outcomes
+    assert sorted(p.name for p in (root / "ckpt").iterdir()) == ["latest", "step_2", "step_4"]  # no leftovers

@@ -23,6 +23,8 @@ CASES = {
     "rm": ("rm", ["checkpoint.every=3"], "after_step:5", "step_3", "rm/backbone/model.safetensors"),
     "rloo": ("policy", ["policy.algo=rloo", "checkpoint.every=2"], "after_step:3", "step_2", "policy/model.safetensors"),
     "ppo": ("policy", ["policy.algo=ppo", "checkpoint.every=2"], "after_step:3", "step_2", "policy/model.safetensors"),
+    "online_dpo": ("policy", ["policy.algo=online_dpo", "checkpoint.every=2"], "after_step:3", "step_2",
+                   "policy/model.safetensors"),
     "rloo_in_save": ("policy", ["policy.algo=rloo", "checkpoint.every=2"], "in_save:4", "step_2",
                      "policy/model.safetensors"),
 }

@@ -67,7 +67,7 @@ def test_rm_rescores_the_stripped_prompt_with_its_own_template(rm_tokenizer, tmp
     the RM template's rendering of the prefix-free conversation (written out by hand)."""
     backbone = build_backbone(ModelConfig(**TINY), rm_tokenizer, seed=0)
     model = MultiHeadRewardModel(backbone, SPEC.num_classes)
-    save_reward_model(model, rm_tokenizer, SPEC, RunningClassStats(SPEC.num_classes), tmp_path / "rm")
+    save_reward_model(model, rm_tokenizer, SPEC, RunningClassStats(SPEC.num_classes), tmp_path / "rm", max_length=96)
     rm = load_reward_model(tmp_path / "rm")
     got = rm.probs([PREFIXED], ["cooking_fact_b"])
     text = ("user cooking <sep> assistant cooking_fact_a <sep> user tell me about cooking <sep> "

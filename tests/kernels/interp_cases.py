@@ -215,7 +215,7 @@ def test_reward_worker_scores_with_the_triton_kernel(launches):
     gen = torch.Generator().manual_seed(2)
     stats = RunningClassStats(spec.num_classes)
     stats.update([torch.softmax(3 * torch.randn(30, k, generator=gen), 1) for k in spec.num_classes])
-    rm = LoadedRewardModel(model, tokenizer, spec, stats)
+    rm = LoadedRewardModel(model, tokenizer, spec, stats, max_length=96)
     names = spec.names
     prompts = [f"<{names[0]} 4><{names[-1]} 1> How do I bake bread?", f"<{names[1]} 2> What is rain?", "Hello?"]
     responses = ["Mix flour and water.", "Water falling from clouds.", "Hi."]

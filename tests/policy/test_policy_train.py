@@ -281,3 +281,47 @@ def test_policy_loop_takes_markup_prompts_and_the_rm_sees_them_verbatim(stage, t
             MARKUP[2]: [-1, -1, -1], MARKUP[3]: [-1, -1, -1]}
     assert [want[p] for p in prompts] == targets_BH.tolist()
     assert set(rm_inputs) <= set(MARKUP) and len(rm_inputs) == len(prompts)  # prefix stripped, markup kept
+
+
+# ---- the RM scores what it was trained on -----------------------------------------------------
+def test_rewards_during_training_come_from_the_rm_training_time_token_ids(stage, tmp_path, monkeypatch):
+    """An RM trained with rm.max_length=6 (shorter than every rollout): each (prompt, response)
+    it scores inside train_policy reaches the RM as exactly the ids its training data path
+    (load_rm_examples at rm.max_length) gives the same pair, not a longer, never-seen input."""
+    from moslim_mega.data.template import encode_pair
+    from moslim_mega.models.build import build_tokenizer
+    from moslim_mega.prefs import strip_prefix
+    from moslim_mega.reward.data import load_rm_examples
+    from moslim_mega.reward.model import MultiHeadRewardModel
+    from moslim_mega.reward.trainer import train_reward_model
+
+    rm_cfg = load_config(None, stage["overrides"] + ["rm.max_length=6"])
+    train_reward_model(rm_cfg, tmp_path / "rm", show_progress=False)
+    scored, fed = [], []
+    real_score, real_forward = workers.RewardWorker.score, MultiHeadRewardModel.forward
+
+    def score(self, prompts, responses):
+        scored.extend(zip(prompts, responses))
+        return real_score(self, prompts, responses)
+
+    def forward(self, ids_BT, mask_BT, head=None):
+        fed.extend(row[m.bool()].tolist() for row, m in zip(ids_BT, mask_BT))
+        return real_forward(self, ids_BT, mask_BT, head=head)
+
+    monkeypatch.setattr(workers.RewardWorker, "score", score)
+    monkeypatch.setattr(MultiHeadRewardModel, "forward", forward)
+    cfg = load_config(None, stage["overrides"] + ["policy.steps=1"])
+    train_policy(cfg, tmp_path / "pol", stage["init"], tmp_path / "rm", stage["prompts"], show_progress=False)
+    assert len(scored) == len(fed) == NUM_ROWS
+
+    spec = PreferenceSpec.datatype(4)
+    tok = build_tokenizer(rm_cfg.rm.model, spec.names)  # the tokenizer the RM trainer built
+    assert all(len(encode_pair(tok, strip_prefix(p, spec), r, 0)) > 6 for p, r in scored)  # all get cut
+    kept = [i for i, (_, r) in enumerate(scored) if r.strip()]  # the RM data refuses empty responses
+    assert kept
+    data = tmp_path / "scored.jsonl"
+    data.write_text("".join(json.dumps({"prompt": scored[i][0], "response": scored[i][1],
+                                        "ratings": dict.fromkeys(spec.names)}) + "\n" for i in kept))
+    trained = load_rm_examples(data, spec, tok, rm_cfg.rm.max_length)
+    assert [fed[i] for i in kept] == trained.input_ids
+    assert all(len(ids) == 6 for ids in fed)
