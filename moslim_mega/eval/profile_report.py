@@ -16,17 +16,27 @@ from ..profile import find_profiles
 def load_profiles(run_dirs) -> list[dict]:
     """One row per profile.json: {run, part, path, profile}."""
     rows = []
-    for d in run_dirs:
-        for label, path in find_profiles([d]):
+    names = [Path(d).name for d in run_dirs]
+    for i, d in enumerate(run_dirs):
+        # Runs are labelled by directory name; two dirs of one name (runs/a/demo, runs/b/demo) by path.
+        prefix = str(d) if names.count(Path(d).name) > 1 else Path(d).name
+        for _label, path in find_profiles([d]):
             try:
                 prof = json.loads(path.read_text())
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: not valid JSON ({e})") from None
             if not isinstance(prof, dict) or "wall_seconds" not in prof or "phases" not in prof:
                 raise ValueError(f"{path}: not a moslim profile.json (no wall_seconds / phases)")
-            run, _, part = label.partition("/")
-            rows.append({"run": run, "part": part or prof.get("stage", "?"), "path": path, "profile": prof})
-    return rows
+            rel = path.parent.relative_to(d)
+            part = prof.get("stage", "?") if str(rel) == "." else str(rel)
+            rows.append({"index": i, "run": prefix, "part": part, "path": path, "profile": prof})
+    return sorted(rows, key=_pipeline_order)
+
+
+def _pipeline_order(row: dict):
+    """Runs in the order given; within a run, SFT → RM → policy, then the rest by path."""
+    order = {"sft": 0, "rm": 1, "policy": 2}
+    return row["index"], order.get(row["profile"].get("stage"), 3), str(row["path"].parent)
 
 
 def _num(v, fmt: str) -> str:
@@ -112,7 +122,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax2.set_xlim(0, 1)
     ax2.invert_yaxis()
     ax2.set_title("Phase breakdown")
-    ax2.legend(fontsize=7, loc="lower right")
+    ax2.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
