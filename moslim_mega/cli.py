@@ -19,6 +19,7 @@
     moslim export hf --ckpt DIR --out DIR [--model NAME]
     moslim plan --model qwen2-0.5b|qwen2-7b|qwen2-57b-a14b|qwen2-72b|PATH --nodes N --gpus-per-node G --tp T --dp D [--stage rm|sft|ppo] [--logprob-chunk C]
     moslim plan --paper-table
+    moslim profile RUN_DIR... [--out DIR]
 """
 
 from __future__ import annotations
@@ -231,6 +232,15 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from .eval.profile_report import write_profile_report
+
+    md, png, text = write_profile_report(args.run_dirs, args.out or args.run_dirs[0])
+    print(text)
+    print(f"report: {md}\nplot: {png}")
+    return 0
+
+
 def config_doc_markdown() -> str:
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key, tp, default, doc in field_docs():
@@ -391,6 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--paper-table", action="store_true", help="the README table of the paper's configurations")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("profile", help="report of the stages' profile.json (tokens/s, MFU, device-hours, phases)")
+    p.add_argument("run_dirs", nargs="+", help="run directories (searched recursively for profile.json)")
+    p.add_argument("--out", default=None, help="where profile_report.md/.png go (default: the first run dir)")
+    p.set_defaults(func=cmd_profile)
 
     conf = sub.add_parser("config", help="inspect the configuration tree").add_subparsers(dest="cmd", required=True)
     p = conf.add_parser("show", help="print the resolved config")

@@ -362,6 +362,18 @@ class KernelsConfig:
 
 
 @dataclass(frozen=True)
+class ProfileConfig:
+    """Per-stage profiling: `profile.json` beside `metrics.jsonl` (moslim_mega/profile.py)."""
+
+    enabled: bool = True
+    """Write profile.json (wall, phases, tokens/s, device-hours, FLOPs, MFU, peak memory) for every stage."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s per device for MFU (0 = the bf16 dense table by GPU name; on CPU MFU stays null)."""
+    torch_trace_steps: str = ""
+    """`A:B` = record a torch.profiler trace of steps A..B-1 into `<run dir>/torch_trace/` (empty = off)."""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Where and how a run executes."""
 
@@ -409,6 +421,8 @@ class Config:
     """Distributed layout under torchrun (ignored in a single process)."""
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     """Which implementation the fused kernels run."""
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    """Per-stage profiling (profile.json)."""
 
 
 # ---- choices that are checked beyond their type --------------------------------------------
@@ -430,6 +444,7 @@ _CHOICES = {
 # ---- lower bounds checked at load time -------------------------------------------------------
 _MINIMUM = {
     (KernelsConfig, "logprob_chunk"): 1,
+    (ProfileConfig, "peak_tflops"): 0.0,
 }
 
 

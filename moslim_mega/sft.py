@@ -10,6 +10,7 @@ Shape legend: B = sequences in a batch, T = tokens, V = vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from .utils.logging import MetricsWriter
 from .utils.seed import seed_everything
 from .parallel.parallelize import parallelize_policy
 from .parallel.stage import Stage
+from .profile import Profiler, model_flops
 
 IGNORE = -100
 """Label of tokens that carry no loss (prompt and padding); F.cross_entropy's ignore_index."""
@@ -120,6 +122,7 @@ def train_sft(cfg: Config, data_path, out_dir, show_progress: bool = True) -> di
     """Fine-tune ``cfg.sft.model`` on ``data_path``; save ``out_dir/model``; return a summary."""
     out = Path(out_dir)
     stage = Stage(cfg.parallel, cfg.run.device)  # inert in one process; the mesh and dp shard under torchrun
+    prof = Profiler(cfg.profile, "sft", stage, out)
     out.mkdir(parents=True, exist_ok=True)
     if stage.is_main:
         save_config(cfg, out)
@@ -132,7 +135,7 @@ def train_sft(cfg: Config, data_path, out_dir, show_progress: bool = True) -> di
     writer = stage.writer(lambda: MetricsWriter(out, tensorboard=cfg.run.tensorboard))
     try:
         result = _train_loop(cfg, model, data, tokenizer.pad_token_id, writer, show_progress, out, tokenizer,
-                             stage)
+                             stage, prof)
         writer.write(result["steps"], {k: v for k, v in result.items() if k != "steps"}, tag="final")
     finally:
         writer.close()
@@ -142,6 +145,8 @@ def train_sft(cfg: Config, data_path, out_dir, show_progress: bool = True) -> di
         full.save_pretrained(model_dir, safe_serialization=True)
         tokenizer.save_pretrained(model_dir)
     stage.barrier()
+    prof.mark("checkpoint")
+    prof.write(out / "profile.json")
     return {**result, "model_dir": str(model_dir)}
 
 
@@ -150,8 +155,10 @@ def _causal_lm_skeleton(config):
 
 
 def _train_loop(cfg: Config, model, data: SFTExamples, pad_id: int, writer: MetricsWriter, show_progress: bool,
-                out=None, tokenizer=None, stage: Stage | None = None) -> dict:
+                out=None, tokenizer=None, stage: Stage | None = None, prof: Profiler | None = None) -> dict:
     stage = stage or Stage(cfg.parallel, cfg.run.device)
+    prof = prof or Profiler(dataclasses.replace(cfg.profile, enabled=False), "sft")  # callers that write none
+    flops = model_flops(model)
     sc = cfg.sft
     device = next(model.parameters()).device
     steps_per_epoch = math.ceil(len(data) / sc.batch_size)
@@ -171,12 +178,17 @@ def _train_loop(cfg: Config, model, data: SFTExamples, pad_id: int, writer: Metr
         upd.sched.load_state_dict(state["sched"])
     bar = tqdm(range(first, total_steps), desc="sft", disable=not (show_progress and stage.is_main), dynamic_ncols=True)
     step = first - 1
+    prof.mark("setup")
     for step in bar:
+        prof.step(step)
         if step % steps_per_epoch == 0:
             order = torch.randperm(len(data), generator=gen).tolist()
         i0 = (step % steps_per_epoch) * sc.batch_size
         batch = data.batch(stage.shard(order[i0 : i0 + sc.batch_size]), pad_id)
         ids_BT, mask_BT, labels_BT = (t.to(device) for t in batch)
+        prof.add_tokens(batch[1].sum())  # counted on the CPU copy: no device sync
+        prof.add_flops(batch[1], flops, train=True, label="train")
+        prof.mark("data")
         loss = sft_loss(model, ids_BT, mask_BT, labels_BT, cfg.kernels)
         check_finite(loss, "sft loss", step)
         if stage.distributed:
@@ -189,9 +201,11 @@ def _train_loop(cfg: Config, model, data: SFTExamples, pad_id: int, writer: Metr
         if step % 10 == 0:
             writer.write(step, {"loss": recent[-1], "lr": upd.lr, "grad_norm": grad_norm})
             bar.set_postfix(loss=f"{recent[-1]:.3f}")
+        prof.mark("forward_backward_step")
         if ckpt is not None:
             ckpt.after_step(step + 1, lambda: {"order": order, "recent": recent, "gen": gen.get_state(),
                                                "sched": upd.sched.state_dict()})
+        prof.mark("checkpoint")
         if sc.max_minutes and stage.broadcast(time.time() - start > sc.max_minutes * 60):
             bar.write(f"sft: stopping at step {step} (sft.max_minutes={sc.max_minutes})")
             break

@@ -30,6 +30,9 @@ def test_quick_demo_writes_the_report_contract(tmp_path, capsys):
     for name in ("report.md", "controllability.png", "pairs_radar.png", "scores.png",
                  "sft/model/config.json", "rm/rm.json", "policy/policy/config.json", "policy/metrics.jsonl"):
         assert (out / name).exists(), name
+    for stage in ("sft", "rm", "policy"):  # every training stage is profiled (moslim_mega/profile.py)
+        prof = json.loads((out / stage / "profile.json").read_text())
+        assert prof["stage"] == stage and prof["tokens"]["total"] > 0 and prof["tokens"]["per_second"] > 0
     # The policy stage really trained: its logged mapped reward moved away from the SFT's.
     rows = [json.loads(x) for x in (out / "policy" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["tag"] == "train"]

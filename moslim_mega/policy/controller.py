@@ -37,6 +37,7 @@ from ..utils.seed import seed_everything
 from ..parallel.policy import (build_policy_models, causal_lm_skeleton, check_policy_layout, mean_metrics,
                                share_within_tp, sync_rollout_copy)
 from ..parallel.stage import Stage
+from ..profile import Profiler, model_flops
 from .workers import LogprobWorker, RewardOutput, RewardWorker, Updater
 
 
@@ -222,6 +223,7 @@ def train_policy(
     pc, sc = cfg.policy, cfg.sampling
     out = Path(out_dir)
     stage = Stage(cfg.parallel, cfg.run.device)  # inert in one process; the mesh and dp shard under torchrun
+    prof = Profiler(cfg.profile, "policy", stage, out)
     out.mkdir(parents=True, exist_ok=True)
     if stage.is_main:
         save_config(cfg, out)
@@ -278,7 +280,10 @@ def train_policy(
         if stage.distributed:
             sync_rollout_copy(actor, rollout_model)  # the copy was built from policy.init, not the checkpoint
     bar = tqdm(range(first, pc.steps), desc=f"policy {pc.algo}", disable=not (show_progress and stage.is_main), dynamic_ncols=True)
+    flops = _step_flops(prof, actor, critic, rewarder)
+    prof.mark("setup")
     for step in bar:
+        prof.step(step)
         t0 = time.time()
         batch_prompts = stage.shard([rng.choice(prompts) for _ in range(pc.prompts_per_step)])  # this dp rank's
         try:
@@ -290,39 +295,51 @@ def train_policy(
         if stage.distributed:
             rollout = share_within_tp(stage, rollout)
         t_gen = time.time() - t0
+        prof.mark("generation")
         scored = rewarder.score(rollout.prompts, rollout.responses)
         core.check_finite(scored.reward_B, "mapped reward", step)
         ids, attn, mask = rollout.input_ids_BT, rollout.attention_mask_BT, rollout.response_mask_BT.float()
         scored = RewardOutput(*(t.to(ids.device) for t in (scored.reward_B, scored.terms_BH, scored.targets_BH)))
+        prof.mark("reward")
         old_logp, _ = old_worker.logprobs(ids, attn)
         ref_logp, _ = ref_worker.logprobs(ids, attn)
         exp = Experience(ids, attn, mask, old_logp * mask, ref_logp * mask)
+        prof.mark("ref_old_logprobs")
         metrics = compute_advantages(pc, exp, scored.reward_B, kl_ctl.value, K, critic, step)
+        prof.mark("advantages")
         metrics.update(update_actor(actor, actor_upd, exp, pc, kl_ctl.value, gen, sc.temperature, step, cfg.kernels))
+        prof.mark("actor_update")
         if critic is not None:
             metrics.update(update_critic(critic, critic_upd, exp, pc, gen, step))
+            prof.mark("critic_update")
+        _count_step(prof, flops, pc, exp)
         if stage.distributed:
             metrics = mean_metrics(stage, {**metrics, "response_length": float(mask.sum(1).mean())})
             # Per-dimension rewards over the global batch (ranks name each dimension different times).
             metrics.update(_reward_metrics(RewardOutput(*(stage.gather_dp(t) for t in (
                 scored.reward_B, scored.terms_BH, scored.targets_BH))), names))
+            prof.mark("metrics")
             sync_rollout_copy(actor, rollout_model)
         kl_ctl.update(metrics["kl"], ids.shape[0] * stage.dp)
         generator.sync_weights(actor)
+        prof.mark("weight_sync")
         if not stage.distributed:
             metrics.update(_reward_metrics(scored, names), response_length=float(mask.sum(1).mean()))
         metrics.update(kl_coef=kl_ctl.value, gen_seconds=t_gen, step_seconds=time.time() - t0)
         writer.write(step, metrics)
         history.append(metrics)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}")
+        prof.mark("metrics")
         if eval_fn is not None and stage.is_main and pc.eval_every and step > 0 and step % pc.eval_every == 0:
             writer.write(step, eval_fn(step, sample_for_eval), tag="eval")
+            prof.mark("eval")
         if pc.save_every and step > 0 and step % pc.save_every == 0:
             _save_policy(stage, actor, tokenizer, out / "checkpoints" / f"step_{step}")
         ckpt.after_step(step + 1, lambda: {
             "history": history, "rng": rng.getstate(), "gen": gen.get_state(), "kl_ctl": dict(vars(kl_ctl)),
             "actor_sched": actor_upd.sched.state_dict(),
             "critic_sched": critic_upd.sched.state_dict() if critic_upd is not None else None})
+        prof.mark("checkpoint")
         if pc.max_minutes and stage.broadcast(time.time() - start > pc.max_minutes * 60):
             bar.write(f"policy: stopping at step {step} (policy.max_minutes={pc.max_minutes})")
             break
@@ -334,7 +351,37 @@ def train_policy(
     if stage.is_main:
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     stage.barrier()
+    prof.mark("checkpoint")
+    prof.write(out / "profile.json")
     return summary
+
+
+def _step_flops(prof: Profiler, actor, critic, rewarder) -> dict:
+    """ModelFlops of the models one step runs (profile.json's FLOPs and MFU)."""
+    rm = getattr(getattr(rewarder, "rm", None), "model", None)
+    if rm is None:
+        prof.note("reward scoring FLOPs not counted: a custom rewarder (not one multi-head RM)")
+    return {"actor": model_flops(actor), "critic": None if critic is None else model_flops(critic),
+            "rm": None if rm is None else model_flops(rm)}
+
+
+def _count_step(prof: Profiler, fl: dict, pc: PolicyConfig, exp: Experience) -> None:
+    """Model FLOPs of one iteration: generation (prompt prefill + sampled tokens), reward scoring
+    (counted over the rollout's tokens: the RM sees the prompt without its prefix, so this is a
+    slight overcount), old and reference log-probs, the PPO value forward, and update_epochs passes
+    of forward + backward over the rows the updates train on (Online-DPO: its pairs' rows)."""
+    attn = exp.attn_BT
+    prof.add_tokens(attn.sum())
+    prof.add_tokens(exp.mask_BT.sum(), kind="generated_tokens")
+    prof.add_flops(attn, fl["actor"], False, "generation")
+    if fl["rm"] is not None:
+        prof.add_flops(attn, fl["rm"], False, "reward")
+    prof.add_flops(attn, fl["actor"], False, "ref_old_logprobs", repeat=2)
+    rows = attn if exp.chosen_P is None else attn[torch.cat([exp.chosen_P, exp.rejected_P])]
+    prof.add_flops(rows, fl["actor"], True, "actor_update", repeat=pc.update_epochs)
+    if fl["critic"] is not None:
+        prof.add_flops(attn, fl["critic"], False, "values")
+        prof.add_flops(attn, fl["critic"], True, "critic_update", repeat=pc.update_epochs)
 
 
 def _checkpoints(cfg, out, actor, tokenizer, actor_upd, critic, critic_upd, writer) -> StageCheckpoints:

@@ -27,6 +27,7 @@ from ..utils.optim import Updater
 from ..utils.seed import seed_everything
 from ..parallel.parallelize import parallelize_rm
 from ..parallel.stage import Stage
+from ..profile import Profiler, model_flops
 from .data import RMExamples, load_rm_examples
 from .io import save_reward_model
 from ..kernels.multihead_head import fused_multihead_head
@@ -89,6 +90,7 @@ def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = T
     """Train, evaluate, calibrate and save an RM into ``out_dir``; returns the final eval report."""
     out = Path(out_dir)
     stage = Stage(cfg.parallel, cfg.run.device)  # inert in one process; the mesh and dp shard under torchrun
+    prof = Profiler(cfg.profile, "rm", stage, out)
     out.mkdir(parents=True, exist_ok=True)
     if stage.is_main:
         save_config(cfg, out)
@@ -126,14 +128,20 @@ def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = T
         stats.load_state_dict(state["stats"])
     bar = tqdm(range(first, total_steps), desc="rm train", disable=not (show_progress and stage.is_main), dynamic_ncols=True)
     step = first - 1
+    flops = model_flops(model)
+    prof.mark("setup")
     for step in bar:
+        prof.step(step)
         if step % steps_per_epoch == 0:
             order = torch.randperm(len(train), generator=gen).tolist()
             if rc.stats_mode == "welford":
                 stats.reset()  # statistics of the current epoch's weights only
         i0 = (step % steps_per_epoch) * rc.batch_size
         ids_BT, mask_BT, labels_BH = train.batch(stage.shard(order[i0 : i0 + rc.batch_size]), pad_id)
+        prof.add_tokens(mask_BT.sum())
+        prof.add_flops(mask_BT, flops, train=True, label="train")
         ids_BT, mask_BT = ids_BT.to(stage.device), mask_BT.to(stage.device)  # labels_BH stays on the CPU
+        prof.mark("data")
         loss, per_head, probs = _head_loss(model, ids_BT, mask_BT, labels_BH, weights, rc.loss, cfg.kernels.impl)
         if stage.distributed:
             # Each head's loss is a mean over this rank's labelled rows; rescale so FSDP's gradient
@@ -151,10 +159,13 @@ def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = T
             row.update({f"loss_{n}": stage.sum_dp(v.item()) / stage.dp for n, v in zip(spec.names, per_head)})
             writer.write(step, row)
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        prof.mark("forward_backward_step")
         if rc.eval_every and step > 0 and step % rc.eval_every == 0:
             writer.write(step, evaluate(model, held, spec, pad_id)["mean"], tag="eval")
+            prof.mark("eval")
         ckpt.after_step(step + 1, lambda: {"order": order, "gen": gen.get_state(), "sched": upd.sched.state_dict(),
                                            "stats": stats.state_dict()})
+        prof.mark("checkpoint")
         if rc.max_minutes and stage.broadcast(time.time() - start > rc.max_minutes * 60):
             bar.write(f"rm train: stopping at step {step} (rm.max_minutes={rc.max_minutes})")
             break
@@ -169,11 +180,14 @@ def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = T
     report["steps"] = step + 1
     writer.write(step + 1, {"mean": report["mean"], "heads": {n: _scalars(h) for n, h in report["heads"].items()}}, tag="final")
     writer.close()
+    prof.mark("eval")  # calibration + final evaluation
     full = stage.full_model(model, lambda config: _rm_skeleton(config, spec.num_classes))
     if stage.is_main:
         save_reward_model(full, tokenizer, spec, stats, out, max_length=rc.max_length)
         (out / "eval.json").write_text(json.dumps(report, indent=2))
     stage.barrier()
+    prof.mark("checkpoint")
+    prof.write(out / "profile.json")
     return report
 
 

@@ -119,3 +119,21 @@ def test_policy_loop_under_torchrun_equals_single_process(runs, run):
         if key in m1:
             assert abs(m1[key] - m2[key]) < 1e-4 * max(1.0, abs(m1[key])), key
     assert {k for k in m1 if k.startswith("reward_")} == {k for k in m2 if k.startswith("reward_")}
+
+
+@pytest.mark.parametrize("single,par", [("sft_1", "sft_dp2"), ("sft_1", "sft_tp2"), ("rm_1", "rm_dp2"),
+                                        ("rm_1", "rm_tp2"), ("rm_1", "rm_dp2tp2"), ("ppo_1", "ppo_dp2"),
+                                        ("rloo_1", "rloo_tp2"), ("dpo_1", "dpo_tp2")])
+def test_torchrun_stage_writes_one_profile_over_all_ranks(runs, single, par):
+    """Rank 0 writes one profile.json for the world: the device count is the world size, and the
+    tokens summed over dp replicas (tp ranks counted once) equal the single process's."""
+    p1, p2 = (json.loads((runs / d / "profile.json").read_text()) for d in (single, par))
+    world = 4 if par.endswith("dp2tp2") else 2
+    assert p1["devices"]["count"] == 1 and p2["devices"]["count"] == world
+    assert f"× {world} rank(s)" in p2["device_hours"]["counted_as"]
+    assert p2["tokens"]["total"] == p1["tokens"]["total"] > 0
+    assert p2["tokens"]["per_second_per_device"] == pytest.approx(p2["tokens"]["total"] / p2["wall_seconds"] / world)
+    # Per-rank batches have their own mean length, so only the attention term's context differs.
+    assert p2["flops"]["total"] == pytest.approx(p1["flops"]["total"], rel=0.05)
+    assert sum(p2["phases"]["seconds"].values()) <= p2["wall_seconds"]
+    assert not list((runs / par).glob("profile*.json"))[1:]  # one file, not one per rank
