@@ -100,15 +100,25 @@ def _srun(sc: SlurmConfig) -> str:
     return " ".join(parts)
 
 
+def node_task_lines(stage_argv: list[str], sc: SlurmConfig) -> list[str]:
+    """The shell text of one node's task: the node wrapper around torchrun around the stage.
+    It reads SLURM_NNODES, MASTER_ADDR, MASTER_PORT and SLURM_JOB_ID from the environment (the
+    batch script sets them; tests/launch runs the same lines as two agents on one host)."""
+    return [
+        f"  {sc.python} -m moslim_mega.launch.node -- \\",
+        f"  {sc.python} -m torch.distributed.run --nnodes=$SLURM_NNODES --nproc_per_node={nproc(sc)} \\",
+        '  --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID" \\',
+        "  --max_restarts=0 -m moslim_mega.cli \\",
+        "  " + " ".join(shlex.quote(a) for a in stage_argv),
+    ]
+
+
 def render_script(stage_argv: list[str], sc: SlurmConfig) -> str:
     """The sbatch script of one stage (deterministic text: the README shows it)."""
     out = stage_out(stage_argv)
     logs = f"{out}/{SLURM_DIR}"
     name = f"moslim-{stage_name(stage_argv)}"
     q = shlex.quote
-    torchrun = [f"{sc.python} -m torch.distributed.run --nnodes=$SLURM_NNODES --nproc_per_node={nproc(sc)}",
-                '--rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID"',
-                "--max_restarts=0 -m moslim_mega.cli"]
     stage = " ".join(q(a) for a in stage_argv)
     env = [f"export {e}" for e in sc.env]
     if sc.socket_ifname:
@@ -141,9 +151,8 @@ def render_script(stage_argv: list[str], sc: SlurmConfig) -> str:
         "",
         "# ---- one task per node: the node wrapper runs torchrun and forwards USR1/TERM to the ranks",
         f'{_srun(sc)} \\',
-        f"  {sc.python} -m moslim_mega.launch.node -- \\",
-        *[f"  {part} \\" for part in torchrun],
-        f"  {stage} &",
+        *node_task_lines(stage_argv, sc)[:-1],
+        node_task_lines(stage_argv, sc)[-1] + " &",
         "SRUN_PID=$!",
         "# The batch shell runs a trap only between commands: wait in the background, pass signals on.",
         "forward() { echo \"moslim: $1 received, passing it to the ranks\"; kill -s \"$1\" \"$SRUN_PID\" 2>/dev/null; }",
