@@ -242,20 +242,25 @@ def _expand(text: str, dirs: dict[str, str], where: str) -> str:
 
 def load_recipe(path: str | Path, flags: dict | None = None) -> tuple[str, list[PipelineStage]]:
     """A pipeline recipe (configs/paper/*.yaml): ``name``, ``out``, ``config`` (the stages' config
-    file), ``slurm`` (launch.slurm defaults) and ``stages``: a list of {name, command, overrides,
+    file, whose ``launch.slurm`` is the base), ``slurm`` (over it, for every stage) and ``stages``: a list of {name, command, overrides,
     slurm, plan}. ``{out}`` and ``{<earlier stage>}`` in commands/overrides become output dirs;
     each stage's ``--out`` is ``<out>/<name>``."""
     path = Path(path)
     if not path.is_file():
         raise LaunchError(f"--recipe {path}: no such file")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise LaunchError(f"--recipe {path}: not valid YAML ({e}); quote commands/overrides holding {{stage}}") from None
     unknown = set(data) - {"name", "out", "config", "slurm", "stages", "description"}
     if unknown:
         raise LaunchError(f"{path}: unknown recipe keys {sorted(unknown)}")
     if not data.get("stages"):
         raise LaunchError(f"{path}: no 'stages'")
     out = str(data.get("out") or f"runs/{data.get('name', path.stem)}")
-    base = _build(LaunchConfig, {"slurm": data.get("slurm") or {}}, "slurm").slurm
+    # launch.slurm of the stages' config file, then the recipe's slurm, then each stage's.
+    base = dataclasses.asdict(load_config(data.get("config")).launch.slurm)
+    base = _build(SlurmConfig, {**base, **(data.get("slurm") or {})}, "slurm")
     dirs = {"out": out}
     stages = []
     for i, st in enumerate(data["stages"]):
