@@ -174,22 +174,29 @@ MISMATCHES = [
 class StepLog:
     """Per-step snapshots of cumulative phase seconds and token counters, taken at each step start."""
 
-    marks: list = field(default_factory=list)  # (perf_counter, {phase: seconds}, {counter: n})
+    marks: list = field(default_factory=list)  # (perf_counter, cpu seconds, {phase: seconds}, {counter: n})
     rss_at_start: int = 0
 
     def snap(self, phases: dict, counters: dict) -> None:
         if not self.marks:
             self.rss_at_start = current_rss()
-        self.marks.append((time.perf_counter(), dict(phases), dict(counters)))
+        self.marks.append((time.perf_counter(), cpu_seconds(), dict(phases), dict(counters)))
 
     def steps(self) -> list[dict]:
         out = []
-        for (t0, p0, c0), (t1, p1, c1) in zip(self.marks, self.marks[1:]):
-            row = {"seconds": t1 - t0}
+        for (t0, u0, p0, c0), (t1, u1, p1, c1) in zip(self.marks, self.marks[1:]):
+            row = {"seconds": t1 - t0, "cpu_seconds": u1 - u0}
             row.update({k: p1.get(k, 0.0) - p0.get(k, 0.0) for k in set(p0) | set(p1)})
             row.update({k: c1.get(k, 0) - c0.get(k, 0) for k in set(c0) | set(c1)})
             out.append(row)
         return out
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far (all its threads): on a shared machine the work
+    done, which waiting for a core does not inflate the way it inflates wall time."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 def current_rss() -> int:
@@ -236,14 +243,18 @@ def run_moslim(w: Workload, out_dir: Path) -> dict:
     steps = []
     for row in log.steps():
         out = {k: sum(row.get(p, 0.0) for p in ps) for k, ps in MOSLIM_PHASES.items()}
-        out.update(seconds=row["seconds"], generated_tokens=int(row.get("generated_tokens", 0)),
+        out.update(seconds=row["seconds"], cpu_seconds=row["cpu_seconds"],
+                   generated_tokens=int(row.get("generated_tokens", 0)),
                    update_tokens=int(row.get("tokens", 0)))  # update_epochs=1: each attended token trained once
         steps.append(out)
     metrics = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train = [m for m in metrics if "reward" in m]
+    prof = json.loads((out_dir / "profile.json").read_text())  # the run's own totals, for cross-checking
     return {"steps": steps, "rss_at_train_start_bytes": log.rss_at_start,
+            "profile_json": {"wall_seconds": prof["wall_seconds"], "phase_seconds": prof["phases"]["seconds"],
+                             "tokens": prof["tokens"]["counters"], "peak_memory_bytes": prof["peak_memory"]["bytes"]},
             "mean_response_length": statistics.fmean(m["response_length"] for m in train),
-            "final_reward": train[-1]["reward"], "profile_json": str(out_dir / "profile.json")}
+            "final_reward": train[-1]["reward"]}
 
 
 # ---- TRL side ------------------------------------------------------------------------------------
@@ -380,7 +391,7 @@ def run_trl(w: Workload, out_dir: Path) -> dict:
     trainer.train()
     steps = []
     for row in log.steps():
-        steps.append({"seconds": row["seconds"], "generation": row["generation"],
+        steps.append({"seconds": row["seconds"], "cpu_seconds": row["cpu_seconds"], "generation": row["generation"],
                       "scoring": row["experience"] - row["generation"], "update": row["update"],
                       "generated_tokens": int(row["generated_tokens"]), "update_tokens": int(row["update_tokens"])})
     hist = [h for h in trainer.state.log_history if "reward" in h]
@@ -418,7 +429,9 @@ def run_side(side: str, w: Workload, work: Path, tag: str, timeout: float) -> di
 
 # ---- summary -------------------------------------------------------------------------------------
 def summarize_run(run: dict, warmup: int) -> dict:
-    """Metrics of one run over its timed steps (after warm-up; the last step is already dropped)."""
+    """Metrics of one run over its timed steps (after warm-up; the last step is already dropped).
+    Per-step figures are medians over the timed steps (robust to a step stalled by other load);
+    the phase breakdown is the mean, so that its parts add up to the mean step."""
     timed = run["steps"][warmup:]
     if not timed:
         raise BenchError(f"{run.get('side')}: no timed steps (steps ≤ warmup + 1)")
@@ -426,8 +439,9 @@ def summarize_run(run: dict, warmup: int) -> dict:
                                                     "generated_tokens", "update_tokens")}
     return {
         "seconds_per_step": statistics.median(s["seconds"] for s in timed),
-        "rollout_tokens_per_s": total["generated_tokens"] / total["generation"],
-        "update_tokens_per_s": total["update_tokens"] / total["update"],
+        "cpu_seconds_per_step": statistics.median(s["cpu_seconds"] for s in timed),
+        "rollout_tokens_per_s": statistics.median(s["generated_tokens"] / s["generation"] for s in timed),
+        "update_tokens_per_s": statistics.median(s["update_tokens"] / s["update"] for s in timed),
         "phase_seconds_per_step": {k: total[k] / len(timed) for k in ("generation", "scoring", "update")}
         | {"other": (total["seconds"] - total["generation"] - total["scoring"] - total["update"]) / len(timed)},
         "generated_tokens_per_step": total["generated_tokens"] / len(timed),
@@ -439,8 +453,8 @@ def summarize_run(run: dict, warmup: int) -> dict:
     }
 
 
-HEADLINE = ("seconds_per_step", "rollout_tokens_per_s", "update_tokens_per_s", "peak_rss_bytes",
-            "cuda_max_allocated_bytes", "rss_at_train_start_bytes", "mean_response_length")
+HEADLINE = ("seconds_per_step", "cpu_seconds_per_step", "rollout_tokens_per_s", "update_tokens_per_s",
+            "peak_rss_bytes", "cuda_max_allocated_bytes", "rss_at_train_start_bytes", "mean_response_length")
 
 
 def summarize(w: Workload, runs: dict[str, list[dict]]) -> dict:
@@ -459,7 +473,8 @@ def summarize(w: Workload, runs: dict[str, list[dict]]) -> dict:
     m, t = out["moslim"]["median_over_repeats"], out["trl"]["median_over_repeats"]
     out["ratio_trl_over_moslim"] = {
         k: (t[k] / m[k] if m[k] and t[k] is not None else None)
-        for k in ("seconds_per_step", "rollout_tokens_per_s", "update_tokens_per_s", "peak_rss_bytes",
+        for k in ("seconds_per_step", "cpu_seconds_per_step", "rollout_tokens_per_s", "update_tokens_per_s",
+                  "peak_rss_bytes",
                   "cuda_max_allocated_bytes")
     } | {f"phase_{p}": t["phase_seconds_per_step"][p] / m["phase_seconds_per_step"][p]
          for p in m["phase_seconds_per_step"] if m["phase_seconds_per_step"][p] > 0}
