@@ -541,19 +541,31 @@ QWEN2_SHAPES = {
 }
 
 
+def padded_world_tokenizer(size: int):
+    """The world tokenizer with filler words ``w0 w1 …`` appended after its tag tokens, ``size``
+    tokens in all: a random policy of a real vocabulary's width samples ids that all decode."""
+    from tokenizers import models
+
+    from moslim_mega.world.tokenizer import build_world_tokenizer, world_vocabulary
+
+    tok = build_world_tokenizer()
+    vocab = {w: i for i, w in enumerate(world_vocabulary())}  # the word-level model; tag tokens follow it
+    first = len(tok)
+    vocab.update({f"w{j}": first + j for j in range(size - first)})
+    tok.backend_tokenizer.model = models.WordLevel(vocab=vocab, unk_token="<unk>")
+    return tok
+
+
 def build_qwen2_random(work: Path, shape: str, dtype: str, seed: int) -> str:
     """A random Qwen2-shaped causal LM with the world tokenizer padded to Qwen2's vocabulary (filler
     words ``w0 w1 …``), so sampled ids always decode to text the RM can score (as unknown words)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from moslim_mega.world.tokenizer import build_world_tokenizer, world_vocabulary
-
     out = work / f"policy_{shape}_{dtype}"
     if (out / "config.json").is_file():
         return str(out)
-    base = len(world_vocabulary())
-    tok = build_world_tokenizer(extra_names=[f"w{i}" for i in range(QWEN2_VOCAB - base)])
+    tok = padded_world_tokenizer(QWEN2_VOCAB)
     if len(tok) != QWEN2_VOCAB:
         raise BenchError(f"padded tokenizer has {len(tok)} tokens, expected {QWEN2_VOCAB}")
     torch.manual_seed(seed)
