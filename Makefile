@@ -1,5 +1,5 @@
 # Fresh machine → two commands: `make demo` and `make test`. Both create .venv and install
-# everything they need (the CPU torch wheel first, then this package with its dev extras).
+# everything they need (the CPU torch wheel first, then this package with its dev and bench extras).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)
