@@ -11,7 +11,9 @@ from moslim_mega.cli import main
 @pytest.mark.slow
 def test_quick_demo_writes_the_report_contract(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--algo", "rloo", "--seed", "3", "--out", str(out)]) == 0
+    # No clock caps: the stages stop on their step counts, so load cannot change what is asserted.
+    no_clock = ["sft.max_minutes=0", "rm.max_minutes=0", "policy.max_minutes=0"]
+    assert main(["demo", "--quick", "--algo", "rloo", "--seed", "3", "--out", str(out), *no_clock]) == 0
     printed = capsys.readouterr().out
     assert "helpfulness" in printed and "report:" in printed
     report = json.loads((out / "report.json").read_text())
@@ -33,10 +35,14 @@ def test_quick_demo_writes_the_report_contract(tmp_path, capsys):
     for stage in ("sft", "rm", "policy"):  # every training stage is profiled (moslim_mega/profile.py)
         prof = json.loads((out / stage / "profile.json").read_text())
         assert prof["stage"] == stage and prof["tokens"]["total"] > 0 and prof["tokens"]["per_second"] > 0
-    # The policy stage really trained: its logged mapped reward moved away from the SFT's.
+    # The policy stage really trained: all its steps ran and the RM's mapped reward went up.
+    # Measured at seed 3 (mean of the last 10 steps − the first 10): +0.118; the step-to-step
+    # spread of the first 10 steps is ≈ 0.06, so a mean of 10 moves by ≈ 0.03 without learning.
     rows = [json.loads(x) for x in (out / "policy" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["tag"] == "train"]
-    assert len(train) >= 10 and train[-1]["kl"] > 0
+    assert len(train) == 40 and train[-1]["kl"] > 0
+    first, last = (sum(r["reward"] for r in part) / len(part) for part in (train[:10], train[-10:]))
+    assert last > first + 0.05, (first, last)
 
 
 @pytest.mark.gpu

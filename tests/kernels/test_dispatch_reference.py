@@ -31,28 +31,50 @@ def test_resolve_impl_auto_env_and_errors(monkeypatch):
         resolve_impl(None, cpu)
 
 
-def test_reference_path_matches_materialising_and_repo_chunked():
-    gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(13, 24, generator=gen, dtype=torch.float64).requires_grad_()
-    weight = torch.randn(70, 24, generator=gen, dtype=torch.float64).requires_grad_()
-    targets = torch.randint(0, 70, (13,), generator=gen)
-    lp, ent = fused_linear_logprob(hidden, weight, targets, 1.3, chunk_size=16)
+def _materialised(hidden, weight, targets, temperature, ignore_index=-100):
+    """Written here, independently of the package: full N×V logits → log_softmax gathered at the
+    target, entropy −Σ p log p of the full softmax; ignored rows give 0 (and so no gradient)."""
+    logp_NV = torch.log_softmax(hidden @ weight.T / temperature, dim=-1)
+    valid = targets != ignore_index
+    lp = logp_NV.gather(1, torch.where(valid, targets, 0)[:, None]).squeeze(1)
+    ent = -(logp_NV.exp() * logp_NV).sum(-1)
+    return torch.where(valid, lp, 0.0), torch.where(valid, ent, 0.0)
+
+
+def _values_and_grads(fn, hidden, weight, targets):
+    """(log p, entropy, dL/dhidden, dL/dweight) for L = Σ log p + 2·Σ entropy."""
+    h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    lp, ent = fn(h, w, targets)
     (lp.sum() + 2 * ent.sum()).backward()
-    got = [lp, ent, hidden.grad.clone(), weight.grad.clone()]
-    hidden.grad = weight.grad = None
-    lp2, ent2 = chunked_linear_logprob_entropy(hidden, weight, targets, 1.3, chunk_size=32)
-    (lp2.sum() + 2 * ent2.sum()).backward()
-    for a, b in zip(got, [lp2, ent2, hidden.grad, weight.grad]):
-        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-10, atol=1e-10)
-    # ignore_index rows: 0 outputs and no gradient, the other rows unchanged
+    return [lp.detach(), ent.detach(), h.grad, w.grad]
+
+
+@pytest.mark.parametrize("chunk", [16, 32, 70, 8192])
+def test_reference_path_matches_materialising_and_repo_chunked(chunk):
+    gen = torch.Generator().manual_seed(0)
+    hidden = 3 * torch.randn(13, 24, generator=gen, dtype=torch.float64)  # peaked softmaxes, not near-uniform
+    weight = torch.randn(70, 24, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, 70, (13,), generator=gen)
     targets[[2, 5]] = -100
-    hidden.grad = None
-    lp3, ent3 = fused_linear_logprob(hidden, weight, targets, 1.3, chunk_size=16)
-    (lp3.sum() + ent3.sum()).backward()
-    ref_lp, ref_ent = linear_logprob_reference(hidden.detach(), weight.detach(), targets, 1.3)
-    torch.testing.assert_close(lp3.detach(), ref_lp, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(ent3.detach(), ref_ent, rtol=1e-10, atol=1e-10)
-    assert lp3[2] == 0 and ent3[5] == 0 and (hidden.grad[[2, 5]] == 0).all() and hidden.grad[0].abs().sum() > 0
+    want = _values_and_grads(lambda h, w, t: _materialised(h, w, t, 1.3), hidden, weight, targets)
+    fused = _values_and_grads(lambda h, w, t: fused_linear_logprob(h, w, t, 1.3, chunk_size=chunk), hidden, weight,
+                              targets)
+    for a, b in zip(fused, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    # The algos-side entry point (what the trainer calls) and the kernels' own reference agree too.
+    valid = targets.clamp(min=0)
+    chunked = _values_and_grads(lambda h, w, t: chunked_linear_logprob_entropy(h, w, t, 1.3, chunk_size=chunk),
+                                hidden, weight, valid)
+    plain = _values_and_grads(lambda h, w, t: _materialised(h, w, t, 1.3), hidden, weight, valid)
+    for a, b in zip(chunked, plain):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    ref_lp, ref_ent = linear_logprob_reference(hidden, weight, targets, 1.3)
+    torch.testing.assert_close(ref_lp, want[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ref_ent, want[1], rtol=1e-10, atol=1e-10)
+    # Ignored rows: 0 outputs and no gradient; the others do get one.
+    lp, ent, g_h = fused[0], fused[1], fused[2]
+    assert lp[2] == 0 and ent[5] == 0 and (g_h[[2, 5]] == 0).all() and g_h[0].abs().sum() > 0
+    assert (lp[targets != -100] < 0).all() and (ent[targets != -100] > 0).all()
 
 
 def test_bad_inputs_name_the_argument():

@@ -46,6 +46,18 @@ def test_run_directory_has_model_stats_metrics_and_config(small_run):
     assert load_config(out / "config.yaml") == _cfg
 
 
+def test_small_run_learns_every_head(small_run):
+    """One epoch on 400 prompts already beats the constant guess on every head and orders the
+    responses of a prompt. Measured (seeds 0-2): intensity accuracy − majority rate ≥ 0.22 /
+    0.12 / 0.17 (helpfulness / honesty / harmlessness), pairwise ≥ 0.90; the same run with
+    rm.lr=0 stays below the majority rate and at pairwise 0.42-0.62."""
+    _cfg, _out, report = small_run
+    for name, head in report["heads"].items():
+        assert head["intensity_accuracy"] > head["majority_rate"] + 0.06, (name, head["intensity_accuracy"])
+    for name in ("helpfulness", "honesty"):
+        assert report["heads"][name]["pairwise_accuracy"] >= 0.8, name
+
+
 def test_saved_model_reloads_with_identical_outputs(small_run):
     cfg, out, _ = small_run
     rm = load_reward_model(out)
@@ -65,9 +77,15 @@ def test_diverging_run_stops_with_the_step_and_quantity_named(tmp_path):
 
 
 def test_paper_eq10_loss_option_trains(tmp_path):
-    cfg = load_config(None, SMALL + ["rm.loss=paper_eq10", "rm.epochs=0.3", "run.tensorboard=false"])
+    """Eq. 10 pools the heads' classes, so its per-head accuracies stay near chance (why it is only an
+    ablation); what must hold is that its own objective goes down. Measured over 25 steps
+    (seeds 0-2): the logged loss drops by 0.70 / 1.31 / 0.75; with rm.lr=0 it rises by 0.07-0.11."""
+    cfg = load_config(None, SMALL + ["rm.loss=paper_eq10", "rm.eval_every=0", "run.tensorboard=false"])
     report = train_reward_model(cfg, tmp_path, show_progress=False)
-    assert report["steps"] >= 1 and report["mean"]["intensity_accuracy"] >= 0
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["tag"] == "train"]
+    assert report["steps"] == 25 and len(losses) == 3  # logged at steps 0, 10, 20
+    assert losses[-1] < losses[0] - 0.4, losses
 
 
 @pytest.mark.slow
