@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from moslim_mega.cli import main as cli_main
 from moslim_mega.checkpoint.manager import is_complete
 
-from conftest import cli_args, metric_rows, run_cli_until_killed
+from ckpt_helpers import cli_args, metric_rows, run_cli_until_killed
 
 # stage, extra overrides, fault point, checkpoint the resume must start from, weights to compare
 CASES = {

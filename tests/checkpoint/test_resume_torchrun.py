@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from moslim_mega.checkpoint.export import export_hf
 
-from conftest import ROOT, cli_args, metric_rows
+from ckpt_helpers import ROOT, cli_args, metric_rows
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import RM_TINY, ROOT, eval_report, job_ids, job_output, launch, metric_rows, rm_weights
+from launch_helpers import RM_TINY, ROOT, eval_report, job_ids, job_output, launch, metric_rows, rm_weights
 from moslim_mega.config import SlurmConfig
 from moslim_mega.launch.slurm import node_task_lines
 
