@@ -31,3 +31,25 @@ def build_rollout_engine(rc: RolloutConfig, *, model, tokenizer, model_dir: str 
             raise ConfigError("rollout.engine=vllm: this call site has no HF checkpoint directory to load vLLM from")
         return VLLMEngine(rc, tokenizer=tokenizer, model_dir=model_dir)
     raise ConfigError(f"rollout.engine: {rc.engine!r} is not one of hf, vllm")
+
+
+def load_tokenizer(model_dir):
+    """A HF directory's tokenizer, pad falling back to EOS (as ``sft.load_policy``)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def engine_from_dir(rc: RolloutConfig, model_dir: str | Path):
+    """(engine, tokenizer) for a saved HF policy directory — evaluation and baseline samplers. The
+    ``hf`` engine loads the model with ``sft.load_policy``; ``vllm`` loads it itself (no HF copy)."""
+    if rc.engine == "hf":
+        from ..sft import load_policy
+
+        model, tok = load_policy(model_dir)
+        return build_rollout_engine(rc, model=model, tokenizer=tok, model_dir=model_dir), tok
+    tok = load_tokenizer(model_dir)
+    return build_rollout_engine(rc, model=None, tokenizer=tok, model_dir=model_dir), tok
