@@ -162,8 +162,8 @@ def run_compare(cfg: Config, out_dir, methods=None, show_progress: bool = True) 
                 w, base = preference_weights(p, spec)
                 return _nearest(w, ws), base
 
-            evals["morlhf"] = evaluate("morlhf", RoutedSampler(route, lambda k: engine_from_dir(cfg.rollout, dirs[k]), sampling,
-                                                               cfg.eval.seed))
+            evals["morlhf"] = evaluate("morlhf", RoutedSampler(route, lambda k: engine_from_dir(cfg.rollout, dirs[k]),
+                                                               sampling, cfg.eval.seed))
             extra["morlhf_weights"] = [list(w) for w in ws]
         if "rsoup" in methods:
             from .baselines.rsoup import SoupCache

@@ -51,7 +51,8 @@ def _check_cap(cap: float) -> float:
     return cap
 
 
-def token_tis_weights_BT(old_logp_BT: Tensor, rollout_logp_BT: Tensor, mask_BT: Tensor, cap: float) -> tuple[Tensor, dict]:
+def token_tis_weights_BT(old_logp_BT: Tensor, rollout_logp_BT: Tensor, mask_BT: Tensor,
+                         cap: float) -> tuple[Tensor, dict]:
     """Per-token w_t = min(π_old(y_t) / π_rollout(y_t), C), 0 outside the mask (computed in log
     space: exp(min(log ratio, log C)), so no overflow). Stats over the masked tokens:
     ``tis_weight_mean`` (after the cap) and ``tis_capped_frac`` (ratio > C)."""
@@ -71,7 +72,8 @@ def seq_tis_weights_B(old_logp_BT: Tensor, rollout_logp_BT: Tensor, mask_BT: Ten
     check_same_shape(old_logp_BT=old_logp_BT, rollout_logp_BT=rollout_logp_BT, mask_BT=mask_BT)
     log_cap = math.log(_check_cap(cap))
     valid_BT = mask_BT != 0
-    log_ratio_B = torch.where(valid_BT, (old_logp_BT - rollout_logp_BT).float(), torch.zeros((), device=mask_BT.device)).sum(1)
+    zero = torch.zeros((), device=mask_BT.device)
+    log_ratio_B = torch.where(valid_BT, (old_logp_BT - rollout_logp_BT).float(), zero).sum(1)
     w_B = torch.exp(log_ratio_B.clamp(max=log_cap))
     stats = {"tis_weight_mean": float(w_B.mean()), "tis_capped_frac": float((log_ratio_B > log_cap).float().mean())}
     return w_B.detach(), stats

@@ -157,5 +157,6 @@ class DPASampler:
             texts.append(dpa_prompt(unit_direction(w), self.spec.names, base))
         out: list[str] = []
         for i in range(0, len(texts), 256):
-            out += generate_texts(self.engine, self.tok, texts[i : i + 256], 1, self.sampling, seed=self.seed + i).responses
+            batch = generate_texts(self.engine, self.tok, texts[i : i + 256], 1, self.sampling, seed=self.seed + i)
+            out += batch.responses
         return out
