@@ -1,5 +1,5 @@
 # Fresh machine → two commands: `make demo` and `make test`. Both create .venv and install
-# everything they need (the CPU torch wheel first, then this package with its dev extras).
+# everything they need (the CPU torch wheel first, then this package with its dev and bench extras).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -10,10 +10,23 @@ STAMP  := $(VENV)/.installed
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The launch tests run a real one-host Slurm (tests/launch/slurm_cluster.py). Debian's slurm-wlm
+# and munge install in ~10 s; as root with apt-get they are installed here, otherwise those tests
+# skip and say why.
+SLURM_STAMP := $(VENV)/.slurm
+$(SLURM_STAMP): $(STAMP)
+	@if command -v slurmctld >/dev/null 2>&1 && command -v munged >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing slurm-wlm + munge (apt-get) for the real-Slurm tests"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get -y -q install slurm-wlm munge >/dev/null 2>&1 || \
+	  { apt-get -q update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get -y -q install slurm-wlm munge >/dev/null; }; \
+	else echo "slurm-wlm/munge missing and not root with apt-get: the real-Slurm tests will skip"; fi
+	touch $@
 
 ALGO   ?= rloo
 SEED   ?= 0
@@ -21,7 +34,7 @@ SEED   ?= 0
 demo: $(STAMP)
 	$(VENV)/bin/moslim demo --algo $(ALGO) --seed $(SEED) --out runs/demo
 
-test: $(STAMP)
+test: $(STAMP) $(SLURM_STAMP)
 	$(PY) -m pytest -q tests
 
 test-gpu: $(STAMP)

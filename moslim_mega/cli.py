@@ -20,6 +20,8 @@
     moslim plan --model qwen2-0.5b|qwen2-7b|qwen2-57b-a14b|qwen2-72b|PATH --nodes N --gpus-per-node G --tp T --dp D [--stage rm|sft|ppo] [--logprob-chunk C]
     moslim plan --paper-table
     moslim profile RUN_DIR... [--out DIR]
+    moslim launch slurm [--dry-run] [--nodes N --gpus-per-node G --partition P ...] -- STAGE ARGS...
+    moslim launch slurm [--dry-run] [options] pipeline --recipe FILE [--force]
 """
 
 from __future__ import annotations
@@ -241,6 +243,35 @@ def cmd_profile(args) -> int:
     return 0
 
 
+_SLURM_FLAGS = {  # option → (launch.slurm field, type)
+    "nodes": int, "gpus_per_node": int, "nproc_per_node": int, "cpus_per_task": int, "partition": str,
+    "account": str, "time": str, "qos": str, "job_name": str, "container_image": str, "container_mounts": str,
+    "python": str, "port": int, "signal_seconds": int, "max_requeues": int, "dependency": str,
+}
+
+
+def cmd_launch_slurm(args) -> int:
+    from .launch.slurm import LaunchError, launch_pipeline, launch_stage
+
+    flags = {k: getattr(args, k) for k in _SLURM_FLAGS if getattr(args, k) is not None}
+    if args.setup is not None:
+        flags["setup"] = tuple(args.setup)
+    rest = list(args.stage)
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
+    if rest[:1] == ["pipeline"]:
+        pp = argparse.ArgumentParser(prog="moslim launch slurm pipeline")
+        pp.add_argument("--recipe", required=True, help="pipeline recipe YAML (configs/paper/)")
+        pp.add_argument("--force", action="store_true", help="submit even if the planner says a stage does not fit")
+        pargs = pp.parse_args(rest[1:])
+        print(launch_pipeline(pargs.recipe, flags, args.dry_run, pargs.force))
+        return 0
+    if not rest:
+        raise LaunchError("moslim launch slurm: give a stage command after `--` or `pipeline --recipe FILE`")
+    print(launch_stage(rest, flags, args.dry_run), end="" if args.dry_run else "\n")
+    return 0
+
+
 def config_doc_markdown() -> str:
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key, tp, default, doc in field_docs():
@@ -406,6 +437,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", help="run directories (searched recursively for profile.json)")
     p.add_argument("--out", default=None, help="where profile_report.md/.png go (default: the first run dir)")
     p.set_defaults(func=cmd_profile)
+
+    launch = sub.add_parser("launch", help="submit stages to a cluster").add_subparsers(dest="cmd", required=True)
+    p = launch.add_parser("slurm", help="sbatch a stage (-- STAGE ARGS...) or a pipeline (pipeline --recipe FILE)")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script(s) instead of submitting")
+    for name, tp in _SLURM_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=tp, default=None,
+                       help=f"launch.slurm.{name} (default: the stage config's)")
+    p.add_argument("--setup", action="append", default=None,
+                   help="shell line run before the job (repeatable; replaces launch.slurm.setup)")
+    p.add_argument("stage", nargs=argparse.REMAINDER, help="-- STAGE ARGS... | pipeline --recipe FILE [--force]")
+    p.set_defaults(func=cmd_launch_slurm)
 
     conf = sub.add_parser("config", help="inspect the configuration tree").add_subparsers(dest="cmd", required=True)
     p = conf.add_parser("show", help="print the resolved config")

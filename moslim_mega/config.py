@@ -406,6 +406,60 @@ class ProfileConfig:
 
 
 @dataclass(frozen=True)
+class SlurmConfig:
+    """`moslim launch slurm`: the sbatch job around one stage (slurm/README.md)."""
+
+    nodes: int = 1
+    """Nodes (one srun task, one torchrun agent per node)."""
+    gpus_per_node: int = 8
+    """GPUs requested per node (`--gpus-per-node`); 0 = a CPU job (gloo)."""
+    nproc_per_node: int = 0
+    """Ranks per node (torchrun --nproc_per_node); 0 = gpus_per_node, or 1 without GPUs."""
+    cpus_per_task: int = 0
+    """CPUs of each node's task (`--cpus-per-task`); 0 = not requested (the partition's default)."""
+    partition: str = ""
+    """`--partition` ('' = the cluster's default)."""
+    account: str = ""
+    """`--account` ('' = none)."""
+    time: str = "04:00:00"
+    """`--time` limit of one run (a requeued run gets it again)."""
+    qos: str = ""
+    """`--qos` ('' = none)."""
+    job_name: str = ""
+    """`--job-name`; '' = moslim-<stage> (e.g. moslim-rm-train)."""
+    container_image: str = ""
+    """pyxis/enroot `--container-image` of the srun step ('' = no container)."""
+    container_mounts: str = ""
+    """pyxis `--container-mounts` (e.g. /data:/data,/runs:/runs)."""
+    setup: tuple[str, ...] = ("source .venv/bin/activate",)
+    """Shell lines run before the job (venv activation, `module load ...`); empty = none."""
+    python: str = "python"
+    """Interpreter that runs the node wrapper and torchrun (after `setup`)."""
+    port: int = 29500
+    """c10d rendezvous port on the first node."""
+    socket_ifname: str = ""
+    """NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME ('' = let NCCL/Gloo choose)."""
+    env: tuple[str, ...] = ()
+    """Extra `KEY=VALUE` exports for every rank (e.g. NCCL_IB_HCA=mlx5)."""
+    signal_seconds: int = 300
+    """Seconds before the time limit at which Slurm sends USR1 (checkpoint, then requeue)."""
+    max_requeues: int = 3
+    """Requeues after a preemption/time-limit checkpoint (SLURM_RESTART_COUNT below this: requeue)."""
+    extra_sbatch: tuple[str, ...] = ()
+    """Further `#SBATCH` options, verbatim (e.g. --exclusive, --mem=0)."""
+    dependency: str = ""
+    """`--dependency` of the job (the pipeline sets afterok:<id> itself)."""
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How `moslim launch` submits stages to a cluster scheduler."""
+
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    """sbatch job settings."""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Where and how a run executes."""
 
@@ -457,6 +511,8 @@ class Config:
     """Which implementation the fused kernels run."""
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     """Per-stage profiling (profile.json)."""
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    """Cluster submission (`moslim launch slurm`)."""
 
 
 # ---- choices that are checked beyond their type --------------------------------------------
@@ -488,6 +544,13 @@ _MINIMUM = {
     (RolloutConfig, "max_logprob_diff"): 0.0,
     (RolloutConfig, "kv_cache_memory_bytes"): 1,
     (PolicyConfig, "rollout_correction_cap"): 1.0,
+    (SlurmConfig, "nodes"): 1,
+    (SlurmConfig, "gpus_per_node"): 0,
+    (SlurmConfig, "nproc_per_node"): 0,
+    (SlurmConfig, "cpus_per_task"): 0,
+    (SlurmConfig, "port"): 1,
+    (SlurmConfig, "signal_seconds"): 0,
+    (SlurmConfig, "max_requeues"): 0,
 }
 
 

@@ -6,7 +6,10 @@ wait to be killed from outside (the tests send a real SIGKILL). While it waits i
 
 * ``after_step:N``  — after step N's updates (and its checkpoint, if one was due);
 * ``in_save:N``     — inside the checkpoint of step N, after every shard and per-rank file is
-  written into ``step_N.tmp`` but before the rename and the ``latest`` pointer.
+  written into ``step_N.tmp`` but before the rename and the ``latest`` pointer;
+* ``preempt_wait:N`` — after step N, wait until this rank has received a preemption signal
+  (USR1/TERM, see ``preempt.py``), then carry on: the preemption tests deliver the signal at a
+  known step, and a rank the signal never reaches waits until the test's timeout.
 """
 
 from __future__ import annotations
@@ -27,4 +30,15 @@ def maybe_wait_for_kill(point: str, step: int) -> None:
     if marker:
         Path(marker).write_text(f"{point}:{step} pid={os.getpid()}\n")
     while True:  # wait for the SIGKILL; a timeout would turn a test bug into a silent pass
+        time.sleep(0.05)
+
+
+def maybe_wait_for_signal(step: int, received) -> None:
+    """``preempt_wait:<step>``: touch the marker, then wait until ``received()`` is true."""
+    if os.environ.get(ENV, "") != f"preempt_wait:{step}":
+        return
+    marker = os.environ.get(MARKER_ENV)
+    if marker:
+        Path(marker).write_text(f"preempt_wait:{step} pid={os.getpid()}\n")
+    while not received():
         time.sleep(0.05)

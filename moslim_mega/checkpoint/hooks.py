@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from . import faults
-from .manager import CheckpointManager
+from . import faults, preempt
+from .manager import CheckpointManager, _barrier, _rank
 
 
 class StageCheckpoints:
@@ -19,6 +19,7 @@ class StageCheckpoints:
                  assets: Callable[[Path], None] | None = None, log: Callable[[str], None] = print):
         self.manager = CheckpointManager(cfg, stage_out)
         self.models, self.optimizers, self.writer, self.assets, self.log = models, optimizers, writer, assets, log
+        preempt.install()  # USR1/TERM → checkpoint and exit, in a `moslim launch` job only
 
     def restore(self) -> dict | None:
         """Load the checkpoint chosen by ``checkpoint.resume``; its loop state, or None (fresh start)."""
@@ -38,7 +39,18 @@ class StageCheckpoints:
     def after_step(self, steps_done: int, loop_state: Callable[[], dict]) -> None:
         """Save if ``steps_done`` is a multiple of ``checkpoint.every``. ``loop_state()`` must
         return every stateful thing of the loop besides models/optimizers/global RNGs."""
-        if self.manager.due(steps_done):
+        faults.maybe_wait_for_signal(steps_done, preempt.received)
+        signum = preempt.agreed_signal() if preempt.marker_path() is not None else 0
+        path = None
+        if self.manager.due(steps_done) or signum:
             extra = {**loop_state(), "steps_done": steps_done, "metrics_offset": self.writer.offset()}
-            self.manager.save(steps_done, self.models, self.optimizers, extra, self.assets)
+            path = self.manager.save(steps_done, self.models, self.optimizers, extra, self.assets)
         faults.maybe_wait_for_kill("after_step", steps_done)
+        if signum:
+            # Every rank saw the same flag (all-reduced), so all stop here after the same save.
+            if _rank() == 0:
+                preempt.write_marker(steps_done, signum, path)
+            _barrier()
+            self.log(f"preempted: checkpoint {path} written after step {steps_done}; exiting with "
+                     f"status {preempt.PREEMPTED_EXIT}")
+            raise preempt.Preempted(steps_done, signum)
