@@ -116,3 +116,23 @@ def test_rollout_correction_is_logged_per_step(stage, tmp_path, mode):
 def test_rollout_correction_is_refused_for_online_dpo(stage, tmp_path):
     with pytest.raises(ConfigError, match=r"policy.rollout_correction=token_tis: .*Online-DPO"):
         _train(stage, tmp_path, "policy.algo=online_dpo", "policy.rollout_correction=token_tis")
+
+
+def test_sleep_and_wake_up_bracket_each_training_phase(stage, tmp_path, monkeypatch):
+    engines = CopyEngines(monkeypatch)
+    calls = []
+    real_build = engines.build
+
+    def build(rc, **kw):
+        engine = real_build(rc, **kw)
+        for name in ("sleep", "wake_up", "update_weights", "generate"):
+            real = getattr(engine, name)
+            setattr(engine, name, lambda *a, _n=name, _r=real, **k: (calls.append(_n), _r(*a, **k))[1])
+        return engine
+
+    monkeypatch.setattr(controller, "build_rollout_engine", build)
+    _train(stage, tmp_path, "policy.algo=rloo", "rollout.sleep_level=1", "policy.steps=2")
+    # setup push + probe, then per step: rollout → sleep (training) → wake → push → probe
+    step = ["generate", "sleep", "wake_up", "update_weights", "generate"]
+    assert calls == ["update_weights", "generate"] + step * 2
+    assert engines.engines[0].sleep_calls == [1, 1] and not engines.engines[0].asleep
