@@ -61,14 +61,14 @@ class StageTimer:
 
 
 class RoutedSampler:
-    """``sample_fn(prompts)`` that routes each prefixed prompt to a (model, text) by ``route``:
-    ``route(prompt) -> (key, text)``; ``load(key) -> (model, tokenizer)`` is called once per key."""
+    """``sample_fn(prompts)`` that routes each prefixed prompt to a (policy, text) by ``route``:
+    ``route(prompt) -> (key, text)``; ``load(key) -> (rollout engine, tokenizer)`` is called once per key."""
 
     def __init__(self, route, load, sampling, seed: int):
         self.route, self.load, self.sampling, self.seed = route, load, sampling, seed
 
     def __call__(self, prompts: list[str]) -> list[str]:
-        from .rollout.hf import HFGenerator
+        from .rollout import generate_texts
 
         groups: dict = {}
         for i, p in enumerate(prompts):
@@ -76,10 +76,10 @@ class RoutedSampler:
             groups.setdefault(key, []).append((i, text))
         out = [""] * len(prompts)
         for key, items in groups.items():
-            gen = HFGenerator(*self.load(key))
+            engine, tok = self.load(key)
             for c in range(0, len(items), 256):
                 chunk = items[c : c + 256]
-                res = gen.generate([t for _, t in chunk], 1, self.sampling, seed=self.seed + c)
+                res = generate_texts(engine, tok, [t for _, t in chunk], 1, self.sampling, seed=self.seed + c)
                 for (i, _), r in zip(chunk, res.responses):
                     out[i] = r
         return out
@@ -118,9 +118,9 @@ def run_compare(cfg: Config, out_dir, methods=None, show_progress: bool = True) 
                                   cfg.eval.seed, targeted)
 
     def plain(model_dir):
-        from .sft import load_policy
+        from .rollout import engine_from_dir
 
-        loaded = load_policy(model_dir)
+        loaded = engine_from_dir(cfg.rollout, model_dir)
         return RoutedSampler(lambda p: (0, p), lambda _k: loaded, sampling, cfg.eval.seed)
 
     evals = {"sft": evaluate("sft", plain(sft["model_dir"]))}
@@ -152,7 +152,7 @@ def run_compare(cfg: Config, out_dir, methods=None, show_progress: bool = True) 
             return d / "policy"
 
         if "morlhf" in methods:
-            from .sft import load_policy
+            from .rollout import engine_from_dir
 
             ws = [parse_weight_vector(t, len(spec), f"compare.morlhf_weights[{i}]")
                   for i, t in enumerate(cfg.compare.morlhf_weights)]
@@ -162,14 +162,15 @@ def run_compare(cfg: Config, out_dir, methods=None, show_progress: bool = True) 
                 w, base = preference_weights(p, spec)
                 return _nearest(w, ws), base
 
-            evals["morlhf"] = evaluate("morlhf", RoutedSampler(route, lambda k: load_policy(dirs[k]), sampling,
-                                                               cfg.eval.seed))
+            evals["morlhf"] = evaluate("morlhf", RoutedSampler(route, lambda k: engine_from_dir(cfg.rollout, dirs[k]),
+                                                               sampling, cfg.eval.seed))
             extra["morlhf_weights"] = [list(w) for w in ws]
         if "rsoup" in methods:
             from .baselines.rsoup import SoupCache
 
             onehot = [tuple(float(i == j) for j in range(len(spec))) for i in range(len(spec))]
-            soup = SoupCache([weighted("rsoup", n, w) for n, w in zip(spec.names, onehot)], out / "rsoup" / "merged")
+            soup = SoupCache([weighted("rsoup", n, w) for n, w in zip(spec.names, onehot)], out / "rsoup" / "merged",
+                             cfg.rollout)
 
             def route_soup(p):
                 w, base = preference_weights(p, spec)
@@ -188,7 +189,7 @@ def run_compare(cfg: Config, out_dir, methods=None, show_progress: bool = True) 
         run("rm_regression", train_regression_rm, cfg, out / "data", out / "dpa" / "rm", show_progress=show_progress)
         bases = [strip_prefix(rec["prompt"], spec) for _, rec in read_jsonl(paths["policy_train"])]
         train_dpa(cfg, out / "dpa", sft["model_dir"], out / "dpa" / "rm", bases, paths["sft"], show_progress, run)
-        evals["dpa"] = evaluate("dpa", DPASampler(out / "dpa" / "policy", spec, sampling, cfg.eval.seed))
+        evals["dpa"] = evaluate("dpa", DPASampler(out / "dpa" / "policy", spec, sampling, cfg.eval.seed, cfg.rollout))
 
     report = build_report(cfg, spec, methods, evals, timer.seconds, extra, time.time() - t_all)
     write_compare_report(out, report)
@@ -201,7 +202,7 @@ def rsoup_sweep(soup, spec, eval_texts, cfg: Config, sampling) -> dict:
     """Eq. 2's λ sweep between every pair of per-dimension policies: mean oracle scores per λ."""
     from .baselines.rsoup import lambda_grid
     from .eval.controllability import choose_prompts
-    from .rollout.hf import HFGenerator
+    from .rollout import generate_texts
     from .world import oracle
 
     base = choose_prompts(eval_texts, cfg.eval.prompts_per_target, cfg.eval.seed)
@@ -209,7 +210,7 @@ def rsoup_sweep(soup, spec, eval_texts, cfg: Config, sampling) -> dict:
     for i, j in itertools.combinations(range(len(spec)), 2):
         rows = []
         for lam in lambda_grid(len(spec), i, j, cfg.compare.rsoup_lambda_steps):
-            responses = HFGenerator(*soup.get(lam)).generate(base, 1, sampling, seed=cfg.eval.seed).responses
+            responses = generate_texts(*soup.get(lam), base, 1, sampling, seed=cfg.eval.seed).responses
             scores = [oracle.score(p, r, spec.names) for p, r in zip(base, responses)]
             rows.append({"lambda": list(lam), "scores": {n: float(np.mean([s[n] for s in scores])) for n in spec.names}})
         out[f"{spec.names[i]}+{spec.names[j]}"] = rows

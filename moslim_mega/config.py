@@ -146,6 +146,34 @@ class SamplingConfig:
 
 
 @dataclass(frozen=True)
+class RolloutConfig:
+    """Which rollout engine samples the policy's responses (moslim_mega/rollout), and its guard."""
+
+    engine: str = "hf"
+    """`hf` (transformers generate on a plain copy of the actor) or `vllm` (`pip install -e .[vllm]`)."""
+    tensor_parallel_size: int = 1
+    """vLLM: tensor-parallel degree of the engine."""
+    gpu_memory_utilization: float = 0.5
+    """vLLM: fraction of GPU memory the engine may take (weights + KV cache)."""
+    max_model_len: int = 0
+    """vLLM: longest prompt + response (0 = prompt width + sampling.max_new_tokens rounded up, or the model's)."""
+    sleep_level: int = 0
+    """vLLM: free memory during training: 0 = never sleep, 1 = free the KV cache, 2 = also the weights."""
+    enforce_eager: bool = True
+    """vLLM: no CUDA graphs (faster start; graphs pay off only for long runs)."""
+    dtype: str = "auto"
+    """vLLM: weight/compute dtype (`auto` = the checkpoint's)."""
+    kv_cache_memory_bytes: int = 268435456
+    """vLLM on CPU: bytes of KV cache."""
+    push_bucket_mb: int = 256
+    """Weight push: full tensors are gathered and streamed to the engine in buckets of about this many MiB."""
+    max_logprob_diff: float = 0.1
+    """Stale-weight guard: stop when the mean |rollout − trainer| sampled-token log-prob exceeds this (0 = off)."""
+    probe: bool = True
+    """Stale-weight guard: after each weight push, sample a few tokens of a fixed prompt and check them at once."""
+
+
+@dataclass(frozen=True)
 class SFTConfig:
     """Supervised warm start on prefix-free (prompt, response) pairs: the stand-in for an
     off-the-shelf model (the paper starts from any SFT checkpoint)."""
@@ -232,6 +260,10 @@ class PolicyConfig:
     """β of the (online) DPO loss."""
     dpo_loss: str = "sigmoid"
     """`sigmoid` (DPO) or `ipo`."""
+    rollout_correction: str = "none"
+    """Rollout/trainer mismatch correction of the PPO/RLOO policy gradient: `none`, `token_tis` or `seq_tis` (truncated importance weights)."""
+    rollout_correction_cap: float = 2.0
+    """C of the truncated importance weight min(π_trainer_old / π_rollout, C)."""
     eval_every: int = 50
     """Controllability eval (oracle) every N steps (0 = only at the end)."""
     save_every: int = 0
@@ -459,6 +491,8 @@ class Config:
     """Reward mapping."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     """Rollout sampling."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Rollout engine, weight push and stale-weight guard."""
     sft: SFTConfig = field(default_factory=SFTConfig)
     """Supervised warm start of the policy."""
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -492,6 +526,9 @@ _CHOICES = {
     (PolicyConfig, "algo"): ("ppo", "rloo", "online_dpo"),
     (PolicyConfig, "kl_estimator"): ("k1", "k2", "k3"),
     (PolicyConfig, "dpo_loss"): ("sigmoid", "ipo"),
+    (PolicyConfig, "rollout_correction"): ("none", "token_tis", "seq_tis"),
+    (RolloutConfig, "engine"): ("hf", "vllm"),
+    (RolloutConfig, "sleep_level"): (0, 1, 2),
     (BenchConfig, "rm_score"): ("mapped", "expected"),
     (ParallelConfig, "mixed_precision"): ("none", "bf16"),
     (KernelsConfig, "impl"): ("auto", "triton", "reference"),
@@ -501,6 +538,12 @@ _CHOICES = {
 _MINIMUM = {
     (KernelsConfig, "logprob_chunk"): 1,
     (ProfileConfig, "peak_tflops"): 0.0,
+    (RolloutConfig, "tensor_parallel_size"): 1,
+    (RolloutConfig, "max_model_len"): 0,
+    (RolloutConfig, "push_bucket_mb"): 1,
+    (RolloutConfig, "max_logprob_diff"): 0.0,
+    (RolloutConfig, "kv_cache_memory_bytes"): 1,
+    (PolicyConfig, "rollout_correction_cap"): 1.0,
     (SlurmConfig, "nodes"): 1,
     (SlurmConfig, "gpus_per_node"): 0,
     (SlurmConfig, "nproc_per_node"): 0,
@@ -592,7 +635,7 @@ def _build(cls, data: dict, prefix: str):
             value = _coerce(data[f.name], tp, key)
             choices = _CHOICES.get((cls, f.name))
             if choices and value not in choices:
-                raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+                raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
             low = _MINIMUM.get((cls, f.name))
             if low is not None and value < low:
                 raise ConfigError(f"{key}: must be >= {low}, got {value!r}")

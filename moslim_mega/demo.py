@@ -24,17 +24,16 @@ def demo_config(algo: str, seed: int, quick: bool, overrides=()) -> Config:
     return load_config(path, [f"policy.algo={algo}", f"run.seed={seed}", *overrides])
 
 
-def make_sampler(model, tokenizer, max_new_tokens: int, temperature: float, seed: int):
-    """A ``sample_fn(prompts) -> responses`` over an HF policy, for the oracle evaluation."""
-    from .rollout.hf import HFGenerator
+def make_sampler(engine, tokenizer, max_new_tokens: int, temperature: float, seed: int):
+    """A ``sample_fn(prompts) -> responses`` over a rollout engine, for the oracle evaluation."""
+    from .rollout import generate_texts
 
-    gen = HFGenerator(model, tokenizer)
     sampling = SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens)
 
     def sample(prompts: list[str]) -> list[str]:
         out: list[str] = []
         for i in range(0, len(prompts), 256):
-            out += gen.generate(prompts[i : i + 256], 1, sampling, seed=seed + i).responses
+            out += generate_texts(engine, tokenizer, prompts[i : i + 256], 1, sampling, seed=seed + i).responses
         return out
 
     return sample
@@ -42,10 +41,10 @@ def make_sampler(model, tokenizer, max_new_tokens: int, temperature: float, seed
 
 def evaluate_policy_dir(policy_dir, cfg: Config, spec, base_prompts, targeted=None) -> dict:
     from .eval.controllability import evaluate_policy
-    from .sft import load_policy
+    from .rollout import engine_from_dir
 
-    model, tok = load_policy(policy_dir)
-    sample = make_sampler(model, tok, cfg.sampling.max_new_tokens, cfg.eval.temperature, cfg.eval.seed)
+    engine, tok = engine_from_dir(cfg.rollout, policy_dir)
+    sample = make_sampler(engine, tok, cfg.sampling.max_new_tokens, cfg.eval.temperature, cfg.eval.seed)
     return evaluate_policy(sample, base_prompts, spec, cfg.eval.prompts_per_target, cfg.eval.seed, targeted)
 
 

@@ -89,7 +89,8 @@ def _check_clip(name: str, clip_range: float, allow_zero: bool) -> float:
 
 
 def ppo_policy_loss(
-    logp_BT: Tensor, old_logp_BT: Tensor, adv_BT: Tensor, mask_BT: Tensor, clip_range: float
+    logp_BT: Tensor, old_logp_BT: Tensor, adv_BT: Tensor, mask_BT: Tensor, clip_range: float,
+    is_weight_BT: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Clipped surrogate of PPO (Schulman et al. 2017, Eq. 7), negated to a loss:
     −min(ρ·A, clip(ρ, 1−ε, 1+ε)·A) with ρ = exp(logp − old_logp), averaged over all masked tokens
@@ -98,6 +99,10 @@ def ppo_policy_loss(
     With ε = inf the clip is the identity and the loss is exactly −ρ·A, whose gradient at ρ = 1 is
     the REINFORCE gradient −A·∇logp. Stats: clipfrac (fraction of tokens where the clipped branch is
     active), approx_kl = mean ½(logp − old)², ratio_mean.
+
+    ``is_weight_BT`` (no gradient): the rollout-correction weights of algos/rollout_correction.py,
+    multiplying each token's clipped-surrogate term (a departure from Eq. 7: the rollout engine's
+    π_rollout, not π_old, sampled the tokens).
     """
     check_same_shape(logp_BT=logp_BT, old_logp_BT=old_logp_BT, adv_BT=adv_BT, mask_BT=mask_BT)
     eps = _check_clip("clip_range", clip_range, allow_zero=False)
@@ -105,7 +110,11 @@ def ppo_policy_loss(
     ratio_BT = torch.exp(log_ratio_BT)
     loss_unclipped_BT = -adv_BT * ratio_BT
     loss_clipped_BT = -adv_BT * torch.clamp(ratio_BT, 1.0 - eps, 1.0 + eps)
-    loss = masked_mean(torch.maximum(loss_unclipped_BT, loss_clipped_BT), mask_BT)
+    per_token_BT = torch.maximum(loss_unclipped_BT, loss_clipped_BT)
+    if is_weight_BT is not None:
+        check_same_shape(is_weight_BT=is_weight_BT, mask_BT=mask_BT)
+        per_token_BT = per_token_BT * is_weight_BT.detach()
+    loss = masked_mean(per_token_BT, mask_BT)
     with torch.no_grad():
         stats = {
             "clipfrac": float(masked_mean((loss_clipped_BT > loss_unclipped_BT).float(), mask_BT)),

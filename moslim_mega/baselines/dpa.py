@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, SamplingConfig
+from ..config import Config, RolloutConfig, SamplingConfig
+from ..parallel.export import export_hf_weights
 from ..reward.data import read_jsonl
-from ..rollout.hf import HFGenerator
+from ..rollout import build_rollout_engine, engine_from_dir, generate_texts
 from ..sft import SFTExamples, _train_loop, encode_sft_example, load_policy
 from ..utils.logging import MetricsWriter
 from ..utils.seed import seed_everything
@@ -72,7 +73,7 @@ def replay_count(num_selected: int, fraction: float) -> int:
     return int(round(num_selected * fraction / (1.0 - fraction)))
 
 
-def rejection_sample(generator: HFGenerator, rm: LoadedRegressionRM, bases: list[str], v_GD: torch.Tensor,
+def rejection_sample(engine, tokenizer, rm: LoadedRegressionRM, bases: list[str], v_GD: torch.Tensor,
                      n: int, sampling: SamplingConfig, seed: int, chunk: int = 64) -> tuple[list[dict], dict]:
     """Best-of-n response per (base prompt, direction) group → SFT rows and mean chosen rewards."""
     names = rm.spec.names
@@ -80,7 +81,7 @@ def rejection_sample(generator: HFGenerator, rm: LoadedRegressionRM, bases: list
     for g0 in range(0, len(bases), chunk):
         b, v = bases[g0 : g0 + chunk], v_GD[g0 : g0 + chunk]
         prompts = [dpa_prompt(v[i], names, b[i]) for i in range(len(b))]
-        out = generator.generate(prompts, n, sampling, seed=seed + g0)
+        out = generate_texts(engine, tokenizer, prompts, n, sampling, seed=seed + g0)
         # The RM reads the request without the direction text, like MOSLIM's RM reads it without prefix.
         r_GND = rm.scores([x for x in b for _ in range(n)], out.responses).view(len(b), n, -1)
         idx_G = select_best(r_GND, v)
@@ -101,6 +102,9 @@ def train_dpa(cfg: Config, out_dir, init_dir, rm_dir, base_prompts: list[str], s
     seed_everything(cfg.run.seed, cfg.run.num_threads)
     rm = LoadedRegressionRM(rm_dir)
     policy, tok = load_policy(init_dir)
+    # One engine for all iterations; each iteration's fine-tuned weights are pushed before sampling
+    # (free for the hf engine, which samples with ``policy`` itself).
+    engine = build_rollout_engine(cfg.rollout, model=policy, tokenizer=tok, model_dir=init_dir)
     rng, gen = random.Random(cfg.run.seed), torch.Generator().manual_seed(cfg.run.seed)
     sft_rows = [rec for _, rec in read_jsonl(sft_path)]
     sft_cfg = dataclasses.replace(cfg, sft=dataclasses.replace(
@@ -111,7 +115,9 @@ def train_dpa(cfg: Config, out_dir, init_dir, rm_dir, base_prompts: list[str], s
         bases = [rng.choice(base_prompts) for _ in range(cc.dpa_prompts_per_iter)]
         bases = [b for b in bases for _ in range(cc.dpa_directions_per_prompt)]
         v_GD = sample_directions(len(bases), len(rm.spec), gen)
-        rows, stats = timer(f"sample_{t}", rejection_sample, HFGenerator(policy, tok), rm, bases, v_GD,
+        if t > 1:
+            engine.update_weights(export_hf_weights(policy, cfg.rollout.push_bucket_mb << 20))
+        rows, stats = timer(f"sample_{t}", rejection_sample, engine, tok, rm, bases, v_GD,
                             cc.dpa_samples, cfg.sampling, cfg.run.seed * 1009 + t * 100003)
         rows += rng.sample(sft_rows, min(len(sft_rows), replay_count(len(rows), cc.dpa_replay_fraction)))
         data = _encode(rows, tok, cfg.sft.max_length)
@@ -138,10 +144,9 @@ def _encode(rows: list[dict], tok, max_length: int) -> SFTExamples:
 class DPASampler:
     """``sample_fn`` for evaluation: a MOSLIM prefix → its direction v → the DPA prompt."""
 
-    def __init__(self, policy_dir, spec, sampling: SamplingConfig, seed: int):
-        self.model, self.tok = load_policy(policy_dir)
+    def __init__(self, policy_dir, spec, sampling: SamplingConfig, seed: int, rollout: RolloutConfig | None = None):
+        self.engine, self.tok = engine_from_dir(rollout or RolloutConfig(), policy_dir)
         self.spec, self.sampling, self.seed = spec, sampling, seed
-        self.gen = HFGenerator(self.model, self.tok)
 
     def __call__(self, prompts: list[str]) -> list[str]:
         from .common import preference_weights
@@ -152,5 +157,6 @@ class DPASampler:
             texts.append(dpa_prompt(unit_direction(w), self.spec.names, base))
         out: list[str] = []
         for i in range(0, len(texts), 256):
-            out += self.gen.generate(texts[i : i + 256], 1, self.sampling, seed=self.seed + i).responses
+            batch = generate_texts(self.engine, self.tok, texts[i : i + 256], 1, self.sampling, seed=self.seed + i)
+            out += batch.responses
         return out

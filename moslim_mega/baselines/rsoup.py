@@ -120,18 +120,23 @@ def lambda_grid(num_dims: int, i: int, j: int, steps: int) -> list[tuple[float, 
 
 
 class SoupCache:
-    """Merged policies keyed by λ, written under ``root`` once and loaded on demand."""
+    """Merged policies keyed by λ, written under ``root`` once and loaded on demand as
+    (rollout engine, tokenizer) — ``rollout`` config, default the ``hf`` engine."""
 
-    def __init__(self, policy_dirs: list, root):
+    def __init__(self, policy_dirs: list, root, rollout=None):
+        from ..config import RolloutConfig
+
         self.policy_dirs, self.root = [Path(p) for p in policy_dirs], Path(root)
+        self.rollout = rollout or RolloutConfig()
         self._models: dict[tuple, tuple] = {}
 
     def get(self, lambdas):
-        from ..sft import load_policy
+        from ..rollout import engine_from_dir
 
         key = tuple(round(float(x), 4) for x in lambdas)
         if key not in self._models:
             name = "lam_" + "_".join(f"{x:.3f}" for x in key)
             path = merge_safetensors(self.policy_dirs, [x / sum(key) for x in key], self.root / name)
-            self._models = {key: load_policy(path)}  # keep one model: λ groups are sampled in turn
+            self._models = {}  # keep one model: λ groups are sampled in turn (free the last first)
+            self._models[key] = engine_from_dir(self.rollout, path)
         return self._models[key]

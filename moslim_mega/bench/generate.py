@@ -2,9 +2,13 @@
 
 A conversation is a list of ``{"role": "system"|"user"|"assistant", "content": str}`` ending with
 a user turn. Tokenizers with a chat template render it with ``apply_chat_template``; a base model
-(no template) gets an hh-rlhf style transcript. Generation reuses the rollout engine's explicit
-:func:`~moslim_mega.rollout.hf.build_generation_config` so a checkpoint's own generation_config
-cannot change the decoding silently.
+(no template) gets an hh-rlhf style transcript. The rendered ids go to a rollout engine from
+:func:`~moslim_mega.rollout.build_rollout_engine` (``rollout.engine``: hf or vllm), as every other
+sampler of the repo. One path cannot: ``chat_detailed(top_logprobs=k)`` (the server's ``logprobs``
+field) needs each step's raw distribution and its top-k alternatives, which the seam does not
+return (it gives the sampled token's processed log-prob only), so it runs HF ``generate`` on the
+same module with the engine's explicit :func:`~moslim_mega.rollout.hf.build_generation_config`
+(a checkpoint's own generation_config cannot change the decoding silently).
 
 Shape legend: B = conversations in a batch, P = prompt columns (left-padded), R = new tokens.
 """
@@ -16,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import SamplingConfig
+from ..config import RolloutConfig, SamplingConfig
+from ..rollout import build_rollout_engine
 from ..rollout.hf import build_generation_config, left_pad
 
 ROLES = ("system", "user", "assistant")
@@ -53,9 +58,12 @@ def default_device() -> str:
 
 
 class ChatModel:
-    """A HF causal LM answering conversations; thread-safe (one generate at a time)."""
+    """A HF causal LM answering conversations; thread-safe (one generate at a time).
 
-    def __init__(self, model, tokenizer, name: str = "local"):
+    ``rollout``/``model_dir``: which engine samples (default ``hf`` on ``model``; ``vllm`` loads
+    ``model_dir``)."""
+
+    def __init__(self, model, tokenizer, name: str = "local", rollout: RolloutConfig | None = None, model_dir=None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
@@ -68,14 +76,16 @@ class ChatModel:
         self.num_truncated = 0
         """Prompts cut from the left to fit the context window (reported by the suites)."""
         self._lock = threading.Lock()
+        self.engine = build_rollout_engine(rollout or RolloutConfig(), model=self.model, tokenizer=tokenizer,
+                                           model_dir=model_dir)
 
     @classmethod
-    def from_dir(cls, path, device: str | None = None) -> "ChatModel":
+    def from_dir(cls, path, device: str | None = None, rollout: RolloutConfig | None = None) -> "ChatModel":
         """Load a HF directory; on the GPU when there is one (``device=None``)."""
         from ..sft import load_policy
 
         model, tokenizer = load_policy(path)
-        return cls(model.to(device or default_device()), tokenizer, name=str(path))
+        return cls(model.to(device or default_device()), tokenizer, name=str(path), rollout=rollout, model_dir=path)
 
     def _encode(self, conversations: list[list[dict]], max_new_tokens: int) -> list[list[int]]:
         seqs = []
@@ -123,31 +133,47 @@ class ChatModel:
         if temperature < 0:
             raise ConversationError(f"temperature: must be >= 0 (0 = greedy), got {temperature}")
         sampling = SamplingConfig(temperature=temperature, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens)
-        gen_cfg = build_generation_config(sampling, self.eos_id, self.pad_id)
-        gen_cfg.output_scores = False  # the processed scores are never needed here
-        gen_cfg.output_logits = top_logprobs is not None
-        device = next(self.model.parameters()).device
         answers: list[Answer] = []
         with self._lock:
             seqs = self._encode(conversations, max_new_tokens)
             for start in range(0, len(seqs), max(batch_size, 1)):
                 chunk = seqs[start : start + max(batch_size, 1)]
-                ids_BP, mask_BP = left_pad(chunk, self.pad_id)
-                if seed is not None:
-                    torch.manual_seed(seed + start)
-                out = self.model.generate(
-                    input_ids=ids_BP.to(device), attention_mask=mask_BP.to(device), generation_config=gen_cfg
-                )
-                resp_BR = out.sequences[:, ids_BP.shape[1] :].cpu()
-                for b, (prompt_ids, row) in enumerate(zip(chunk, resp_BR.tolist())):
-                    finished = self.eos_id in row
-                    if finished:
-                        row = row[: row.index(self.eos_id)]
-                    text = self.tokenizer.decode(row, skip_special_tokens=True).strip()
-                    answer = Answer(text, len(prompt_ids), len(row) + int(finished), finished)
-                    if top_logprobs is not None:
-                        answer.tokens = self._token_logprobs(out.logits, b, row, top_logprobs)
-                    answers.append(answer)
+                chunk_seed = None if seed is None else seed + start
+                if top_logprobs is None:
+                    answers += self._engine_answers(chunk, sampling, chunk_seed)
+                else:
+                    answers += self._hf_answers_with_logprobs(chunk, sampling, chunk_seed, top_logprobs)
+        return answers
+
+    def _engine_answers(self, chunk: list[list[int]], sampling: SamplingConfig, seed: int | None) -> list["Answer"]:
+        """One chunk through the rollout engine (rendered ids in, texts and token counts out)."""
+        batch = self.engine.generate([self.tokenizer.decode(ids) for ids in chunk], chunk, 1, sampling, seed=seed)
+        lengths = batch.response_mask_BT.sum(1).tolist()  # response tokens, EOS included when it ended
+        return [Answer(text.strip(), len(ids), int(n), bool(done))
+                for ids, text, n, done in zip(chunk, batch.responses, lengths, batch.finished_B.tolist())]
+
+    def _hf_answers_with_logprobs(self, chunk: list[list[int]], sampling: SamplingConfig, seed: int | None,
+                                  top_logprobs: int) -> list["Answer"]:
+        """HF generate for the top-k log-prob path (see the module docstring for why not the engine)."""
+        gen_cfg = build_generation_config(sampling, self.eos_id, self.pad_id)
+        gen_cfg.output_scores = False  # the processed scores are never needed here
+        gen_cfg.output_logits = True
+        device = next(self.model.parameters()).device
+        ids_BP, mask_BP = left_pad(chunk, self.pad_id)
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = self.model.generate(input_ids=ids_BP.to(device), attention_mask=mask_BP.to(device),
+                                  generation_config=gen_cfg)
+        resp_BR = out.sequences[:, ids_BP.shape[1] :].cpu()
+        answers: list[Answer] = []
+        for b, (prompt_ids, row) in enumerate(zip(chunk, resp_BR.tolist())):
+            finished = self.eos_id in row
+            if finished:
+                row = row[: row.index(self.eos_id)]
+            text = self.tokenizer.decode(row, skip_special_tokens=True).strip()
+            answer = Answer(text, len(prompt_ids), len(row) + int(finished), finished)
+            answer.tokens = self._token_logprobs(out.logits, b, row, top_logprobs)
+            answers.append(answer)
         return answers
 
     def _token_logprobs(self, logits, b: int, row: list[int], k: int) -> list["TokenLogprob"]:

@@ -40,7 +40,7 @@ def run_bench(suite: str, data: str, out_dir, cfg: Config, policy_dir: str | Non
     if policy_dir:
         from .generate import ChatModel
 
-        policy = ChatModel.from_dir(policy_dir)
+        policy = ChatModel.from_dir(policy_dir, rollout=cfg.rollout)  # policy answers: the rollout engine
     # Hackaprompt is exact match: a judge given anyway is not loaded, and the report says so.
     judge = build_judge(judge_spec, bc) if judge_spec and suite != "hackaprompt" else None
     start = time.time()

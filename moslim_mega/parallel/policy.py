@@ -1,13 +1,14 @@
-"""The policy loop's models under torchrun: a sharded actor, reference and critic, and a rollout
-engine that generates from each rank's own plain copy of the actor.
+"""The policy loop's models under torchrun: a sharded actor, reference and critic, and the module
+each rank's ``hf`` rollout engine generates from.
 
 Generation choice (the simplest correct one): every rank generates its dp shard of the prompts
-with a plain, unsharded copy of the current actor, refreshed after each update from the sharded
-actor's full state dict (an all-gather). Generation then has no collectives, so ranks whose
-responses end early never wait on — or deadlock with — ranks still decoding, and tensor-parallel
-peers receive the rollouts of their tp group's first rank by broadcast, so they train on identical
-rows by construction. The copy costs one full model per rank: on GPU clusters the vLLM engine
-(weights pushed the same way) is the route for large policies.
+with a plain, unsharded copy of the current actor, which the engine refreshes after each update
+from the streamed full tensors of the sharded actor (``parallel/export.py``, one parameter bucket
+at a time). Generation then has no collectives, so ranks whose responses end early never wait on —
+or deadlock with — ranks still decoding, and tensor-parallel peers receive the rollouts of their tp
+group's first rank by broadcast, so they train on identical rows by construction. The copy costs
+one full model per rank: on GPU clusters the vLLM engine (``rollout.engine=vllm``, weights pushed
+through the same stream) is the route for large policies.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from ..models.value import ValueModel
 from .parallelize import parallelize_policy, parallelize_reference, parallelize_value
-from .stage import Stage, plain_copy
+from .stage import Stage
 
 
 def check_policy_layout(stage: Stage, pc) -> None:
@@ -49,8 +50,8 @@ def load_tokenizer(init_dir):
 
 
 def build_policy_models(stage: Stage, init_dir, with_critic: bool):
-    """(actor, reference, critic or None, rollout copy of the actor, tokenizer), all from ``init_dir``;
-    only rank 0 ever loads the full checkpoint."""
+    """(actor, reference, critic or None, tokenizer), all from ``init_dir``; only rank 0 ever loads
+    the full checkpoint."""
     from ..sft import load_policy
 
     def load():
@@ -65,25 +66,24 @@ def build_policy_models(stage: Stage, init_dir, with_critic: bool):
             return ValueModel(getattr(m, m.base_model_prefix))
 
         critic = stage.build(load_critic, value_skeleton, parallelize_value).train()
-    rollout_model = everywhere_copy(stage, actor).eval()
-    return actor, reference, critic, rollout_model, load_tokenizer(init_dir)
-
-
-def _full_state_everywhere(model) -> dict:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-
-
-def everywhere_copy(stage: Stage, model):
-    """A plain copy of a sharded causal LM on every rank (collective)."""
-    return plain_copy(model, {k: v.detach().clone() for k, v in _full_state_everywhere(model).items()}, causal_lm_skeleton)
+    return actor, reference, critic, load_tokenizer(init_dir)
 
 
 @torch.no_grad()
-def sync_rollout_copy(model, copy_) -> None:
-    """Refresh the rollout copy from the sharded actor after an update (collective)."""
-    copy_.load_state_dict(_full_state_everywhere(model))
+def rollout_module(stage: Stage, actor):
+    """An empty plain module of the actor's architecture on this rank's device, for the ``hf``
+    engine: its parameters are filled by the engine's first ``update_weights`` (the one export
+    path); its buffers (rotary ``inv_freq``, never sharded, not in the stream) are copied here."""
+    with torch.device("meta"):
+        plain = causal_lm_skeleton(actor.config)
+    plain = plain.to(next(actor.parameters()).dtype).to_empty(device=stage.device)
+    if getattr(plain.config, "tie_word_embeddings", False):
+        plain.tie_weights()  # to_empty makes a new tensor per module: re-tie lm_head to the embedding
+    buffers = dict(actor.named_buffers())
+    for name, buf in plain.named_buffers():
+        if name in buffers:
+            buf.copy_(buffers[name].to(buf.device))
+    return plain.eval()
 
 
 def share_within_tp(stage: Stage, rollout):

@@ -14,6 +14,7 @@ import copy
 import json
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,20 +23,22 @@ import torch
 from tqdm import tqdm
 
 from ..algos import core, dpo, kl, ppo, rloo
+from ..algos.rollout_correction import tis_weights_BT
 from ..checkpoint.hooks import StageCheckpoints
 from ..checkpoint.state import write_model_assets
-from ..config import Config, KernelsConfig, PolicyConfig, SamplingConfig, save_config
+from ..config import Config, ConfigError, KernelsConfig, PolicyConfig, SamplingConfig, save_config
 from ..models.value import ValueModel
 from ..prefs import PrefixError, parse_prefix
 from ..reward.data import RecordError, read_jsonl
 from ..reward.io import load_reward_model
 from ..reward.mapping import RewardMapper
-from ..rollout.hf import HFGenerator
+from ..rollout import build_rollout_engine, generate_texts, guard
 from ..sft import load_policy
 from ..utils.logging import MetricsWriter
 from ..utils.seed import seed_everything
+from ..parallel.export import export_hf_weights
 from ..parallel.policy import (build_policy_models, causal_lm_skeleton, check_policy_layout, mean_metrics,
-                               share_within_tp, sync_rollout_copy)
+                               rollout_module, share_within_tp)
 from ..parallel.stage import Stage
 from ..profile import Profiler, model_flops
 from .workers import LogprobWorker, RewardOutput, RewardWorker, Updater
@@ -55,8 +58,10 @@ class Experience:
     old_values_BT: torch.Tensor | None = None  # PPO
     chosen_P: torch.Tensor | None = None  # Online-DPO: row index of the preferred sample per pair
     rejected_P: torch.Tensor | None = None
+    is_weight_BT: torch.Tensor | None = None  # policy.rollout_correction's truncated importance weights
 
-    _PER_ROW = ("ids_BT", "attn_BT", "mask_BT", "old_logp_BT", "ref_logp_BT", "adv_BT", "returns_BT", "old_values_BT")
+    _PER_ROW = ("ids_BT", "attn_BT", "mask_BT", "old_logp_BT", "ref_logp_BT", "adv_BT", "returns_BT", "old_values_BT",
+                "is_weight_BT")
 
     def rows(self, idx: torch.Tensor) -> "Experience":
         """The per-row tensors of the selected rows (pair indices are not carried over)."""
@@ -82,7 +87,8 @@ def load_policy_prompts(path, spec) -> list[str]:
 # ---- losses on one micro-batch -------------------------------------------------------------
 def actor_loss(pc: PolicyConfig, logp_BT, entropy_BT, exp: Experience, kl_coef: float) -> tuple[torch.Tensor, dict]:
     """Clipped surrogate (PPO and RLOO) + optional KL loss term − entropy bonus; token mean."""
-    loss, stats = ppo.ppo_policy_loss(logp_BT, exp.old_logp_BT, exp.adv_BT, exp.mask_BT, pc.clip_range)
+    loss, stats = ppo.ppo_policy_loss(logp_BT, exp.old_logp_BT, exp.adv_BT, exp.mask_BT, pc.clip_range,
+                                      exp.is_weight_BT)
     if not pc.kl_in_reward:
         kl_BT = kl.kl_penalty(logp_BT, exp.ref_logp_BT, pc.kl_estimator)
         loss = loss + kl_coef * core.masked_mean(kl_BT, exp.mask_BT)
@@ -233,22 +239,28 @@ def train_policy(
         raise ValueError(f"policy.samples_per_prompt={K}: RLOO needs at least 2 samples per prompt")
     if pc.algo == "online_dpo" and K < 2:
         raise ValueError(f"policy.samples_per_prompt={K}: Online-DPO needs at least 2 samples per prompt to rank")
+    if pc.algo == "online_dpo" and pc.rollout_correction != "none":
+        # The DPO loss compares whole-sequence log-ratios of a chosen and a rejected response; it has no
+        # importance ratio against the sampling policy to truncate, so TIS does not apply.
+        raise ConfigError(f"policy.rollout_correction={pc.rollout_correction}: applies to the policy-gradient "
+                          "algorithms (ppo, rloo); Online-DPO's loss has no sampling ratio — set it to none")
 
     if rewarder is None:
         rm = load_reward_model(rm_dir, device=stage.device)  # under torchrun on GPUs: fused RM head on CUDA
         rewarder = RewardWorker(rm, RewardMapper.from_config(rm.stats, cfg.mapping), impl=cfg.kernels.impl)
     prompts = load_policy_prompts(prompts_path, rewarder.spec)
-    critic = critic_upd = rollout_model = None
+    critic = critic_upd = None
     if stage.distributed:
         check_policy_layout(stage, pc)
-        actor, reference, critic, rollout_model, tokenizer = build_policy_models(stage, init_dir, pc.algo == "ppo")
-        generator = HFGenerator(rollout_model, tokenizer)  # each rank's plain copy: see parallel/policy.py
+        actor, reference, critic, tokenizer = build_policy_models(stage, init_dir, pc.algo == "ppo")
+        # hf: each rank's plain copy, filled by the first push below (see parallel/policy.py)
+        gen_module = rollout_module(stage, actor) if cfg.rollout.engine == "hf" else None
     else:
         actor, tokenizer = load_policy(init_dir)
         actor = actor.to(stage.device)
         reference = copy.deepcopy(actor).eval().requires_grad_(False)  # π_SFT of Eq. 12
         actor.train()
-        generator = HFGenerator(actor, tokenizer)
+        gen_module = actor  # hf: generates with the actor itself (pushes are then free)
         if pc.algo == "ppo":
             critic = ValueModel(copy.deepcopy(getattr(actor, actor.base_model_prefix))).train()
     ref_worker = LogprobWorker(reference, sc.temperature, cfg.kernels)
@@ -261,10 +273,12 @@ def train_policy(
     writer = stage.writer(lambda: MetricsWriter(out, tensorboard=cfg.run.tensorboard))
     rng, gen = random.Random(cfg.run.seed), torch.Generator().manual_seed(cfg.run.seed)
     names = rewarder.spec.names
+    engine = build_rollout_engine(cfg.rollout, model=gen_module, tokenizer=tokenizer, model_dir=init_dir)
+    push = _weight_pusher(cfg, engine, actor, tokenizer, prompts[0], old_worker, stage)
 
     def sample_for_eval(batch_prompts: list[str]) -> list[str]:
         sampling = SamplingConfig(temperature=cfg.eval.temperature, max_new_tokens=sc.max_new_tokens)
-        return generator.generate(batch_prompts, 1, sampling, seed=cfg.eval.seed).responses
+        return generate_texts(engine, tokenizer, batch_prompts, 1, sampling, seed=cfg.eval.seed).responses
 
     start, history, step = time.time(), [], -1
     ckpt, first = _checkpoints(cfg, out, actor, tokenizer, actor_upd, critic, critic_upd, writer), 0
@@ -277,8 +291,7 @@ def train_policy(
         if critic_upd is not None:
             critic_upd.sched.load_state_dict(state["critic_sched"])
         step = first - 1
-        if stage.distributed:
-            sync_rollout_copy(actor, rollout_model)  # the copy was built from policy.init, not the checkpoint
+    push(first, setup=True)  # fills a torchrun rank's empty copy; after a resume, the checkpoint's weights
     bar = tqdm(range(first, pc.steps), desc=f"policy {pc.algo}", disable=not (show_progress and stage.is_main), dynamic_ncols=True)
     flops = _step_flops(prof, actor, critic, rewarder)
     prof.mark("setup")
@@ -286,14 +299,13 @@ def train_policy(
         prof.step(step)
         t0 = time.time()
         batch_prompts = stage.shard([rng.choice(prompts) for _ in range(pc.prompts_per_step)])  # this dp rank's
-        try:
-            rollout = generator.generate(batch_prompts, K, sc, seed=cfg.run.seed * 100003 + step + 7919 * stage.dp_rank)
-        except RuntimeError as e:  # torch.multinomial on inf/nan logits: the policy has diverged
-            if "probability tensor" not in str(e):
-                raise
-            raise core.NonFiniteError(f"step {step}: policy sampling distribution is not finite") from e
+        with _finite_sampling(f"step {step}"):
+            rollout = generate_texts(engine, tokenizer, batch_prompts, K, sc,
+                                     seed=cfg.run.seed * 100003 + step + 7919 * stage.dp_rank)
+        push.sleep()  # the trainer's phase: a GPU engine frees its memory (rollout.sleep_level)
         if stage.distributed:
             rollout = share_within_tp(stage, rollout)
+        rollout = rollout.to(stage.device)
         t_gen = time.time() - t0
         prof.mark("generation")
         scored = rewarder.score(rollout.prompts, rollout.responses)
@@ -305,7 +317,8 @@ def train_policy(
         ref_logp, _ = ref_worker.logprobs(ids, attn)
         exp = Experience(ids, attn, mask, old_logp * mask, ref_logp * mask)
         prof.mark("ref_old_logprobs")
-        metrics = compute_advantages(pc, exp, scored.reward_B, kl_ctl.value, K, critic, step)
+        guard_metrics, tis_metrics = _check_rollout(cfg, engine.name, exp, rollout.logprobs_BT, step)
+        metrics = {**compute_advantages(pc, exp, scored.reward_B, kl_ctl.value, K, critic, step), **tis_metrics}
         prof.mark("advantages")
         metrics.update(update_actor(actor, actor_upd, exp, pc, kl_ctl.value, gen, sc.temperature, step, cfg.kernels))
         prof.mark("actor_update")
@@ -319,9 +332,9 @@ def train_policy(
             metrics.update(_reward_metrics(RewardOutput(*(stage.gather_dp(t) for t in (
                 scored.reward_B, scored.terms_BH, scored.targets_BH))), names))
             prof.mark("metrics")
-            sync_rollout_copy(actor, rollout_model)
+        metrics.update(guard_metrics)  # already reduced over ranks (worst rank)
         kl_ctl.update(metrics["kl"], ids.shape[0] * stage.dp)
-        generator.sync_weights(actor)
+        metrics.update(push(step))
         prof.mark("weight_sync")
         if not stage.distributed:
             metrics.update(_reward_metrics(scored, names), response_length=float(mask.sum(1).mean()))
@@ -354,6 +367,61 @@ def train_policy(
     prof.mark("checkpoint")
     prof.write(out / "profile.json")
     return summary
+
+
+@contextmanager
+def _finite_sampling(when: str):
+    """torch.multinomial on inf/nan logits means the policy has diverged: say so, naming the step."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "probability tensor" not in str(e):
+            raise
+        raise core.NonFiniteError(f"{when}: policy sampling distribution is not finite") from e
+
+
+def _weight_pusher(cfg: Config, engine, actor, tokenizer, probe_prompt: str, old_worker: LogprobWorker, stage: Stage):
+    """``push(step) -> metrics``: wake the engine, stream the actor's full HF-named weights into it
+    (the one export path), and — with ``rollout.probe`` — check at once that they took (guard)."""
+    rc = cfg.rollout
+    asleep = [False]
+
+    def sleep() -> None:
+        if rc.sleep_level:
+            engine.sleep(rc.sleep_level)
+            asleep[0] = True
+
+    def push(step: int, setup: bool = False) -> dict:
+        """Push before ``step`` (setup) or after ``step``'s update."""
+        if asleep[0]:
+            engine.wake_up()
+            asleep[0] = False
+        engine.update_weights(export_hf_weights(actor, rc.push_bucket_mb << 20))
+        if not rc.probe:
+            return {}
+        share = (lambda b: share_within_tp(stage, b)) if stage.distributed else (lambda b: b)
+        when = f"before step {step}" if setup else f"step {step}"
+        with _finite_sampling(when):
+            m = guard.probe(engine, tokenizer, probe_prompt, cfg.sampling, lambda i, a: old_worker.logprobs(i, a)[0],
+                            stage.device, share)
+        guard.check_stale(m, rc, engine.name, f"{when} (probe after the weight push)", prefix="rollout/probe_")
+        return m
+
+    push.sleep = sleep
+    return push
+
+
+def _check_rollout(cfg: Config, engine_name: str, exp: Experience, rollout_logp_BT, step: int) -> tuple[dict, dict]:
+    """The per-step guard on the rollout batch (enforced only without top-k/top-p truncation: see
+    rollout/guard.py; its metrics are the worst rank's) and ``policy.rollout_correction``'s weights,
+    stored in ``exp`` (their metrics are this rank's)."""
+    rollout_logp_BT = rollout_logp_BT.to(exp.old_logp_BT.device) * exp.mask_BT
+    m = guard.mismatch_metrics(exp.old_logp_BT, rollout_logp_BT, exp.mask_BT)
+    if not guard.truncation_active(cfg.sampling):
+        guard.check_stale(m, cfg.rollout, engine_name, f"step {step} (rollout batch)")
+    exp.is_weight_BT, stats = tis_weights_BT(cfg.policy.rollout_correction, exp.old_logp_BT, rollout_logp_BT,
+                                             exp.mask_BT, cfg.policy.rollout_correction_cap)
+    return m, {f"rollout/{k}": v for k, v in stats.items()}
 
 
 def _step_flops(prof: Profiler, actor, critic, rewarder) -> dict:

@@ -1,6 +1,10 @@
-"""Rollout engines: sample responses (with their sampling log-probs) from the policy."""
+"""Rollout engines behind one seam: sample responses (with their sampling log-probs) from the policy."""
 
-from .base import Generator, RolloutBatch, RolloutError, check_generate_args
-from .hf import HFGenerator
+from .base import (RolloutBatch, RolloutEngine, RolloutError, assemble_batch, check_generate_args, encode_prompts,
+                   generate_texts)
+from .factory import build_rollout_engine, engine_from_dir
+from .hf import HFEngine
 
-__all__ = ["Generator", "HFGenerator", "RolloutBatch", "RolloutError", "check_generate_args"]
+__all__ = ["HFEngine", "RolloutBatch", "RolloutEngine", "RolloutError", "assemble_batch", "build_rollout_engine",
+           "engine_from_dir",
+           "check_generate_args", "encode_prompts", "generate_texts"]

@@ -1,4 +1,9 @@
-"""Rollouts with HF ``model.generate`` (KV cache) on the trainer's own module.
+"""The ``hf`` rollout engine: HF ``model.generate`` (KV cache) on a module the engine owns.
+
+Single process, the module is the trainer's actor itself (no copy: ``update_weights`` sees the
+same storage and skips it). Under torchrun it is each rank's plain, unsharded copy of the sharded
+actor, refreshed by ``update_weights`` from the streamed full tensors
+(:func:`moslim_mega.parallel.export.export_hf_weights`); see parallel/policy.py for why.
 
 Shape legend: B = rows (prompts × n), P = prompt columns (left-padded), R = response columns,
 T = P + R, V = vocabulary.
@@ -6,23 +11,15 @@ T = P + R, V = vocabulary.
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from transformers import GenerationConfig
 
 from ..config import SamplingConfig
-from ..data.template import render_prompt
-from .base import RolloutBatch, RolloutError, check_generate_args
+from .base import RolloutBatch, RolloutError, assemble_batch, check_generate_args, eos_and_pad, left_pad
 
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad id lists → (ids_BP, mask_BP): decoder-only generation continues from the last column."""
-    P = max(len(s) for s in seqs)
-    ids_BP = torch.full((len(seqs), P), pad_id, dtype=torch.long)
-    mask_BP = torch.zeros((len(seqs), P), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids_BP[b, P - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask_BP[b, P - len(s) :] = 1
-    return ids_BP, mask_BP
+__all__ = ["HFEngine", "build_generation_config", "left_pad"]
 
 
 def build_generation_config(sampling: SamplingConfig, eos_id: int, pad_id: int) -> GenerationConfig:
@@ -59,38 +56,65 @@ def build_generation_config(sampling: SamplingConfig, eos_id: int, pad_id: int) 
     return GenerationConfig(**kw)
 
 
-class HFGenerator:
-    """The :class:`~moslim_mega.rollout.base.Generator` for a HF causal LM shared with the trainer."""
+class HFEngine:
+    """The :class:`~moslim_mega.rollout.base.RolloutEngine` over a HF causal LM module."""
+
+    name = "hf"
 
     def __init__(self, model, tokenizer):
         self.model = model
         self.tokenizer = tokenizer
-        self.eos_id = tokenizer.eos_token_id
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
-        if self.eos_id is None:
-            raise RolloutError("tokenizer.eos_token_id: the tokenizer has no EOS token; responses could never end")
+        self.eos_id, self.pad_id = eos_and_pad(tokenizer)
+        self.pushes = 0
+        """Completed ``update_weights`` calls."""
+        self.tensors_copied = 0
+        """Tensors copied by the last push (0 when the engine shares the trainer's module)."""
+        self.sleep_calls: list[int] = []
+        """Levels ``sleep`` was asked for: a no-op here (the module is the trainer's or a plain copy
+        that generation needs next step), recorded so tests and logs can see the bracket."""
+        self.asleep = False
 
-    def sync_weights(self, model) -> None:
-        # No-op: this engine generates with the trainer's module itself, so it always has the
-        # current weights. (A vLLM engine copies the state dict here.)
-        return None
+    # ---- weights ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy full HF-named tensors into the module; every parameter must arrive exactly once."""
+        params = dict(self.model.named_parameters())
+        seen: set[str] = set()
+        copied = 0
+        for name, full in named_tensors:
+            p = params.get(name)
+            if p is None:
+                raise RolloutError(f"update_weights: {name!r} is not a parameter of the rollout model")
+            if tuple(full.shape) != tuple(p.shape):
+                raise RolloutError(f"update_weights: {name!r} has shape {tuple(full.shape)}, the rollout "
+                                   f"model's is {tuple(p.shape)}")
+            if name in seen:
+                raise RolloutError(f"update_weights: {name!r} pushed twice in one update")
+            seen.add(name)
+            if full.device == p.device and full.data_ptr() == p.data_ptr():
+                continue  # the engine generates with the trainer's own module: already current
+            p.copy_(full)
+            copied += 1
+        missing = sorted(set(params) - seen)
+        if missing:
+            raise RolloutError(f"update_weights: {len(missing)} parameters were not pushed (the rollout "
+                               f"model would keep stale weights), e.g. {missing[:3]}")
+        self.pushes += 1
+        self.tensors_copied = copied
 
-    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rendered, tokenised (no extra specials: the template has them) and left-padded prompts."""
-        seqs = []
-        for i, p in enumerate(prompts):
-            ids = self.tokenizer(render_prompt(self.tokenizer, p), add_special_tokens=False)["input_ids"]
-            if not ids:
-                raise RolloutError(f"prompts[{i}]: renders to zero tokens")
-            seqs.append(ids)
-        return left_pad(seqs, self.pad_id)
+    def sleep(self, level: int = 1) -> None:
+        self.sleep_calls.append(level)
+        self.asleep = True
 
-    def generate(
-        self, prompts: list[str], n: int, sampling: SamplingConfig, seed: int | None = None
-    ) -> RolloutBatch:
-        check_generate_args(prompts, n, sampling)
+    def wake_up(self) -> None:
+        self.asleep = False
+
+    # ---- sampling --------------------------------------------------------------------------
+    def generate(self, prompts: list[str], prompt_ids: list[list[int]], n: int, sampling: SamplingConfig,
+                 seed: int | None = None) -> RolloutBatch:
+        check_generate_args(prompts, n, sampling, prompt_ids)
         device = next(self.model.parameters()).device
-        ids_BP, mask_BP = self.encode_prompts(prompts)
+        ids_BP, mask_BP = left_pad(prompt_ids, self.pad_id)
         # repeat_interleave keeps the n rows of one prompt contiguous (i*n .. i*n+n-1).
         ids_BP = ids_BP.repeat_interleave(n, dim=0).to(device)
         mask_BP = mask_BP.repeat_interleave(n, dim=0).to(device)
@@ -104,40 +128,15 @@ class HFGenerator:
                 out = self.model.generate(input_ids=ids_BP, attention_mask=mask_BP, generation_config=gen_cfg)
         finally:
             self.model.train(was_training)
-        return self._assemble(prompts, n, ids_BP, mask_BP, out.sequences, out.scores)
-
-    def _assemble(self, prompts, n, ids_BP, mask_BP, seq_BT, scores) -> RolloutBatch:
-        P = ids_BP.shape[1]
-        resp_BR = seq_BT[:, P:]
-        assert len(scores) == resp_BR.shape[1], (len(scores), resp_BR.shape)
+        resp_BR = out.sequences[:, ids_BP.shape[1] :]
+        assert len(out.scores) == resp_BR.shape[1], (len(out.scores), resp_BR.shape)
         # One step at a time: stacking [B, R, V] scores would cost B·R·V floats for big vocabularies.
         # The scores are the *processed* logits (temperature/top-k/top-p applied), so their
-        # log-softmax is the distribution each token was actually drawn from.
+        # log-softmax is the distribution each token was actually drawn from; greedy: raw logits.
         logp_BR = torch.stack(
-            [torch.log_softmax(s_BV.float(), -1).gather(-1, resp_BR[:, t, None])[:, 0] for t, s_BV in enumerate(scores)],
+            [torch.log_softmax(s_BV.float(), -1).gather(-1, resp_BR[:, t, None])[:, 0] for t, s_BV in enumerate(out.scores)],
             dim=1,
         )
-        is_eos_BR = resp_BR == self.eos_id
-        # Keep tokens with no EOS strictly before them: the response up to and including the first EOS.
-        # HF fills finished rows with pad, which may equal EOS, so "first" matters.
-        keep_BR = (is_eos_BR.long().cumsum(-1) - is_eos_BR.long()) == 0
-        resp_BR = torch.where(keep_BR, resp_BR, torch.full_like(resp_BR, self.pad_id))
-        # where(), not a product: top-k gives -inf to the pad tokens after EOS, and -inf·0 = nan.
-        logp_BR = torch.where(keep_BR, logp_BR, torch.zeros_like(logp_BR))
-        keep_long_BR = keep_BR.long()
-        zeros_BP = torch.zeros_like(mask_BP)
-        responses = [
-            self.tokenizer.decode(r[k].tolist(), skip_special_tokens=True)
-            for r, k in zip(resp_BR.cpu(), keep_BR.cpu())
-        ]
-        return RolloutBatch(
-            prompts=[p for p in prompts for _ in range(n)],
-            responses=responses,
-            prompt_index=[i for i in range(len(prompts)) for _ in range(n)],
-            input_ids_BT=torch.cat([ids_BP, resp_BR], dim=1),
-            attention_mask_BT=torch.cat([mask_BP, keep_long_BR], dim=1),
-            response_mask_BT=torch.cat([zeros_BP, keep_long_BR], dim=1),
-            logprobs_BT=torch.cat([zeros_BP.float(), logp_BR.float()], dim=1),
-            prompt_width=P,
-            finished_B=is_eos_BR.any(-1),
-        )
+        # assemble_batch cuts each row after its first EOS (top-k's -inf on the pad after EOS goes too).
+        return assemble_batch(prompts, n, prompt_ids, resp_BR.cpu().tolist(), logp_BR.cpu().tolist(),
+                              self.eos_id, self.pad_id, self.tokenizer)

@@ -17,7 +17,7 @@ from moslim_mega.prefs import PreferenceSpec
 from moslim_mega.reward.io import load_reward_model, save_reward_model
 from moslim_mega.reward.mapping import RunningClassStats
 from moslim_mega.reward.model import MultiHeadRewardModel
-from moslim_mega.rollout.hf import HFGenerator
+from moslim_mega.rollout import encode_prompts
 from moslim_mega.sft import encode_sft_example
 
 SPEC = PreferenceSpec.datatype(4)
@@ -80,10 +80,9 @@ def test_rm_rescores_the_stripped_prompt_with_its_own_template(rm_tokenizer, tmp
         assert torch.allclose(a, b, atol=1e-6)
     # while the policy's generator encodes the prefix, in its own (world) template
     policy_tok = build_tokenizer(ModelConfig(), SPEC.names)
-    gen = HFGenerator(build_backbone(ModelConfig(**TINY), policy_tok), policy_tok)
-    ids_BP, _ = gen.encode_prompts([PREFIXED])
+    (prompt_ids,) = encode_prompts(policy_tok, [PREFIXED])  # what every rollout engine receives
     tag_ids = policy_tok.convert_tokens_to_ids(["<helpfulness 5>", "<harmlessness 1>"])
-    assert ids_BP[0, :2].tolist() == tag_ids and not set(tag_ids) & set(ids)
+    assert prompt_ids[:2] == tag_ids and not set(tag_ids) & set(ids)
 
 
 def test_plain_text_fallback_and_bad_template_choice(tmp_path):

@@ -119,6 +119,11 @@ def test_policy_loop_under_torchrun_equals_single_process(runs, run):
         if key in m1:
             assert abs(m1[key] - m2[key]) < 1e-4 * max(1.0, abs(m1[key])), key
     assert {k for k in m1 if k.startswith("reward_")} == {k for k in m2 if k.startswith("reward_")}
+    # Each rank's hf engine holds its own copy, refreshed by the streamed full tensors of the sharded
+    # actor: the stale-weight guard's probe and rollout comparisons see the trainer's weights exactly.
+    for row in (json.loads(line) for line in (par / "metrics.jsonl").read_text().splitlines()):
+        if row["tag"] == "train":
+            assert row["rollout/probe_logprob_abs_diff_max"] < 1e-4 and row["rollout/logprob_abs_diff_max"] < 1e-4, row
 
 
 @pytest.mark.parametrize("single,par", [("sft_1", "sft_dp2"), ("sft_1", "sft_tp2"), ("rm_1", "rm_dp2"),

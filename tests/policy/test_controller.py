@@ -38,7 +38,7 @@ def policy(tok):
 
 @pytest.fixture(scope="module")
 def rollout(tok):
-    """(ids_BT, attn_BT, mask_BT) laid out as HFGenerator does: left-padded prompt, right-padded response."""
+    """(ids_BT, attn_BT, mask_BT) laid out as the rollout engines do (rollout.base.assemble_batch): left-padded prompt, right-padded response."""
     g = torch.Generator().manual_seed(0)
     ids_BT = torch.full((B, P_COLS + R_COLS), tok.pad_token_id)
     attn_BT = torch.zeros(B, P_COLS + R_COLS, dtype=torch.long)

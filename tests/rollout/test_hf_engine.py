@@ -1,4 +1,4 @@
-"""HFGenerator on a tiny random policy: layout, masks, reproducibility and exact sampling log-probs."""
+"""HFEngine on a tiny random policy: layout, masks, reproducibility and exact sampling log-probs."""
 
 import dataclasses
 
@@ -8,7 +8,8 @@ import torch
 from moslim_mega.config import ModelConfig, SamplingConfig
 from moslim_mega.data.template import render_prompt
 from moslim_mega.models.build import build_causal_lm, build_tokenizer
-from moslim_mega.rollout import HFGenerator, RolloutError
+from moslim_mega.parallel.export import export_hf_weights
+from moslim_mega.rollout import HFEngine, RolloutError, encode_prompts
 
 TINY = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
 PROMPTS = ["<helpfulness 5> how do i bake bread", "tell me about cats", "<honesty 1, harmlessness 2> explain poison"]
@@ -33,7 +34,13 @@ def tok():
 
 @pytest.fixture(scope="module")
 def gen(tok):
-    return HFGenerator(_policy(tok), tok)
+    return HFEngine(_policy(tok), tok)
+
+
+def _gen(engine, prompts, n, sampling, seed=None):
+    """Render once (the seam's encode_prompts), then generate."""
+    ids = encode_prompts(engine.tokenizer, prompts) if isinstance(prompts, list) and prompts else []
+    return engine.generate(prompts, ids, n, sampling, seed=seed)
 
 
 def _sampling(**kw):
@@ -55,7 +62,7 @@ def _recompute_logprobs(model, batch, temperature: float):
 
 def test_layout_rows_are_contiguous_per_prompt(gen, tok):
     n = 3
-    b = gen.generate(PROMPTS, n, _sampling(), seed=0)
+    b = _gen(gen, PROMPTS, n, _sampling(), seed=0)
     B = len(PROMPTS) * n
     assert len(b) == B and len(b.responses) == B
     assert b.prompt_index == [0, 0, 0, 1, 1, 1, 2, 2, 2]
@@ -76,7 +83,7 @@ def test_layout_rows_are_contiguous_per_prompt(gen, tok):
 
 
 def test_masks_stop_at_first_eos(gen, tok):
-    b = gen.generate(PROMPTS * 4, 2, _sampling(), seed=3)
+    b = _gen(gen, PROMPTS * 4, 2, _sampling(), seed=3)
     P, eos, pad = b.prompt_width, tok.eos_token_id, tok.pad_token_id
     assert b.finished_B.any() and not b.finished_B.all()  # both kinds of row are exercised
     for row in range(len(b)):
@@ -94,7 +101,7 @@ def test_masks_stop_at_first_eos(gen, tok):
 
 
 def test_attention_covers_prompt_and_response(gen):
-    b = gen.generate(PROMPTS, 2, _sampling(), seed=0)
+    b = _gen(gen, PROMPTS, 2, _sampling(), seed=0)
     P = b.prompt_width
     real_prompt_BP = b.input_ids_BT[:, :P] != gen.pad_id
     assert torch.equal(b.attention_mask_BT[:, :P].bool(), real_prompt_BP)
@@ -102,17 +109,17 @@ def test_attention_covers_prompt_and_response(gen):
 
 
 def test_same_seed_same_batch_different_seed_differs(gen):
-    a = gen.generate(PROMPTS, 2, _sampling(), seed=7)
-    b = gen.generate(PROMPTS, 2, _sampling(), seed=7)
-    c = gen.generate(PROMPTS, 2, _sampling(), seed=8)
+    a = _gen(gen, PROMPTS, 2, _sampling(), seed=7)
+    b = _gen(gen, PROMPTS, 2, _sampling(), seed=7)
+    c = _gen(gen, PROMPTS, 2, _sampling(), seed=8)
     assert torch.equal(a.input_ids_BT, b.input_ids_BT) and torch.equal(a.logprobs_BT, b.logprobs_BT)
     assert a.responses == b.responses
     assert a.input_ids_BT.shape != c.input_ids_BT.shape or not torch.equal(a.input_ids_BT, c.input_ids_BT)
 
 
 def test_greedy_is_deterministic_and_copies_agree(gen):
-    g1 = gen.generate(PROMPTS, 3, _sampling(temperature=0.0), seed=1)
-    g2 = gen.generate(PROMPTS, 3, _sampling(temperature=0.0), seed=2)
+    g1 = _gen(gen, PROMPTS, 3, _sampling(temperature=0.0), seed=1)
+    g2 = _gen(gen, PROMPTS, 3, _sampling(temperature=0.0), seed=2)
     assert torch.equal(g1.input_ids_BT, g2.input_ids_BT)
     for i in range(len(PROMPTS)):
         rows = g1.input_ids_BT[3 * i : 3 * i + 3]
@@ -124,15 +131,15 @@ def test_greedy_is_deterministic_and_copies_agree(gen):
 
 
 def test_top_k_1_equals_greedy(gen):
-    greedy = gen.generate(PROMPTS, 2, _sampling(temperature=0.0), seed=0)
-    topk1 = gen.generate(PROMPTS, 2, _sampling(temperature=0.9, top_k=1), seed=5)
+    greedy = _gen(gen, PROMPTS, 2, _sampling(temperature=0.0), seed=0)
+    topk1 = _gen(gen, PROMPTS, 2, _sampling(temperature=0.9, top_k=1), seed=5)
     assert torch.equal(greedy.input_ids_BT, topk1.input_ids_BT)
     m = topk1.response_mask_BT.bool()
     assert torch.allclose(topk1.logprobs_BT[m], torch.zeros(int(m.sum())), atol=1e-6)  # one token has all the mass
 
 
 def test_sampler_logprobs_match_independent_recomputation(gen):
-    b = gen.generate(PROMPTS * 2, 4, _sampling(temperature=0.7), seed=11)
+    b = _gen(gen, PROMPTS * 2, 4, _sampling(temperature=0.7), seed=11)
     want = _recompute_logprobs(gen.model, b, temperature=0.7)
     m = b.response_mask_BT.bool()
     assert m.sum() > 20
@@ -141,14 +148,14 @@ def test_sampler_logprobs_match_independent_recomputation(gen):
 
 def test_top_p_logprobs_are_renormalised_over_the_nucleus(gen):
     # Under nucleus sampling each kept token has more mass than under the full softmax.
-    b = gen.generate(PROMPTS, 4, _sampling(temperature=1.0, top_p=0.3), seed=2)
+    b = _gen(gen, PROMPTS, 4, _sampling(temperature=1.0, top_p=0.3), seed=2)
     full = _recompute_logprobs(gen.model, b, temperature=1.0)
     m = b.response_mask_BT.bool()
     assert (b.logprobs_BT[m] > full[m] + 1e-4).all()
 
 
 def test_decoded_responses_match_tokens_up_to_eos(gen, tok):
-    b = gen.generate(PROMPTS, 3, _sampling(), seed=4)
+    b = _gen(gen, PROMPTS, 3, _sampling(), seed=4)
     for row in range(len(b)):
         ids = b.input_ids_BT[row][b.response_mask_BT[row].bool()].tolist()
         assert b.responses[row] == tok.decode(ids, skip_special_tokens=True)
@@ -158,8 +165,8 @@ def test_decoded_responses_match_tokens_up_to_eos(gen, tok):
 def test_pad_equal_to_eos_still_masks_after_first_eos():
     tok = build_tokenizer(ModelConfig())
     tok.pad_token = tok.eos_token  # common for real checkpoints without a pad token
-    gen = HFGenerator(_policy(tok), tok)
-    b = gen.generate(PROMPTS * 3, 2, _sampling(), seed=3)
+    gen = HFEngine(_policy(tok), tok)
+    b = _gen(gen, PROMPTS * 3, 2, _sampling(), seed=3)
     P = b.prompt_width
     assert b.finished_B.any()
     for row in range(len(b)):
@@ -174,18 +181,52 @@ def test_pad_equal_to_eos_still_masks_after_first_eos():
     assert torch.allclose(b.logprobs_BT[m], want[m], atol=1e-5)
 
 
-def test_training_mode_is_restored_and_sync_is_a_noop(tok):
+def test_training_mode_is_restored_and_pushing_its_own_module_copies_nothing(tok):
     model = _policy(tok)
-    gen = HFGenerator(model, tok)
+    gen = HFEngine(model, tok)
     model.train()
-    gen.generate(PROMPTS[:1], 1, _sampling())
+    _gen(gen, PROMPTS[:1], 1, _sampling())
     assert model.training
     model.eval()
-    gen.generate(PROMPTS[:1], 1, _sampling())
+    _gen(gen, PROMPTS[:1], 1, _sampling())
     assert not model.training
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    gen.sync_weights(model)
+    gen.update_weights(export_hf_weights(model, 1 << 20))
+    assert gen.pushes == 1 and gen.tensors_copied == 0  # same storage: the engine shares the trainer's module
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_update_weights_refreshes_a_separate_copy(tok):
+    trainer, copy_ = _policy(tok, eos_bias=0.0), build_causal_lm(TINY, tok, seed=1)
+    engine = HFEngine(copy_, tok)
+    assert not torch.equal(copy_.lm_head.weight, trainer.lm_head.weight)
+    engine.update_weights(export_hf_weights(trainer, 4096))  # small buckets: many flushes
+    assert engine.tensors_copied == len(dict(trainer.named_parameters()))
+    for name, p in trainer.named_parameters():
+        assert torch.equal(dict(copy_.named_parameters())[name], p), name
+    a = _gen(engine, PROMPTS, 2, _sampling(), seed=5)
+    b = _gen(HFEngine(trainer, tok), PROMPTS, 2, _sampling(), seed=5)
+    assert torch.equal(a.input_ids_BT, b.input_ids_BT) and torch.equal(a.logprobs_BT, b.logprobs_BT)
+
+
+def test_update_weights_refuses_unknown_missing_and_misshapen_tensors(tok):
+    model = _policy(tok, eos_bias=0.0)
+    engine = HFEngine(build_causal_lm(TINY, tok, seed=1), tok)
+    named = [(n, p.detach().clone()) for n, p in model.named_parameters()]
+    with pytest.raises(RolloutError, match="not a parameter"):
+        engine.update_weights(named + [("model.bogus.weight", torch.zeros(1))])
+    with pytest.raises(RolloutError, match="were not pushed"):
+        engine.update_weights(named[1:])
+    name, t = named[0]
+    with pytest.raises(RolloutError, match=name):
+        engine.update_weights([(name, t[:1])] + named[1:])
+
+
+def test_sleep_and_wake_up_are_recorded(gen):
+    gen.sleep(2)
+    assert gen.asleep and gen.sleep_calls[-1] == 2
+    gen.wake_up()
+    assert not gen.asleep
 
 
 @pytest.mark.parametrize(
@@ -203,5 +244,5 @@ def test_training_mode_is_restored_and_sync_is_a_noop(tok):
 )
 def test_bad_arguments_raise_rollout_error_naming_the_field(gen, prompts, n, sampling, field):
     with pytest.raises(RolloutError, match=field):
-        gen.generate(prompts, n, sampling)
+        _gen(gen, prompts, n, sampling)
     assert issubclass(RolloutError, ValueError)
