@@ -68,6 +68,9 @@ class VLLMEngine:
         cfg = json.loads((self.model_dir / "config.json").read_text())
         self._tied = bool(cfg.get("tie_word_embeddings", False))
         self.is_moe = bool(cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts"))
+        # Under torchrun the trainer owns the default process group; vLLM (TP=1, in-process) joins it
+        # and, on shutdown, would destroy it (see close()).
+        self._trainer_owns_dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.llm = _build_llm(self._engine_kwargs(rc))
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
@@ -230,8 +233,22 @@ class VLLMEngine:
             )
 
     def close(self) -> None:
-        """Shut the in-process engine down (frees its KV cache); the engine is unusable afterwards."""
-        self.llm.llm_engine.engine_core.shutdown()
+        """Shut the in-process engine down (frees its KV cache); the engine is unusable afterwards.
+        vLLM's shutdown destroys the default process group: kept when the trainer created it."""
+        if not self._trainer_owns_dist:
+            self.llm.llm_engine.engine_core.shutdown()
+            return
+        real = torch.distributed.destroy_process_group
+
+        def keep_default_group(group=None):
+            if group is not None:  # vLLM's own subgroups go; the trainer's world stays
+                real(group)
+
+        torch.distributed.destroy_process_group = keep_default_group
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        finally:
+            torch.distributed.destroy_process_group = real
 
     def sleep(self, level: int = 1) -> None:
         """Free the KV cache (level 1) and also the weights (level 2) while the trainer runs.

@@ -303,3 +303,30 @@ def test_bad_generate_arguments_raise_naming_the_field(policy, tok):
 def test_model_dir_without_checkpoint_raises(tmp_path, tok):
     with pytest.raises(RolloutError, match="model_dir"):
         VLLMEngine(_rc(), tokenizer=tok, model_dir=tmp_path)
+
+
+def test_one_engine_per_rank_inside_a_torchrun_world(tok, tmp_path):
+    """Two trainer ranks (gloo), each with its own in-process engine: both roll out, and the
+    trainer's process group survives the engine's start and its close()."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = _build("llama", tok)
+    _lift_eos(model, tok)
+    model.save_pretrained(tmp_path / "policy")
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here.parents[1]), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(here / "vllm_torchrun_worker.py"), str(tmp_path / "policy"), str(here)],
+        capture_output=True, text=True, timeout=240, env=env,
+    )
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"rank"')]
+    assert out.returncode == 0 and len(rows) == 2, out.stderr[-3000:]
+    want = HFGenerator(model.eval(), tok).generate(PROMPTS, 1, _sampling(temperature=0.0), seed=0)
+    for r in rows:
+        assert r["ids"] == want.input_ids_BT.tolist()
+        assert r["sum"] == 3.0 and r["alive"] and r["sum2"] == 2.0
