@@ -14,9 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-vllm_engine = pytest.importorskip(
-    "moslim_mega.rollout.vllm", reason="vLLM is not importable here (install the extra: pip install -e .[vllm])"
-)
+pytest.importorskip("vllm", reason="vLLM is not importable here (install the extra: pip install -e .[vllm])")
 
 from transformers import AutoModelForCausalLM, Qwen2MoeConfig  # noqa: E402
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper  # noqa: E402
@@ -25,8 +23,7 @@ from moslim_mega.config import ModelConfig, SamplingConfig  # noqa: E402
 from moslim_mega.models.build import build_causal_lm, build_tokenizer  # noqa: E402
 from moslim_mega.rollout import HFGenerator, RolloutError  # noqa: E402
 from moslim_mega.rollout._seam_shim import encode_prompts  # noqa: E402  (TEMPORARY: .base after the seam merge)
-
-VLLMEngine = vllm_engine.VLLMEngine
+from moslim_mega.rollout.vllm import VLLMEngine  # noqa: E402
 PROMPTS = [
     "<helpfulness 5> how do i bake bread",
     "tell me about cats",
