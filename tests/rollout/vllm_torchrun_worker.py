@@ -1,8 +1,9 @@
 """torchrun worker for test_vllm_engine: one in-process vLLM engine per rank (TP=1, data parallel)
-inside a trainer's gloo world. Prints one JSON line per rank."""
+inside a trainer's gloo world. Writes rank<r>.json into argv[3] (interleaved stdout would mangle it)."""
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -24,6 +25,6 @@ engine.close()
 alive = dist.is_initialized()
 t2 = torch.tensor([1.0])
 dist.all_reduce(t2)  # ... and after the engine is gone
-print(json.dumps({"rank": rank, "ids": batch.input_ids_BT.tolist(), "sum": t.item(), "alive": alive,
-                  "sum2": t2.item()}), flush=True)
+Path(sys.argv[3], f"rank{rank}.json").write_text(json.dumps(
+    {"rank": rank, "ids": batch.input_ids_BT.tolist(), "sum": t.item(), "alive": alive, "sum2": t2.item()}))
 dist.destroy_process_group()
