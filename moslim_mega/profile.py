@@ -262,7 +262,7 @@ def aggregate(ranks: list[dict], stage_name: str, pc: ProfileConfig, device: tor
     tokens = counters.get("tokens", 0)
     flops = sum(r["flops"] for r in replicas) if all(r["flops_known"] for r in ranks) else None
     kind = device.type
-    name = torch.cuda.get_device_name(device) if kind == "cuda" else _cpu_name()
+    name = torch.cuda.get_device_name(device) if kind == "cuda" else cpu_name()
     threads = ranks[0]["threads"]
     if kind == "cuda":
         hours = {"value": wall * n / 3600, "unit": "GPU-hours", "counted_as": f"wall × {n} GPU(s)"}
@@ -338,7 +338,8 @@ def _cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
