@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .utils.progress import progress
 from .algos.logprob import sequence_logprobs
 from .config import Config, KernelsConfig, save_config
 from .data.template import pad_batch, render_pair, render_prompt
@@ -176,7 +176,7 @@ def _train_loop(cfg: Config, model, data: SFTExamples, pad_id: int, writer: Metr
         first, order, recent = state["steps_done"], state["order"], state["recent"]
         gen.set_state(state["gen"])
         upd.sched.load_state_dict(state["sched"])
-    bar = tqdm(range(first, total_steps), desc="sft", disable=not (show_progress and stage.is_main), dynamic_ncols=True)
+    bar = progress(range(first, total_steps), "sft", show_progress and stage.is_main)
     step = first - 1
     prof.mark("setup")
     for step in bar:

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer
 
+from ..utils.progress import progress
 from ..algos.core import check_finite
 from ..config import Config, save_config
 from ..data.template import encode_pair, pad_batch
@@ -73,7 +73,7 @@ def train_regression_rm(cfg: Config, data_dir, out_dir, show_progress: bool = Tr
     upd = Updater(model.parameters(), rc.lr, rc.weight_decay, rc.warmup_steps, rc.grad_clip, total)
     gen = torch.Generator().manual_seed(cfg.run.seed)
     start, order, step = time.time(), [], 0
-    for step in tqdm(range(total), desc="regression rm", disable=not show_progress, dynamic_ncols=True):
+    for step in progress(range(total), "regression rm", show_progress):
         if step % steps_per_epoch == 0:
             order = torch.randperm(len(train), generator=gen).tolist()
         i0 = (step % steps_per_epoch) * rc.batch_size

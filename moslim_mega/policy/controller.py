@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
+from ..utils.progress import progress
 from ..algos import core, dpo, kl, ppo, rloo
 from ..algos.rollout_correction import tis_weights_BT
 from ..checkpoint.hooks import StageCheckpoints
@@ -292,7 +292,7 @@ def train_policy(
             critic_upd.sched.load_state_dict(state["critic_sched"])
         step = first - 1
     push(first, setup=True)  # fills a torchrun rank's empty copy; after a resume, the checkpoint's weights
-    bar = tqdm(range(first, pc.steps), desc=f"policy {pc.algo}", disable=not (show_progress and stage.is_main), dynamic_ncols=True)
+    bar = progress(range(first, pc.steps), f"policy {pc.algo}", show_progress and stage.is_main)
     flops = _step_flops(prof, actor, critic, rewarder)
     prof.mark("setup")
     for step in bar:

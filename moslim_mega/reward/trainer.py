@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from ..utils.progress import progress
 from ..config import Config, save_config
 from ..models.build import build_backbone, build_tokenizer
 from ..prefs import PreferenceSpec, spec_from_config
@@ -126,7 +126,7 @@ def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = T
         gen.set_state(state["gen"])
         upd.sched.load_state_dict(state["sched"])
         stats.load_state_dict(state["stats"])
-    bar = tqdm(range(first, total_steps), desc="rm train", disable=not (show_progress and stage.is_main), dynamic_ncols=True)
+    bar = progress(range(first, total_steps), "rm train", show_progress and stage.is_main)
     step = first - 1
     flops = model_flops(model)
     prof.mark("setup")
