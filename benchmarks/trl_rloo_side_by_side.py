@@ -343,7 +343,8 @@ def check_trl_matched(trainer, tokenizer, w: Workload, prompts: list[str]) -> di
     import torch
 
     from moslim_mega.config import SamplingConfig
-    from moslim_mega.rollout.hf import HFGenerator, build_generation_config
+    from moslim_mega.rollout import encode_prompts
+    from moslim_mega.rollout.hf import build_generation_config
 
     a, g = trainer.args, trainer.generation_config
     ours = build_generation_config(SamplingConfig(temperature=w.temperature, max_new_tokens=w.max_new_tokens),
@@ -373,11 +374,9 @@ def check_trl_matched(trainer, tokenizer, w: Workload, prompts: list[str]) -> di
     }
     gen_eos = g.eos_token_id if isinstance(g.eos_token_id, list) else [g.eos_token_id]
     expect["eos_token_id"] = (gen_eos, [ours.eos_token_id])
-    moslim_ids = HFGenerator(trainer.model, tokenizer).encode_prompts(prompts[:4])
+    moslim_ids = encode_prompts(tokenizer, prompts[:4])  # what every rollout engine is given
     trl_ids, _, _ = trainer._tokenize_prompts([[{"role": "user", "content": p}] for p in prompts[:4]])
-    ids_BP, mask_BP = moslim_ids
-    expect["prompt token ids"] = ([ids_BP[b][mask_BP[b].bool()].tolist() for b in range(len(trl_ids))],
-                                  [list(t) for t in trl_ids])
+    expect["prompt token ids"] = (moslim_ids, [list(t) for t in trl_ids])
     for name, (got, want) in expect.items():
         if got != want and not (isinstance(got, float) and abs(got - want) <= 1e-12 * max(1.0, abs(want))):
             raise BenchError(f"TRL setting {name!r} = {got!r}, moslim's = {want!r}")

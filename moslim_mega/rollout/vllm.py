@@ -27,8 +27,7 @@ import numpy as np
 import torch
 
 from ..config import SamplingConfig
-from ._seam_shim import assemble_batch  # TEMPORARY: from .base once i14-seam is merged
-from .base import RolloutBatch, RolloutError, check_generate_args
+from .base import RolloutBatch, RolloutError, assemble_batch, check_generate_args
 
 # In-process engine: the weight push hands live tensors (or a generator of them) to the model
 # runner; with vLLM's engine-core subprocess they would have to be pickled across processes.
