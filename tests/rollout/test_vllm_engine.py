@@ -298,6 +298,15 @@ def test_model_dir_without_checkpoint_raises(tmp_path, tok):
         VLLMEngine(_rc(), tokenizer=tok, model_dir=tmp_path)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU attention kernels' head sizes")
+def test_head_dim_without_a_cpu_kernel_is_refused_at_start_naming_it(tok, tmp_path):
+    # The quick demo's policy (hidden 64, 4 heads → head_dim 16) used to fail inside the first generate.
+    cfg = ModelConfig(hidden_size=64, num_heads=4, intermediate_size=128)
+    build_causal_lm(cfg, tok, seed=0).save_pretrained(tmp_path)
+    with pytest.raises(RolloutError, match=r"head_dim=16 .*model.num_heads"):
+        VLLMEngine(_rc(), tokenizer=tok, model_dir=tmp_path)
+
+
 def test_one_engine_per_rank_inside_a_torchrun_world(tok, tmp_path):
     """Two trainer ranks (gloo), each with its own in-process engine: both roll out, and the
     trainer's process group survives the engine's start and its close()."""
