@@ -40,9 +40,11 @@ $(SLURM_STAMP): $(STAMP)
 
 ALGO   ?= rloo
 SEED   ?= 0
+# Rollout engine of the demo: hf (transformers generate) or vllm (`make demo ROLLOUT=vllm`).
+ROLLOUT ?= hf
 
 demo: $(STAMP)
-	$(VENV)/bin/moslim demo --algo $(ALGO) --seed $(SEED) --out runs/demo
+	$(VENV)/bin/moslim demo --algo $(ALGO) --seed $(SEED) --out runs/demo rollout.engine=$(ROLLOUT)
 
 test: $(STAMP) $(SLURM_STAMP)
 	$(PY) -m pytest -q tests

@@ -343,7 +343,7 @@ def check_trl_matched(trainer, tokenizer, w: Workload, prompts: list[str]) -> di
     import torch
 
     from moslim_mega.config import SamplingConfig
-    from moslim_mega.rollout.base import encode_prompts
+    from moslim_mega.rollout import encode_prompts
     from moslim_mega.rollout.hf import build_generation_config
 
     a, g = trainer.args, trainer.generation_config
@@ -374,7 +374,7 @@ def check_trl_matched(trainer, tokenizer, w: Workload, prompts: list[str]) -> di
     }
     gen_eos = g.eos_token_id if isinstance(g.eos_token_id, list) else [g.eos_token_id]
     expect["eos_token_id"] = (gen_eos, [ours.eos_token_id])
-    moslim_ids = encode_prompts(tokenizer, prompts[:4])  # what every moslim rollout engine is given
+    moslim_ids = encode_prompts(tokenizer, prompts[:4])  # what every rollout engine is given
     trl_ids, _, _ = trainer._tokenize_prompts([[{"role": "user", "content": p}] for p in prompts[:4]])
     expect["prompt token ids"] = (moslim_ids, [list(t) for t in trl_ids])
     for name, (got, want) in expect.items():
@@ -486,10 +486,8 @@ def machine_facts(w: Workload) -> dict:
     import transformers
     import trl
 
-    from moslim_mega.profile import cpu_name
-
     facts = {
-        "date": datetime.date.today().isoformat(), "host_cpu": cpu_name(), "cpu_count": os.cpu_count(),
+        "date": datetime.date.today().isoformat(), "host_cpu": _cpu_name(), "cpu_count": os.cpu_count(),
         "torch_threads": w.threads, "load_average_at_start": os.getloadavg(), "python": platform.python_version(),
         "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
         "accelerate": accelerate.__version__, "device": w.device,
@@ -497,6 +495,16 @@ def machine_facts(w: Workload) -> dict:
     if w.device == "cuda":
         facts["gpu"] = torch.cuda.get_device_name(0)
     return facts
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 # ---- building the models -------------------------------------------------------------------------

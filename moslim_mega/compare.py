@@ -62,10 +62,25 @@ class StageTimer:
 
 class RoutedSampler:
     """``sample_fn(prompts)`` that routes each prefixed prompt to a (policy, text) by ``route``:
-    ``route(prompt) -> (key, text)``; ``load(key) -> (rollout engine, tokenizer)`` is called once per key."""
+    ``route(prompt) -> (key, text)``; ``load(key) -> (rollout engine, tokenizer)``. ``owns=True``: each
+    key is loaded once and kept until :meth:`close`; ``owns=False``: ``load`` keeps (and releases) what it returns."""
 
-    def __init__(self, route, load, sampling, seed: int):
-        self.route, self.load, self.sampling, self.seed = route, load, sampling, seed
+    def __init__(self, route, load, sampling, seed: int, owns: bool = True):
+        self.route, self.load, self.sampling, self.seed, self.owns = route, load, sampling, seed, owns
+        self._loaded: dict = {}
+
+    def _engine(self, key):
+        if not self.owns:
+            return self.load(key)
+        if key not in self._loaded:
+            self._loaded[key] = self.load(key)
+        return self._loaded[key]
+
+    def close(self) -> None:
+        """Release the engines this sampler loaded (a vLLM engine holds its KV cache until closed)."""
+        for engine, _tok in self._loaded.values():
+            engine.close()
+        self._loaded = {}
 
     def __call__(self, prompts: list[str]) -> list[str]:
         from .rollout import generate_texts
@@ -76,7 +91,7 @@ class RoutedSampler:
             groups.setdefault(key, []).append((i, text))
         out = [""] * len(prompts)
         for key, items in groups.items():
-            engine, tok = self.load(key)
+            engine, tok = self._engine(key)
             for c in range(0, len(items), 256):
                 chunk = items[c : c + 256]
                 res = generate_texts(engine, tok, [t for _, t in chunk], 1, self.sampling, seed=self.seed + c)
@@ -114,14 +129,17 @@ def run_compare(cfg: Config, out_dir, methods=None, show_progress: bool = True) 
     def evaluate(method, sample_fn):
         from .eval.controllability import evaluate_policy
 
-        return timer.bind(method)("eval", evaluate_policy, sample_fn, eval_texts, spec, cfg.eval.prompts_per_target,
-                                  cfg.eval.seed, targeted)
+        try:
+            return timer.bind(method)("eval", evaluate_policy, sample_fn, eval_texts, spec,
+                                      cfg.eval.prompts_per_target, cfg.eval.seed, targeted)
+        finally:
+            sample_fn.close()  # its engines (one vLLM engine each) go before the next method's start
 
     def plain(model_dir):
         from .rollout import engine_from_dir
 
-        loaded = engine_from_dir(cfg.rollout, model_dir)
-        return RoutedSampler(lambda p: (0, p), lambda _k: loaded, sampling, cfg.eval.seed)
+        return RoutedSampler(lambda p: (0, p), lambda _k: engine_from_dir(cfg.rollout, model_dir), sampling,
+                             cfg.eval.seed)
 
     evals = {"sft": evaluate("sft", plain(sft["model_dir"]))}
     extra: dict = {}
@@ -176,9 +194,13 @@ def run_compare(cfg: Config, out_dir, methods=None, show_progress: bool = True) 
                 w, base = preference_weights(p, spec)
                 return tuple(x / sum(w) for x in w), base
 
-            evals["rsoup"] = evaluate("rsoup", RoutedSampler(route_soup, soup.get, sampling, cfg.eval.seed))
-            extra["rsoup_sweep"] = timer.bind("rsoup")("eval_lambda_sweep", rsoup_sweep, soup, spec, eval_texts, cfg,
-                                                       sampling)
+            evals["rsoup"] = evaluate("rsoup", RoutedSampler(route_soup, soup.get, sampling, cfg.eval.seed,
+                                                             owns=False))
+            try:
+                extra["rsoup_sweep"] = timer.bind("rsoup")("eval_lambda_sweep", rsoup_sweep, soup, spec, eval_texts,
+                                                           cfg, sampling)
+            finally:
+                soup.close()
 
     if "dpa" in methods:
         from .baselines.dpa import DPASampler, train_dpa

@@ -44,8 +44,11 @@ def evaluate_policy_dir(policy_dir, cfg: Config, spec, base_prompts, targeted=No
     from .rollout import engine_from_dir
 
     engine, tok = engine_from_dir(cfg.rollout, policy_dir)
-    sample = make_sampler(engine, tok, cfg.sampling.max_new_tokens, cfg.eval.temperature, cfg.eval.seed)
-    return evaluate_policy(sample, base_prompts, spec, cfg.eval.prompts_per_target, cfg.eval.seed, targeted)
+    try:
+        sample = make_sampler(engine, tok, cfg.sampling.max_new_tokens, cfg.eval.temperature, cfg.eval.seed)
+        return evaluate_policy(sample, base_prompts, spec, cfg.eval.prompts_per_target, cfg.eval.seed, targeted)
+    finally:
+        engine.close()
 
 
 def run_demo(cfg: Config, out_dir, show_progress: bool = True) -> dict:

@@ -24,17 +24,15 @@ import statistics
 import sys
 import tempfile
 import time
-from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchutil  # noqa: E402
 
-from moslim_mega.config import ModelConfig, SamplingConfig  # noqa: E402
+from moslim_mega.config import ModelConfig, RolloutConfig, SamplingConfig  # noqa: E402
 from moslim_mega.models.build import build_causal_lm, build_tokenizer  # noqa: E402
-from moslim_mega.rollout import HFGenerator  # noqa: E402
-from moslim_mega.rollout._seam_shim import encode_prompts  # noqa: E402  (TEMPORARY: .base after the seam merge)
+from moslim_mega.rollout import build_rollout_engine, encode_prompts  # noqa: E402
 
 MODELS = {
     "world": dict(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256, vocab=None),
@@ -99,11 +97,9 @@ def prompts_for(tok, batch: int) -> list[str]:
     return [" ".join(rng.choice(words) for _ in range(rng.randint(24, 48))) for _ in range(batch)]
 
 
-def rc_for(args, kv_bytes: int):
-    """A `rollout` config section (TEMPORARY shape until i14-seam's RolloutConfig is merged)."""
-    return SimpleNamespace(engine="vllm", tensor_parallel_size=1, gpu_memory_utilization=0.5, max_model_len=0,
-                           sleep_level=0, enforce_eager=not args.gpu, dtype="auto", kv_cache_memory_bytes=kv_bytes,
-                           push_bucket_mb=256)
+def rc_for(args, kv_bytes: int) -> RolloutConfig:
+    """The vLLM engine's `rollout` config section (KV cache sized for the batch on CPU)."""
+    return RolloutConfig(engine="vllm", enforce_eager=not args.gpu, kv_cache_memory_bytes=kv_bytes)
 
 
 def timed(fn):
@@ -127,8 +123,6 @@ def rollout_runs(gen, repeats: int) -> dict:
 
 
 def bench_model(name: str, args) -> dict:
-    from moslim_mega.rollout.vllm import VLLMEngine
-
     dtype = torch.bfloat16 if args.gpu else torch.float32
     dev = "cuda" if args.gpu else "cpu"
     model, tok = build(name, dtype)
@@ -140,16 +134,17 @@ def bench_model(name: str, args) -> dict:
     res = {"params": n_params, "batch": args.batch, "max_new_tokens": args.new_tokens,
            "prompt_tokens_mean": sum(map(len, ids)) / len(ids), "dtype": str(dtype).removeprefix("torch.")}
 
-    hf = HFGenerator(model.to(dev), tok)
-    hf.generate(prompts[:2], 1, warm, seed=0)
-    res["hf"] = rollout_runs(lambda: hf.generate(prompts, 1, sampling, seed=0), args.repeats)
+    hf = build_rollout_engine(RolloutConfig(engine="hf"), model=model.to(dev), tokenizer=tok, model_dir=None)
+    hf.generate(prompts[:2], ids[:2], 1, warm, seed=0)
+    res["hf"] = rollout_runs(lambda: hf.generate(prompts, ids, 1, sampling, seed=0), args.repeats)
+    hf.close()
     model.to("cpu")
 
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
         kv = 2 * model.config.num_hidden_layers * model.config.hidden_size * dtype.itemsize
         kv_bytes = max(64 << 20, 2 * kv * args.batch * (max(map(len, ids)) + args.new_tokens))
-        eng, start_s = timed(lambda: VLLMEngine(rc_for(args, kv_bytes), tokenizer=tok, model_dir=d))
+        eng, start_s = timed(lambda: build_rollout_engine(rc_for(args, kv_bytes), model=None, tokenizer=tok, model_dir=d))
         try:
             eng.generate(prompts[:2], ids[:2], 1, warm, seed=0)
             res["vllm"] = rollout_runs(lambda: eng.generate(prompts, ids, 1, sampling, seed=0), args.repeats)

@@ -105,26 +105,29 @@ def train_dpa(cfg: Config, out_dir, init_dir, rm_dir, base_prompts: list[str], s
     # One engine for all iterations; each iteration's fine-tuned weights are pushed before sampling
     # (free for the hf engine, which samples with ``policy`` itself).
     engine = build_rollout_engine(cfg.rollout, model=policy, tokenizer=tok, model_dir=init_dir)
-    rng, gen = random.Random(cfg.run.seed), torch.Generator().manual_seed(cfg.run.seed)
-    sft_rows = [rec for _, rec in read_jsonl(sft_path)]
-    sft_cfg = dataclasses.replace(cfg, sft=dataclasses.replace(
-        cfg.sft, lr=cc.dpa_lr, epochs=cc.dpa_sft_epochs, max_minutes=cc.dpa_sft_max_minutes, warmup_steps=5))
-    writer = MetricsWriter(out, tensorboard=False)
-    history = []
-    for t in range(1, cc.dpa_iterations + 1):
-        bases = [rng.choice(base_prompts) for _ in range(cc.dpa_prompts_per_iter)]
-        bases = [b for b in bases for _ in range(cc.dpa_directions_per_prompt)]
-        v_GD = sample_directions(len(bases), len(rm.spec), gen)
-        if t > 1:
-            engine.update_weights(export_hf_weights(policy, cfg.rollout.push_bucket_mb << 20))
-        rows, stats = timer(f"sample_{t}", rejection_sample, engine, tok, rm, bases, v_GD,
-                            cc.dpa_samples, cfg.sampling, cfg.run.seed * 1009 + t * 100003)
-        rows += rng.sample(sft_rows, min(len(sft_rows), replay_count(len(rows), cc.dpa_replay_fraction)))
-        data = _encode(rows, tok, cfg.sft.max_length)
-        res = timer(f"sft_{t}", _train_loop, sft_cfg, policy, data, tok.pad_token_id, writer, show_progress)
-        history.append({"iteration": t, **stats, "sft_loss": res["final_loss"], "rows": len(rows)})
-        writer.write(t, history[-1], tag="iteration")
-    writer.close()
+    try:
+        rng, gen = random.Random(cfg.run.seed), torch.Generator().manual_seed(cfg.run.seed)
+        sft_rows = [rec for _, rec in read_jsonl(sft_path)]
+        sft_cfg = dataclasses.replace(cfg, sft=dataclasses.replace(
+            cfg.sft, lr=cc.dpa_lr, epochs=cc.dpa_sft_epochs, max_minutes=cc.dpa_sft_max_minutes, warmup_steps=5))
+        writer = MetricsWriter(out, tensorboard=False)
+        history = []
+        for t in range(1, cc.dpa_iterations + 1):
+            bases = [rng.choice(base_prompts) for _ in range(cc.dpa_prompts_per_iter)]
+            bases = [b for b in bases for _ in range(cc.dpa_directions_per_prompt)]
+            v_GD = sample_directions(len(bases), len(rm.spec), gen)
+            if t > 1:
+                engine.update_weights(export_hf_weights(policy, cfg.rollout.push_bucket_mb << 20))
+            rows, stats = timer(f"sample_{t}", rejection_sample, engine, tok, rm, bases, v_GD,
+                                cc.dpa_samples, cfg.sampling, cfg.run.seed * 1009 + t * 100003)
+            rows += rng.sample(sft_rows, min(len(sft_rows), replay_count(len(rows), cc.dpa_replay_fraction)))
+            data = _encode(rows, tok, cfg.sft.max_length)
+            res = timer(f"sft_{t}", _train_loop, sft_cfg, policy, data, tok.pad_token_id, writer, show_progress)
+            history.append({"iteration": t, **stats, "sft_loss": res["final_loss"], "rows": len(rows)})
+            writer.write(t, history[-1], tag="iteration")
+        writer.close()
+    finally:
+        engine.close()
     policy.save_pretrained(out / "policy", safe_serialization=True)
     tok.save_pretrained(out / "policy")
     (out / "train_summary.json").write_text(json.dumps(history, indent=2))
@@ -160,3 +163,7 @@ class DPASampler:
             batch = generate_texts(self.engine, self.tok, texts[i : i + 256], 1, self.sampling, seed=self.seed + i)
             out += batch.responses
         return out
+
+    def close(self) -> None:
+        """Release the engine (its owner: this sampler loaded it)."""
+        self.engine.close()

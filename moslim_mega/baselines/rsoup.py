@@ -137,6 +137,12 @@ class SoupCache:
         if key not in self._models:
             name = "lam_" + "_".join(f"{x:.3f}" for x in key)
             path = merge_safetensors(self.policy_dirs, [x / sum(key) for x in key], self.root / name)
-            self._models = {}  # keep one model: λ groups are sampled in turn (free the last first)
+            self.close()  # keep one model: λ groups are sampled in turn (free the last first)
             self._models[key] = engine_from_dir(self.rollout, path)
         return self._models[key]
+
+    def close(self) -> None:
+        """Release the loaded merge's engine (a vLLM engine holds its KV cache until closed)."""
+        for engine, _tok in self._models.values():
+            engine.close()
+        self._models = {}

@@ -87,6 +87,10 @@ class ChatModel:
         model, tokenizer = load_policy(path)
         return cls(model.to(device or default_device()), tokenizer, name=str(path), rollout=rollout, model_dir=path)
 
+    def close(self) -> None:
+        """Release the rollout engine (vLLM: shut the in-process engine down)."""
+        self.engine.close()
+
     def _encode(self, conversations: list[list[dict]], max_new_tokens: int) -> list[list[int]]:
         seqs = []
         for i, msgs in enumerate(conversations):

@@ -44,7 +44,11 @@ def run_bench(suite: str, data: str, out_dir, cfg: Config, policy_dir: str | Non
     # Hackaprompt is exact match: a judge given anyway is not loaded, and the report says so.
     judge = build_judge(judge_spec, bc) if judge_spec and suite != "hackaprompt" else None
     start = time.time()
-    report, rows = SUITES[suite].run(records, policy, judge, cfg.bench)
+    try:
+        report, rows = SUITES[suite].run(records, policy, judge, cfg.bench)
+    finally:
+        if policy is not None:
+            policy.close()  # its rollout engine (vLLM: the in-process engine)
     judge_desc = judge.describe() if judge is not None else {"kind": "exact-match", "spec": None}
     if suite == "hackaprompt" and judge_spec:
         judge_desc["ignored_judge"] = judge_spec

@@ -274,99 +274,103 @@ def train_policy(
     rng, gen = random.Random(cfg.run.seed), torch.Generator().manual_seed(cfg.run.seed)
     names = rewarder.spec.names
     engine = build_rollout_engine(cfg.rollout, model=gen_module, tokenizer=tokenizer, model_dir=init_dir)
-    push = _weight_pusher(cfg, engine, actor, tokenizer, prompts[0], old_worker, stage)
+    try:  # the engine (vLLM: an in-process engine with its KV cache) is released however the run ends
+        push = _weight_pusher(cfg, engine, actor, tokenizer, prompts[0], old_worker, stage)
 
-    def sample_for_eval(batch_prompts: list[str]) -> list[str]:
-        sampling = SamplingConfig(temperature=cfg.eval.temperature, max_new_tokens=sc.max_new_tokens)
-        return generate_texts(engine, tokenizer, batch_prompts, 1, sampling, seed=cfg.eval.seed).responses
+        def sample_for_eval(batch_prompts: list[str]) -> list[str]:
+            sampling = SamplingConfig(temperature=cfg.eval.temperature, max_new_tokens=sc.max_new_tokens)
+            return generate_texts(engine, tokenizer, batch_prompts, 1, sampling, seed=cfg.eval.seed).responses
 
-    start, history, step = time.time(), [], -1
-    ckpt, first = _checkpoints(cfg, out, actor, tokenizer, actor_upd, critic, critic_upd, writer), 0
-    if (state := ckpt.restore()) is not None:
-        first, history = state["steps_done"], state["history"]
-        rng.setstate(state["rng"])
-        gen.set_state(state["gen"])
-        kl_ctl.__dict__.update(state["kl_ctl"])
-        actor_upd.sched.load_state_dict(state["actor_sched"])
-        if critic_upd is not None:
-            critic_upd.sched.load_state_dict(state["critic_sched"])
-        step = first - 1
-    push(first, setup=True)  # fills a torchrun rank's empty copy; after a resume, the checkpoint's weights
-    bar = progress(range(first, pc.steps), f"policy {pc.algo}", show_progress and stage.is_main)
-    flops = _step_flops(prof, actor, critic, rewarder)
-    prof.mark("setup")
-    for step in bar:
-        prof.step(step)
-        t0 = time.time()
-        batch_prompts = stage.shard([rng.choice(prompts) for _ in range(pc.prompts_per_step)])  # this dp rank's
-        with _finite_sampling(f"step {step}"):
-            rollout = generate_texts(engine, tokenizer, batch_prompts, K, sc,
-                                     seed=cfg.run.seed * 100003 + step + 7919 * stage.dp_rank)
-        push.sleep()  # the trainer's phase: a GPU engine frees its memory (rollout.sleep_level)
-        if stage.distributed:
-            rollout = share_within_tp(stage, rollout)
-        rollout = rollout.to(stage.device)
-        t_gen = time.time() - t0
-        prof.mark("generation")
-        scored = rewarder.score(rollout.prompts, rollout.responses)
-        core.check_finite(scored.reward_B, "mapped reward", step)
-        ids, attn, mask = rollout.input_ids_BT, rollout.attention_mask_BT, rollout.response_mask_BT.float()
-        scored = RewardOutput(*(t.to(ids.device) for t in (scored.reward_B, scored.terms_BH, scored.targets_BH)))
-        prof.mark("reward")
-        old_logp, _ = old_worker.logprobs(ids, attn)
-        ref_logp, _ = ref_worker.logprobs(ids, attn)
-        exp = Experience(ids, attn, mask, old_logp * mask, ref_logp * mask)
-        prof.mark("ref_old_logprobs")
-        guard_metrics, tis_metrics = _check_rollout(cfg, engine.name, exp, rollout.logprobs_BT, step)
-        metrics = {**compute_advantages(pc, exp, scored.reward_B, kl_ctl.value, K, critic, step), **tis_metrics}
-        prof.mark("advantages")
-        metrics.update(update_actor(actor, actor_upd, exp, pc, kl_ctl.value, gen, sc.temperature, step, cfg.kernels))
-        prof.mark("actor_update")
-        if critic is not None:
-            metrics.update(update_critic(critic, critic_upd, exp, pc, gen, step))
-            prof.mark("critic_update")
-        _count_step(prof, flops, pc, exp)
-        if stage.distributed:
-            metrics = mean_metrics(stage, {**metrics, "response_length": float(mask.sum(1).mean())})
-            # Per-dimension rewards over the global batch (ranks name each dimension different times).
-            metrics.update(_reward_metrics(RewardOutput(*(stage.gather_dp(t) for t in (
-                scored.reward_B, scored.terms_BH, scored.targets_BH))), names))
+        start, history, step = time.time(), [], -1
+        ckpt, first = _checkpoints(cfg, out, actor, tokenizer, actor_upd, critic, critic_upd, writer), 0
+        if (state := ckpt.restore()) is not None:
+            first, history = state["steps_done"], state["history"]
+            rng.setstate(state["rng"])
+            gen.set_state(state["gen"])
+            kl_ctl.__dict__.update(state["kl_ctl"])
+            actor_upd.sched.load_state_dict(state["actor_sched"])
+            if critic_upd is not None:
+                critic_upd.sched.load_state_dict(state["critic_sched"])
+            step = first - 1
+        push(first, setup=True)  # fills a torchrun rank's empty copy; after a resume, the checkpoint's weights
+        bar = progress(range(first, pc.steps), f"policy {pc.algo}", show_progress and stage.is_main)
+        flops = _step_flops(prof, actor, critic, rewarder)
+        prof.mark("setup")
+        for step in bar:
+            prof.step(step)
+            t0 = time.time()
+            batch_prompts = stage.shard([rng.choice(prompts) for _ in range(pc.prompts_per_step)])  # this dp rank's
+            with _finite_sampling(f"step {step}"):
+                rollout = generate_texts(engine, tokenizer, batch_prompts, K, sc,
+                                         seed=cfg.run.seed * 100003 + step + 7919 * stage.dp_rank)
+            push.sleep()  # the trainer's phase: a GPU engine frees its memory (rollout.sleep_level)
+            if stage.distributed:
+                rollout = share_within_tp(stage, rollout)
+            rollout = rollout.to(stage.device)
+            t_gen = time.time() - t0
+            prof.mark("generation")
+            scored = rewarder.score(rollout.prompts, rollout.responses)
+            core.check_finite(scored.reward_B, "mapped reward", step)
+            ids, attn, mask = rollout.input_ids_BT, rollout.attention_mask_BT, rollout.response_mask_BT.float()
+            scored = RewardOutput(*(t.to(ids.device) for t in (scored.reward_B, scored.terms_BH, scored.targets_BH)))
+            prof.mark("reward")
+            old_logp, _ = old_worker.logprobs(ids, attn)
+            ref_logp, _ = ref_worker.logprobs(ids, attn)
+            exp = Experience(ids, attn, mask, old_logp * mask, ref_logp * mask)
+            prof.mark("ref_old_logprobs")
+            guard_metrics, tis_metrics = _check_rollout(cfg, engine.name, exp, rollout.logprobs_BT, step)
+            metrics = {**compute_advantages(pc, exp, scored.reward_B, kl_ctl.value, K, critic, step), **tis_metrics}
+            prof.mark("advantages")
+            metrics.update(update_actor(actor, actor_upd, exp, pc, kl_ctl.value, gen, sc.temperature, step,
+                                        cfg.kernels))
+            prof.mark("actor_update")
+            if critic is not None:
+                metrics.update(update_critic(critic, critic_upd, exp, pc, gen, step))
+                prof.mark("critic_update")
+            _count_step(prof, flops, pc, exp)
+            if stage.distributed:
+                metrics = mean_metrics(stage, {**metrics, "response_length": float(mask.sum(1).mean())})
+                # Per-dimension rewards over the global batch (ranks name each dimension different times).
+                metrics.update(_reward_metrics(RewardOutput(*(stage.gather_dp(t) for t in (
+                    scored.reward_B, scored.terms_BH, scored.targets_BH))), names))
+                prof.mark("metrics")
+            metrics.update(guard_metrics)  # already reduced over ranks (worst rank)
+            kl_ctl.update(metrics["kl"], ids.shape[0] * stage.dp)
+            metrics.update(push(step))
+            prof.mark("weight_sync")
+            if not stage.distributed:
+                metrics.update(_reward_metrics(scored, names), response_length=float(mask.sum(1).mean()))
+            metrics.update(kl_coef=kl_ctl.value, gen_seconds=t_gen, step_seconds=time.time() - t0)
+            writer.write(step, metrics)
+            history.append(metrics)
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}")
             prof.mark("metrics")
-        metrics.update(guard_metrics)  # already reduced over ranks (worst rank)
-        kl_ctl.update(metrics["kl"], ids.shape[0] * stage.dp)
-        metrics.update(push(step))
-        prof.mark("weight_sync")
-        if not stage.distributed:
-            metrics.update(_reward_metrics(scored, names), response_length=float(mask.sum(1).mean()))
-        metrics.update(kl_coef=kl_ctl.value, gen_seconds=t_gen, step_seconds=time.time() - t0)
-        writer.write(step, metrics)
-        history.append(metrics)
-        bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}")
-        prof.mark("metrics")
-        if eval_fn is not None and stage.is_main and pc.eval_every and step > 0 and step % pc.eval_every == 0:
-            writer.write(step, eval_fn(step, sample_for_eval), tag="eval")
-            prof.mark("eval")
-        if pc.save_every and step > 0 and step % pc.save_every == 0:
-            _save_policy(stage, actor, tokenizer, out / "checkpoints" / f"step_{step}")
-        ckpt.after_step(step + 1, lambda: {
-            "history": history, "rng": rng.getstate(), "gen": gen.get_state(), "kl_ctl": dict(vars(kl_ctl)),
-            "actor_sched": actor_upd.sched.state_dict(),
-            "critic_sched": critic_upd.sched.state_dict() if critic_upd is not None else None})
+            if eval_fn is not None and stage.is_main and pc.eval_every and step > 0 and step % pc.eval_every == 0:
+                writer.write(step, eval_fn(step, sample_for_eval), tag="eval")
+                prof.mark("eval")
+            if pc.save_every and step > 0 and step % pc.save_every == 0:
+                _save_policy(stage, actor, tokenizer, out / "checkpoints" / f"step_{step}")
+            ckpt.after_step(step + 1, lambda: {
+                "history": history, "rng": rng.getstate(), "gen": gen.get_state(), "kl_ctl": dict(vars(kl_ctl)),
+                "actor_sched": actor_upd.sched.state_dict(),
+                "critic_sched": critic_upd.sched.state_dict() if critic_upd is not None else None})
+            prof.mark("checkpoint")
+            if pc.max_minutes and stage.broadcast(time.time() - start > pc.max_minutes * 60):
+                bar.write(f"policy: stopping at step {step} (policy.max_minutes={pc.max_minutes})")
+                break
+        bar.close()
+        writer.close()
+        _save_policy(stage, actor, tokenizer, out / "policy")
+        summary = {"steps": step + 1, "train_seconds": time.time() - start, "algo": pc.algo,
+                   "final": history[-1] if history else {}, "policy_dir": str(out / "policy")}
+        if stage.is_main:
+            (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        stage.barrier()
         prof.mark("checkpoint")
-        if pc.max_minutes and stage.broadcast(time.time() - start > pc.max_minutes * 60):
-            bar.write(f"policy: stopping at step {step} (policy.max_minutes={pc.max_minutes})")
-            break
-    bar.close()
-    writer.close()
-    _save_policy(stage, actor, tokenizer, out / "policy")
-    summary = {"steps": step + 1, "train_seconds": time.time() - start, "algo": pc.algo,
-               "final": history[-1] if history else {}, "policy_dir": str(out / "policy")}
-    if stage.is_main:
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
-    stage.barrier()
-    prof.mark("checkpoint")
-    prof.write(out / "profile.json")
-    return summary
+        prof.write(out / "profile.json")
+        return summary
+    finally:
+        engine.close()
 
 
 @contextmanager

@@ -83,6 +83,11 @@ class RolloutEngine(Protocol):
 
     def wake_up(self) -> None: ...
 
+    def close(self) -> None:
+        """Release the engine (vLLM: shut the in-process engine down, free its KV cache); whoever
+        built the engine calls it once, at the end of its run. The engine is unusable afterwards."""
+        ...
+
 
 def check_generate_args(prompts: list[str], n: int, sampling: SamplingConfig,
                         prompt_ids: Sequence[Sequence[int]] | None = None) -> None:

@@ -109,6 +109,9 @@ class HFEngine:
     def wake_up(self) -> None:
         self.asleep = False
 
+    def close(self) -> None:
+        """Nothing to release: the module belongs to the caller (the trainer's actor or its copy)."""
+
     # ---- sampling --------------------------------------------------------------------------
     def generate(self, prompts: list[str], prompt_ids: list[list[int]], n: int, sampling: SamplingConfig,
                  seed: int | None = None) -> RolloutBatch:

@@ -27,8 +27,7 @@ import numpy as np
 import torch
 
 from ..config import SamplingConfig
-from ._seam_shim import assemble_batch  # TEMPORARY: from .base once i14-seam is merged
-from .base import RolloutBatch, RolloutError, check_generate_args
+from .base import RolloutBatch, RolloutError, assemble_batch, check_generate_args
 
 # In-process engine: the weight push hands live tensors (or a generator of them) to the model
 # runner; with vLLM's engine-core subprocess they would have to be pickled across processes.
@@ -68,6 +67,8 @@ class VLLMEngine:
         cfg = json.loads((self.model_dir / "config.json").read_text())
         self._tied = bool(cfg.get("tie_word_embeddings", False))
         self.is_moe = bool(cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts"))
+        if not self.on_gpu:
+            _check_cpu_head_dim(cfg, self.model_dir)
         # Under torchrun the trainer owns the default process group; vLLM (TP=1, in-process) joins it
         # and, on shutdown, would destroy it (see close()).
         self._trainer_owns_dist = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -293,6 +294,20 @@ def _to_checkpoint_format(name: str, tensor: torch.Tensor, shapes: dict):
     for e in range(n_experts):
         out += [(f"{prefix}.{e}.gate_proj.weight", tensor[e, :half]), (f"{prefix}.{e}.up_proj.weight", tensor[e, half:])]
     return out
+
+
+def _check_cpu_head_dim(cfg: dict, model_dir: Path) -> None:
+    """vLLM's CPU attention kernels exist for a few head sizes only; any other fails deep inside the
+    first generate (``Unsupported CPU attention configuration: head_dim=16``). Say so at start."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    heads = cfg.get("num_attention_heads") or 1
+    head_dim = cfg.get("head_dim") or cfg.get("hidden_size", 0) // heads
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head_dim not in supported:
+        raise RolloutError(
+            f"model_dir: {str(model_dir)!r} has head_dim={head_dim} (hidden_size / num_heads); vLLM's CPU attention "
+            f"supports {supported} — change the policy's model.num_heads/hidden_size, or use rollout.engine=hf")
 
 
 def _checkpoint_shapes(model_dir: Path) -> dict[str, tuple]:

@@ -19,10 +19,9 @@ pytest.importorskip("vllm", reason="vLLM is not importable here (install the ext
 from transformers import AutoModelForCausalLM, Qwen2MoeConfig  # noqa: E402
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper  # noqa: E402
 
-from moslim_mega.config import ModelConfig, SamplingConfig  # noqa: E402
+from moslim_mega.config import ModelConfig, RolloutConfig, SamplingConfig  # noqa: E402
 from moslim_mega.models.build import build_causal_lm, build_tokenizer  # noqa: E402
-from moslim_mega.rollout import HFGenerator, RolloutError  # noqa: E402
-from moslim_mega.rollout._seam_shim import encode_prompts  # noqa: E402  (TEMPORARY: .base after the seam merge)
+from moslim_mega.rollout import HFEngine, RolloutError, build_rollout_engine, encode_prompts  # noqa: E402
 from moslim_mega.rollout.vllm import VLLMEngine  # noqa: E402
 PROMPTS = [
     "<helpfulness 5> how do i bake bread",
@@ -36,15 +35,10 @@ ATOL = 1e-4
 
 
 def _rc(**kw):
-    """A `rollout` config section. TEMPORARY shape until i14-seam's RolloutConfig is merged."""
-    try:
-        from moslim_mega.config import RolloutConfig
-    except ImportError:  # branch i14-vllm alone: the contract's fields and defaults
-        RolloutConfig = None
-    base = dict(engine="vllm", tensor_parallel_size=1, gpu_memory_utilization=0.5, max_model_len=0, sleep_level=0,
-                enforce_eager=True, dtype="auto", kv_cache_memory_bytes=64 << 20, push_bucket_mb=256)
+    """A `rollout` config section for the vLLM engine (small CPU KV cache)."""
+    base = dict(engine="vllm", kv_cache_memory_bytes=64 << 20)
     base.update(kw)
-    return RolloutConfig(**base) if RolloutConfig is not None else SimpleNamespace(**base)
+    return RolloutConfig(**base)
 
 
 def _sampling(**kw):
@@ -88,7 +82,9 @@ def policy(request, tok, tmp_path_factory):
     model.eval()
     model_dir = tmp_path_factory.mktemp(f"policy_{request.param}")
     model.save_pretrained(model_dir)
-    engine = VLLMEngine(_rc(), tokenizer=tok, model_dir=model_dir)
+    # Through the factory, as every call site builds it (the factory's call matches the constructor).
+    engine = build_rollout_engine(_rc(), model=None, tokenizer=tok, model_dir=model_dir)
+    assert isinstance(engine, VLLMEngine)
     yield SimpleNamespace(arch=request.param, model=model, engine=engine, dir=model_dir)
     engine.close()
 
@@ -134,7 +130,7 @@ def _assert_same_batch(a, b):
 def test_greedy_rollouts_token_identical_to_hf_and_logprobs_within_1e4(policy, tok):
     s = _sampling(temperature=0.0)
     v = policy.engine.generate(PROMPTS, _ids(tok), 2, s, seed=0)
-    h = HFGenerator(policy.model, tok).generate(PROMPTS, 2, s, seed=0)
+    h = HFEngine(policy.model, tok).generate(PROMPTS, _ids(tok), 2, s, seed=0)
     _assert_same_batch(v, h)
     if policy.arch == "llama":
         assert v.finished_B.any() and not v.finished_B.all()  # EOS masking is exercised both ways
@@ -219,7 +215,7 @@ def test_push_after_optimizer_step_lands_and_is_needed(policy, tok):
         fresh = eng.generate(prompts, ids, 2, greedy, seed=0)
         mf = fresh.response_mask_BT.bool()
         assert (fresh.logprobs_BT - _forward_logprobs(new, fresh))[mf].abs().max() <= ATOL
-        _assert_same_batch(fresh, HFGenerator(new, tok).generate(prompts, 2, greedy, seed=0))
+        _assert_same_batch(fresh, HFEngine(new, tok).generate(prompts, ids, 2, greedy, seed=0))
     finally:  # the engine is shared by the module: put the original weights back
         eng.update_weights(old.state_dict().items())
     _assert_same_batch(eng.generate(prompts, ids, 2, greedy, seed=0), base)
@@ -302,6 +298,15 @@ def test_model_dir_without_checkpoint_raises(tmp_path, tok):
         VLLMEngine(_rc(), tokenizer=tok, model_dir=tmp_path)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU attention kernels' head sizes")
+def test_head_dim_without_a_cpu_kernel_is_refused_at_start_naming_it(tok, tmp_path):
+    # The quick demo's policy (hidden 64, 4 heads → head_dim 16) used to fail inside the first generate.
+    cfg = ModelConfig(hidden_size=64, num_heads=4, intermediate_size=128)
+    build_causal_lm(cfg, tok, seed=0).save_pretrained(tmp_path)
+    with pytest.raises(RolloutError, match=r"head_dim=16 .*model.num_heads"):
+        VLLMEngine(_rc(), tokenizer=tok, model_dir=tmp_path)
+
+
 def test_one_engine_per_rank_inside_a_torchrun_world(tok, tmp_path):
     """Two trainer ranks (gloo), each with its own in-process engine: both roll out, and the
     trainer's process group survives the engine's start and its close()."""
@@ -323,7 +328,7 @@ def test_one_engine_per_rank_inside_a_torchrun_world(tok, tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    want = HFGenerator(model.eval(), tok).generate(PROMPTS, 1, _sampling(temperature=0.0), seed=0)
+    want = HFEngine(model.eval(), tok).generate(PROMPTS, _ids(tok), 1, _sampling(temperature=0.0), seed=0)
     for r in rows:
         assert r["ids"] == want.input_ids_BT.tolist()
         assert r["sum"] == 3.0 and r["alive"] and r["sum2"] == 2.0
