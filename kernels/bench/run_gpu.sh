@@ -30,7 +30,7 @@ nvidia-smi > "$OUT/nvidia_smi.txt" 2>&1
   2>&1 | tee -a "$summary"
 if [[ "$WHAT" == all || "$WHAT" == tests ]]; then
   if "$PY" -c "import pytest" 2>/dev/null; then
-    step gpu_tests 170 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/test_demo.py
+    step gpu_tests 170 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/test_demo.py tests/parallel/test_planner.py
   else
     echo "gpu_tests skipped: pytest not importable on this machine" | tee -a "$summary"
   fi
