@@ -486,8 +486,10 @@ def machine_facts(w: Workload) -> dict:
     import transformers
     import trl
 
+    from moslim_mega.profile import cpu_name
+
     facts = {
-        "date": datetime.date.today().isoformat(), "host_cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+        "date": datetime.date.today().isoformat(), "host_cpu": cpu_name(), "cpu_count": os.cpu_count(),
         "torch_threads": w.threads, "load_average_at_start": os.getloadavg(), "python": platform.python_version(),
         "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
         "accelerate": accelerate.__version__, "device": w.device,
@@ -495,16 +497,6 @@ def machine_facts(w: Workload) -> dict:
     if w.device == "cuda":
         facts["gpu"] = torch.cuda.get_device_name(0)
     return facts
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ---- building the models -------------------------------------------------------------------------
