@@ -17,6 +17,7 @@ Shape legend: B = rows (prompts × n).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -37,6 +38,27 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 from vllm import LLM, SamplingParams, TokensPrompt  # noqa: E402
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+class _PushChatter(logging.Filter):
+    """Drops the lines vLLM logs on *every* weight push, which would fill a batch job's log with
+    thousands of lines (3 per policy step): the reload timing and prefix-cache reset INFO lines, and
+    the "RotaryEmbedding: Failed to load weights" warning. The rotary layer holds only its computed
+    cos/sin cache, which no checkpoint carries, so vLLM puts it back as is; everything a push must
+    load is checked by ``update_weights`` itself (names, shapes, completeness) and by the
+    stale-weight guard (rollout/guard.py). Other warnings and errors pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.INFO:
+            return False
+        return not record.getMessage().startswith("RotaryEmbedding: Failed to load weights")
+
+
+_PUSH_LOGGERS = ("vllm.model_executor.model_loader.reload.inplace",
+                 "vllm.model_executor.model_loader.reload.layerwise", "vllm.v1.core.block_pool")
+for _name in _PUSH_LOGGERS:
+    logging.getLogger(_name).addFilter(_PushChatter())
+
 _SEED_MOD = 2**63
 
 

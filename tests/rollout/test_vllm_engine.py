@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -22,6 +23,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 from moslim_mega.config import ModelConfig, RolloutConfig, SamplingConfig  # noqa: E402
 from moslim_mega.models.build import build_causal_lm, build_tokenizer  # noqa: E402
 from moslim_mega.rollout import HFEngine, RolloutError, build_rollout_engine, encode_prompts  # noqa: E402
+from moslim_mega.rollout import vllm as vllm_module  # noqa: E402
 from moslim_mega.rollout.vllm import VLLMEngine  # noqa: E402
 PROMPTS = [
     "<helpfulness 5> how do i bake bread",
@@ -219,6 +221,42 @@ def test_push_after_optimizer_step_lands_and_is_needed(policy, tok):
     finally:  # the engine is shared by the module: put the original weights back
         eng.update_weights(old.state_dict().items())
     _assert_same_batch(eng.generate(prompts, ids, 2, greedy, seed=0), base)
+
+
+def _push_messages(policy) -> list[str]:
+    """Every vllm.* log record emitted while the engine takes one push."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    keep, top = Keep(logging.DEBUG), logging.getLogger("vllm")
+    top.addHandler(keep)
+    try:
+        policy.engine.update_weights(policy.model.state_dict().items())
+    finally:
+        top.removeHandler(keep)
+    return [r.getMessage() for r in records]
+
+
+@llama_only
+def test_a_push_does_not_write_vllms_per_push_lines_into_the_job_log(policy, tok):
+    """A push per policy step must not add vLLM's reload chatter to a batch job's log (3 lines a
+    step over a 1500-step demo); the filter must sit on the loggers that really emit it."""
+    chatter = ("Reloading and processing weights", "reset prefix cache", "RotaryEmbedding: Failed to load weights")
+    messages = _push_messages(policy)
+    assert not [m for m in messages if any(c in m for c in chatter)], messages
+    filters = [(logging.getLogger(n), f) for n in vllm_module._PUSH_LOGGERS for f in logging.getLogger(n).filters
+               if isinstance(f, vllm_module._PushChatter)]
+    assert len(filters) == len(vllm_module._PUSH_LOGGERS)
+    for lg, f in filters:
+        lg.removeFilter(f)
+    try:  # without the filters the same push does log (so the logger names above are the real ones)
+        assert any("reset prefix cache" in m for m in _push_messages(policy))
+    finally:
+        for lg, f in filters:
+            lg.addFilter(f)
 
 
 @llama_only
