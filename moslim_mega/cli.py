@@ -477,4 +477,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .parallel.dist import exit_process
+
+    exit_process(main())

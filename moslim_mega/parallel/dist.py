@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import logging
 import os
 import signal
 import sys
@@ -140,3 +141,21 @@ def broadcast_object(obj, src: int = 0, group=None):
 def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(rc: int) -> None:
+    """End a CLI process with status ``rc``. A rank whose run succeeded waits for the others at a
+    barrier, tears the process group down and leaves with ``os._exit``, skipping the interpreter's
+    teardown: there gloo's threads, outliving the group, now and then abort a rank that has already
+    saved everything ("terminate called without an active exception", exit -6), and torchrun then
+    reports the whole job failed. Failing runs exit as before (a barrier could wait on a rank that
+    died), and so does a plain single-process run."""
+    if rc != 0 or not is_distributed():
+        sys.exit(rc)
+    dist.barrier()
+    destroy()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+

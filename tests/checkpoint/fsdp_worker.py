@@ -72,4 +72,7 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
+    from moslim_mega.parallel.dist import exit_process
+
     main(Path(sys.argv[1]))
+    exit_process(0)  # as the CLI does (moslim_mega/parallel/dist.py)

@@ -49,4 +49,7 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
+    from moslim_mega.parallel.dist import exit_process
+
     main(sys.argv[1])
+    exit_process(0)  # as the CLI does (moslim_mega/parallel/dist.py)

@@ -195,4 +195,7 @@ def main():
 
 
 if __name__ == "__main__":
+    from moslim_mega.parallel.dist import exit_process
+
     main()
+    exit_process(0)  # as the CLI does (moslim_mega/parallel/dist.py)

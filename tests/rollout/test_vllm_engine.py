@@ -232,11 +232,14 @@ def _push_messages(policy) -> list[str]:
             records.append(record)
 
     keep, top = Keep(logging.DEBUG), logging.getLogger("vllm")
+    level = top.level
+    top.setLevel(logging.DEBUG)  # INFO records are created whatever level earlier code left vLLM at
     top.addHandler(keep)
     try:
         policy.engine.update_weights(policy.model.state_dict().items())
     finally:
         top.removeHandler(keep)
+        top.setLevel(level)
     return [r.getMessage() for r in records]
 
 
