@@ -70,7 +70,13 @@ def cmd_rm_train(args) -> int:
 def cmd_rm_eval(args) -> int:
     from .reward.evaluate import evaluate_rm_dir
 
-    report = evaluate_rm_dir(args.rm, args.data, mapping_overrides=args.overrides)
+    slices = {}
+    for item in args.slice:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--slice {item!r}: expected NAME=PATH, e.g. ood=data/rm_eval_ood.jsonl")
+        slices[name] = path
+    report = evaluate_rm_dir(args.rm, args.data, mapping_overrides=args.overrides, slices=slices)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))
     print(format_rm_report(report))
@@ -87,6 +93,12 @@ def cmd_rm_score(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import demo_config, run_demo
 
+    if args.seeds:
+        from .demo import run_demo_seeds
+        from .eval.seeds import parse_seeds
+
+        summary = run_demo_seeds(args.algo, parse_seeds(args.seeds), args.quick, args.overrides, args.out)
+        return 0 if summary["meets_bar"] == summary["num_seeds"] else 1
     cfg = demo_config(args.algo, args.seed, args.quick, args.overrides)
     run_demo(cfg, args.out)
     return 0
@@ -300,6 +312,8 @@ def format_rm_report(report: dict) -> str:
     for name, h in list(report["heads"].items()) + [("mean", report["mean"])]:
         vals = [h.get(c) for c in cols]
         lines.append(f"{name:14s} " + " ".join(f"{v:18.3f}" if isinstance(v, float) else f"{'-':>18s}" for v in vals))
+    for name, sub in report.get("slices", {}).items():
+        lines += ["", f"slice {name}:", format_rm_report(sub)]
     return "\n".join(lines)
 
 
@@ -322,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rm", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--json", required=True)
+    p.add_argument("--slice", action="append", default=[], metavar="NAME=PATH",
+                   help="also report on another rated file, e.g. ood=DATA/rm_eval_ood.jsonl (repeatable)")
     p.add_argument("overrides", nargs="*", help="mapping overrides, e.g. mapping.kind=logprob")
     p.set_defaults(func=cmd_rm_eval)
     p = rm.add_parser("score", help="per-head distributions and the mapped reward of one pair")
@@ -335,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--algo", default="rloo", choices=("rloo", "ppo", "online_dpo"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a few-minute version for tests")
+    p.add_argument("--seeds", default="", metavar="LIST",
+                   help="run one demo per seed (e.g. 0-9,11) into OUT/seed_N and write OUT/seeds.md "
+                        "(mean ± std); exit status 1 unless every seed meets the bar")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("overrides", nargs="*", help="config overrides a.b=value")
     p.set_defaults(func=cmd_demo)

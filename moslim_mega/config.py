@@ -55,6 +55,11 @@ class WorldConfig:
     """Fraction of prompts that are harmful requests."""
     sft_prefix_fraction: float = 0.5
     """SFT prompts given a random prefix that carries no information (response drawn independently)."""
+    rm_reachable_fraction: float = 0.0
+    """Fraction of RM training responses drawn from what a policy can reach with the world's
+    vocabulary (off-topic items, mixed topics, repeats, long and near-empty answers), so that the
+    RM is right where an optimised policy goes (issue 18). ``rm_eval_ood.jsonl`` always holds such
+    responses to held-out prompts, as the RM's out-of-distribution eval slice."""
 
 
 @dataclass(frozen=True)

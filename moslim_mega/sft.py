@@ -212,7 +212,8 @@ def _train_loop(cfg: Config, model, data: SFTExamples, pad_id: int, writer: Metr
     bar.close()
     model.eval()
     # Mean of the last (up to) 10 steps: a single mini-batch loss is too noisy to compare runs.
-    return {"final_loss": sum(recent) / len(recent), "steps": step + 1, "train_seconds": time.time() - start}
+    return {"final_loss": sum(recent) / len(recent), "steps": step + 1, "planned_steps": total_steps,
+            "stopped_by_max_minutes": step + 1 < total_steps, "train_seconds": time.time() - start}
 
 
 def load_policy(model_dir) -> tuple[torch.nn.Module, object]:

@@ -193,10 +193,61 @@ def render_markdown(report: dict) -> str:
              "- scores: the world's oracle on its raw rating scale (never the reward model)", ""]
     for part in (_md_headline, _md_controllability, _md_pairs, _md_untargeted, _md_random_targets):
         lines += part(report, dims)
+    lines += _md_overopt(report)
     lines += _md_stages(report)
     lines += ["## Figures", "", "![controllability](controllability.png)", "",
               "![pairs](pairs_radar.png)", "", "![scores](scores.png)", ""]
+    if (report.get("overoptimisation") or {}).get("curve"):
+        lines += ["![reward vs KL](overopt.png)", ""]
     return "\n".join(lines)
+
+
+def _md_overopt(report: dict) -> list[str]:
+    """Reward over-optimisation measured on the policy's own samples (issue 18)."""
+    o = report.get("overoptimisation") or {}
+    lines = []
+    if "oracle_peak_step" in o:
+        verdict = ("**detected**: the oracle reward fell from its peak while the RM's reward held"
+                   if o.get("detected") else "not detected")
+        lines += ["## Reward over-optimisation (on-policy, RM vs oracle)", "",
+                  "Every policy step scores its rollouts with the RM (Eq. 11) and with the oracle fed through "
+                  "the same mapping (one-hot on the oracle's class); agreement = Spearman of the RM's term vs the "
+                  "oracle's closeness to the target, per named dimension.", "",
+                  f"- over-optimisation: {verdict} (drop from peak {_fmt(o.get('oracle_drop_from_peak'))}, "
+                  f"threshold {_fmt(o.get('drop_threshold'))})",
+                  f"- oracle reward peaked at step {o['oracle_peak_step']} ({_fmt(o.get('oracle_peak'))}, KL "
+                  f"{_fmt(o.get('kl_at_peak'))}); at the end {_fmt(o.get('oracle_final'))} (KL {_fmt(o.get('kl_final'))})",
+                  f"- RM reward at the oracle's peak {_fmt(o.get('rm_reward_at_peak'))}, at the end "
+                  f"{_fmt(o.get('rm_reward_final'))}",
+                  f"- RM–oracle agreement: first {_fmt(o.get('agree_first'))}, last {_fmt(o.get('agree_final'))}; "
+                  "per dimension at the end: " + ", ".join(
+                      f"{k[len('agree_'):-len('_final')]} {_fmt(v)}" for k, v in o.items()
+                      if k.startswith("agree_") and k.endswith("_final") and k != "agree_final"), ""]
+    rm = report.get("rm_eval") or {}
+    if rm.get("in_distribution") and rm.get("ood"):
+        keys = ("intensity_accuracy", "pairwise_accuracy", "mapping_accuracy")
+        lines += ["## Reward model: held-out vs out-of-distribution slice", "",
+                  *_table(["slice", *keys], [[name, *(_fmt(rm[name].get(k)) for k in keys)]
+                                             for name in ("in_distribution", "ood")]), ""]
+    capped = report.get("stopped_by_max_minutes")
+    if capped:
+        lines += [f"**Stopped by the max_minutes safety net: {', '.join(capped)}** — those stages ran fewer steps "
+                  f"than the recipe ({report.get('steps')}); the result is not the recipe's.", ""]
+    return lines
+
+
+def plot_overopt(report: dict, path: Path) -> None:
+    """Gao et al.'s picture: RM (proxy) and oracle (gold) reward against KL from the reference."""
+    c = report["overoptimisation"]["curve"]
+    fig, (ax,) = _figure(1, 1, (5.5, 3.6))
+    ax.plot(c["kl"], c["rm_reward"], label="RM mapped reward (proxy)")
+    ax.plot(c["kl"], c["oracle_reward"], label="oracle mapped reward (gold)")
+    peak = int(np.argmax(c["oracle_reward"]))
+    ax.axvline(c["kl"][peak], color="grey", ls=":", lw=1, label=f"oracle peak (step {c['step'][peak]})")
+    ax.set_xlabel("KL(π ‖ π_SFT), nats per sequence")
+    ax.set_ylabel("mapped reward (Eq. 11)")
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110)
 
 
 # ---- figures ---------------------------------------------------------------------------------------
@@ -315,6 +366,9 @@ def write_report(out_dir: str | Path, report: dict) -> dict[str, Path]:
     plot_controllability(report, paths["controllability"])
     plot_pairs_radar(report, paths["pairs_radar"])
     plot_scores(report, paths["scores"])
+    if (report.get("overoptimisation") or {}).get("curve"):
+        paths["overopt"] = out / "overopt.png"
+        plot_overopt(report, paths["overopt"])
     return paths
 
 

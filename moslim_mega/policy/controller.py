@@ -219,12 +219,18 @@ def train_policy(
     eval_fn: Callable[[int, Callable], dict] | None = None,
     show_progress: bool = True,
     rewarder=None,
+    monitor: Callable | None = None,
 ) -> dict:
     """Train a MOSLIM policy from ``init_dir`` (HF checkpoint) against the RM in ``rm_dir``.
 
     ``rewarder`` replaces the RM + Eq. 11 mapping (``rm_dir`` is then unused): any object with a
     ``spec`` and ``score(prompts, responses) -> RewardOutput``, e.g. a baseline's reward
     (moslim_mega.baselines.morlhf).
+
+    ``monitor(prompts, responses, scored, rewarder) -> metrics`` is called on every step's
+    rollouts, e.g. :class:`~moslim_mega.eval.overopt.OracleMonitor` (the world's oracle beside
+    the RM: reward over-optimisation measured on the policy's own samples); the summary then
+    carries ``overoptimisation`` (:func:`~moslim_mega.eval.overopt.detect_overoptimisation`).
     """
     pc, sc = cfg.policy, cfg.sampling
     out = Path(out_dir)
@@ -281,7 +287,7 @@ def train_policy(
             sampling = SamplingConfig(temperature=cfg.eval.temperature, max_new_tokens=sc.max_new_tokens)
             return generate_texts(engine, tokenizer, batch_prompts, 1, sampling, seed=cfg.eval.seed).responses
 
-        start, history, step = time.time(), [], -1
+        start, history, step, stopped_early = time.time(), [], -1, False
         ckpt, first = _checkpoints(cfg, out, actor, tokenizer, actor_upd, critic, critic_upd, writer), 0
         if (state := ckpt.restore()) is not None:
             first, history = state["steps_done"], state["history"]
@@ -320,6 +326,8 @@ def train_policy(
             prof.mark("ref_old_logprobs")
             guard_metrics, tis_metrics = _check_rollout(cfg, engine.name, exp, rollout.logprobs_BT, step)
             metrics = {**compute_advantages(pc, exp, scored.reward_B, kl_ctl.value, K, critic, step), **tis_metrics}
+            if monitor is not None:
+                metrics.update(monitor(rollout.prompts, rollout.responses, scored, rewarder))
             prof.mark("advantages")
             metrics.update(update_actor(actor, actor_upd, exp, pc, kl_ctl.value, gen, sc.temperature, step,
                                         cfg.kernels))
@@ -356,13 +364,20 @@ def train_policy(
                 "critic_sched": critic_upd.sched.state_dict() if critic_upd is not None else None})
             prof.mark("checkpoint")
             if pc.max_minutes and stage.broadcast(time.time() - start > pc.max_minutes * 60):
-                bar.write(f"policy: stopping at step {step} (policy.max_minutes={pc.max_minutes})")
+                bar.write(f"policy: stopping at step {step} of {pc.steps} (policy.max_minutes={pc.max_minutes} "
+                          "was hit: a safety net, not the plan — the run is shorter than configured)")
+                stopped_early = True
                 break
         bar.close()
         writer.close()
         _save_policy(stage, actor, tokenizer, out / "policy")
-        summary = {"steps": step + 1, "train_seconds": time.time() - start, "algo": pc.algo,
+        summary = {"steps": step + 1, "planned_steps": pc.steps, "stopped_by_max_minutes": stopped_early,
+                   "train_seconds": time.time() - start, "algo": pc.algo,
                    "final": history[-1] if history else {}, "policy_dir": str(out / "policy")}
+        if monitor is not None:
+            from ..eval.overopt import detect_overoptimisation
+
+            summary["overoptimisation"] = detect_overoptimisation(history)
         if stage.is_main:
             (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         stage.barrier()

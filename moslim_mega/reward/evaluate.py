@@ -22,14 +22,23 @@ def mapper_for(rm_dir: str | Path, rm: LoadedRewardModel, overrides=()) -> Rewar
     return RewardMapper.from_config(rm.stats, cfg.mapping)
 
 
-def evaluate_rm_dir(rm_dir, data_path, mapping_overrides=()) -> dict:
+def evaluate_rm_dir(rm_dir, data_path, mapping_overrides=(), slices: dict | None = None) -> dict:
+    """The RM's report on ``data_path``; each of ``slices`` (name → another rated file, e.g. the
+    world's out-of-distribution ``rm_eval_ood.jsonl``) gets the same report under ``slices``."""
     rm = load_reward_model(rm_dir)
     mapper = mapper_for(rm_dir, rm, mapping_overrides)
-    data: RMExamples = load_rm_examples(data_path, rm.spec, rm.tokenizer, rm.max_length)
-    probs = rm.probs(data.prompts, data.responses)
-    report = rm_report(probs, data.labels_NH, data.groups, list(rm.spec.names), single_target_rewards(mapper, probs))
-    report["num_examples"] = len(data)
-    report["data"] = str(data_path)
+
+    def one(path) -> dict:
+        data: RMExamples = load_rm_examples(path, rm.spec, rm.tokenizer, rm.max_length)
+        probs = rm.probs(data.prompts, data.responses)
+        rep = rm_report(probs, data.labels_NH, data.groups, list(rm.spec.names), single_target_rewards(mapper, probs))
+        rep["num_examples"] = len(data)
+        rep["data"] = str(path)
+        return rep
+
+    report = one(data_path)
+    if slices:
+        report["slices"] = {name: one(path) for name, path in slices.items()}
     return report
 
 

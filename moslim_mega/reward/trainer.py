@@ -178,6 +178,11 @@ def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = T
     report = evaluate(model, held, spec, pad_id, mapper)
     report["train_seconds"] = train_seconds
     report["steps"] = step + 1
+    report["planned_steps"] = total_steps
+    report["stopped_by_max_minutes"] = step + 1 < total_steps
+    if eval_path.with_name("rm_eval_ood.jsonl").is_file():  # the world's out-of-distribution slice
+        ood = load_rm_examples(eval_path.with_name("rm_eval_ood.jsonl"), spec, tokenizer, rc.max_length)
+        report["slices"] = {"ood": evaluate(model, ood, spec, pad_id, mapper)}
     writer.write(step + 1, {"mean": report["mean"], "heads": {n: _scalars(h) for n, h in report["heads"].items()}}, tag="final")
     writer.close()
     prof.mark("eval")  # calibration + final evaluation

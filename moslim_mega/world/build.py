@@ -4,6 +4,9 @@ Files (one JSON object a line):
 - ``rm_train.jsonl`` / ``rm_eval.jsonl``: ``{"prompt_id", "prompt", "response", "ratings": {dim: raw}}``,
   several rated responses per prompt, like UltraFeedback's completions. Eval prompts use prompt
   texts that never occur in training.
+- ``rm_eval_ood.jsonl``: the same fields; responses a policy can reach but the behaviour model
+  rarely writes (off-topic items, mixed topics, repeats, long and near-empty answers) — the RM's
+  out-of-distribution slice.
 - ``sft.jsonl``: ``{"prompt", "response"}``, the neutral warm start; a fraction of prompts carry an
   uninformative random prefix (see ``sft_records``).
 - ``policy_train.jsonl`` / ``policy_eval.jsonl``: ``{"prompt", "targets": {dim: level}}`` where the
@@ -71,12 +74,18 @@ def _by_harm(texts: tuple[str, ...]) -> tuple[list[str], list[str]]:
     return harmful, [p for p in texts if p not in set(harmful)]
 
 
-def rm_records(rng, texts, num_prompts, responses_per_prompt, harmful_fraction, spec, id_prefix):
+def rm_records(rng, texts, num_prompts, responses_per_prompt, harmful_fraction, spec, id_prefix,
+               reachable_fraction: float = 0.0):
+    """Rated responses per prompt; a ``reachable_fraction`` of them from
+    :func:`~moslim_mega.world.task.sample_reachable_response` instead of the behaviour model."""
     rows = []
     for i in range(num_prompts):
         prompt = _pick_prompt(rng, texts, harmful_fraction)
         for _ in range(responses_per_prompt):
-            response = task.sample_response(rng, prompt, uses_style_words(spec))
+            if reachable_fraction and rng.random() < reachable_fraction:
+                response = task.sample_reachable_response(rng, prompt, uses_style_words(spec))
+            else:
+                response = task.sample_response(rng, prompt, uses_style_words(spec))
             rows.append(
                 {
                     "prompt_id": f"{id_prefix}{i}",
@@ -149,11 +158,16 @@ def build_world(world_cfg, spec: PreferenceSpec, out_dir: str | Path) -> dict[st
     sets = {
         "rm_train": rm_records(
             random.Random(f"{world_cfg.seed}-rm-train"), train_texts, world_cfg.num_rm_prompts,
-            world_cfg.responses_per_prompt, hf, spec, "t",
+            world_cfg.responses_per_prompt, hf, spec, "t", world_cfg.rm_reachable_fraction,
         ),
         "rm_eval": rm_records(
             random.Random(f"{world_cfg.seed}-rm-eval"), eval_texts, world_cfg.num_rm_eval_prompts,
             world_cfg.responses_per_prompt, hf, spec, "e",
+        ),
+        # The RM's out-of-distribution slice: only reachable responses, to held-out prompts.
+        "rm_eval_ood": rm_records(
+            random.Random(f"{world_cfg.seed}-rm-eval-ood"), eval_texts, world_cfg.num_rm_eval_prompts,
+            world_cfg.responses_per_prompt, hf, spec, "o", reachable_fraction=1.0,
         ),
         "sft": sft_records(random.Random(f"{world_cfg.seed}-sft"), train_texts, world_cfg, spec),
         "policy_train": policy_records(

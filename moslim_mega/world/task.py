@@ -132,3 +132,36 @@ def render_response(rng: random.Random, topic: str, b: Behaviour) -> str:
 def sample_response(rng: random.Random, prompt: str, style_words: bool = True) -> str:
     topic = topic_of_prompt(prompt)
     return render_response(rng, topic, sample_behaviour(rng, topic, style_words))
+
+
+def sample_reachable_response(rng: random.Random, prompt: str, style_words: bool = True, max_words: int = 12) -> str:
+    """A response a policy can *reach* with the world's vocabulary but the behaviour model above
+    rarely shows: several off-topic items, mixed topics, words repeated, long answers, bare
+    refusals or "no idea", prompt words echoed. An RM that never saw such text scores it by
+    accident, and a policy optimised against that RM drifts there (reward over-optimisation,
+    issue 18: seed 11's policy answered "tell me about cooking" with two travel myths)."""
+    topic = topic_of_prompt(prompt)
+    if rng.random() < 0.1:  # nearly empty
+        return " ".join(rng.choice((NO_ANSWER, REFUSAL, (rng.choice(TOPICS),))))
+    others = [t for t in TOPICS if t != topic]
+    on = facts(topic) + myths(topic)
+    neutral = tuple(w for phrase in PROMPT_OPENERS + PROMPT_CLOSERS for w in phrase.split()) + TOPICS
+    p_off = rng.choice((0.0, 0.25, 0.5, 0.75, 1.0))
+    p_neutral = rng.choice((0.0, 0.0, 0.2))
+    words = []
+    for _ in range(rng.randint(1, max_words)):
+        u = rng.random()
+        if u < p_neutral:
+            words.append(rng.choice(neutral))
+        elif rng.random() < p_off:
+            other = rng.choice(others)
+            words.append(rng.choice(facts(other) + myths(other)))
+        else:
+            words.append(rng.choice(on))  # drawn with replacement: repeats come for free
+    if style_words and rng.random() < 0.3:
+        words += rng.sample(POLITE_WORDS + FILLER_WORDS, rng.randint(1, 3))
+        rng.shuffle(words)
+    if rng.random() < 0.1:
+        words = list(REFUSAL) + words
+    return " ".join(words)
+
