@@ -102,7 +102,9 @@ def detect_overoptimisation(history: Sequence[dict], window: int = 50, drop: flo
     w = max(1, min(window, len(steps) // 4 or 1))
     gold = _smooth(np.array([history[i][oracle_key] for i in steps]), w)
     proxy = _smooth(np.array([history[i]["reward"] for i in steps]), w)
-    peak = int(np.argmax(gold))
+    # Only full windows may hold the peak: the first few trailing means average 1, 2, … steps and
+    # a single lucky batch would pass for a peak.
+    peak = w - 1 + int(np.argmax(gold[w - 1:]))
     agree = [history[i].get("agree", float("nan")) for i in steps]
     agree = np.array([a for a in agree if math.isfinite(a)])
     head = _mean_or_nan(agree[:w])
