@@ -1,7 +1,7 @@
 """The ``moslim`` command line. Thin: parse, build from config, run.
 
     moslim demo [--algo rloo|ppo|online_dpo] [--seed N] [--quick] --out DIR
-    moslim compare [--methods moslim,morlhf,rsoup,dpa] [--quick] --out DIR [a.b=value ...]
+    moslim compare [--methods moslim,morlhf,rsoup,dpa] [--quick] [--seeds LIST] --out DIR [a.b=value ...]
     moslim world build --out DIR [--config FILE] [a.b=value ...]
     moslim sft train --data FILE --out DIR [--config FILE] [a.b=value ...]
     moslim policy train --config FILE --out DIR [--prompts FILE] [a.b=value ...]
@@ -107,6 +107,12 @@ def cmd_demo(args) -> int:
 def cmd_compare(args) -> int:
     from .compare import compare_config, run_compare
 
+    if args.seeds:
+        from .compare import run_compare_seeds
+        from .eval.seeds import parse_seeds
+
+        run_compare_seeds(parse_seeds(args.seeds), args.quick, args.overrides, args.out, args.methods or None)
+        return 0
     cfg = compare_config(args.quick, args.overrides)
     run_compare(cfg, args.out, args.methods or None)
     return 0
@@ -361,6 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="MOSLIM vs MORLHF / Rewarded Soups / DPA on the embedded world")
     p.add_argument("--methods", default="", help="comma-separated subset of moslim,morlhf,rsoup,dpa")
     p.add_argument("--quick", action="store_true", help="a ≤10-minute version")
+    p.add_argument("--seeds", default="", metavar="LIST",
+                   help="run the comparison once per training seed (run.seed; e.g. 0-2,5; the world stays the "
+                        "recipe's) into OUT/seed_N, reusing a seed dir whose report was made with the same config, "
+                        "and write OUT/seeds.md and OUT/seeds.json (mean ± std over seeds, wins per method)")
     p.add_argument("--out", default="runs/compare")
     p.add_argument("overrides", nargs="*", help="config overrides a.b=value")
     p.set_defaults(func=cmd_compare)

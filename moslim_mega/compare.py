@@ -220,6 +220,60 @@ def run_compare(cfg: Config, out_dir, methods=None, show_progress: bool = True) 
     return report
 
 
+def _saved_config_matches(cfg: Config, run_dir: Path) -> bool:
+    """Whether ``run_dir/config.yaml`` is byte for byte the file run_compare would save for ``cfg``."""
+    import tempfile
+
+    if not (run_dir / "config.yaml").is_file():
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        return save_config(cfg, tmp).read_text() == (run_dir / "config.yaml").read_text()
+
+
+def run_compare_seeds(seeds, quick: bool, overrides, out_dir, methods=None, show_progress: bool = True) -> dict:
+    """``moslim compare --seeds``: one comparison per ``run.seed`` in ``<out>/seed_<n>/`` (the world,
+    ``world.seed``, stays the recipe's), then ``seeds.json``/``seeds.md`` (eval/compare_seeds.py).
+
+    A seed whose directory holds a report.json made with the same config and methods is reused, so an
+    interrupted sweep (or one split over several jobs writing the same ``--out``) resumes; a directory
+    made with another config is an error, never silently mixed in or overwritten."""
+    import json
+
+    from .eval.compare_seeds import write_compare_seeds
+
+    overrides = list(overrides)
+    # A run.seed override would give every seed directory the same training seed.
+    if any(o.split("=", 1)[0].strip() == "run.seed" for o in overrides):
+        raise ConfigError("run.seed: --seeds sets it for each seed; drop the run.seed=... override")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    reports = []
+    for seed in seeds:
+        cfg = compare_config(quick, [*overrides, f"run.seed={seed}"])
+        wanted = parse_methods(methods or cfg.compare.methods)
+        run_dir = out / f"seed_{seed}"
+        # run_compare saves config.yaml first, so a directory left by an interrupted run is checked too.
+        if ((run_dir / "config.yaml").is_file() or (run_dir / "report.json").is_file()) \
+                and not _saved_config_matches(cfg, run_dir):
+            raise ConfigError(f"{run_dir} holds a compare run with another config (its config.yaml differs or is "
+                              "missing); use a new --out or remove it")
+        if (run_dir / "report.json").is_file():
+            report = json.loads((run_dir / "report.json").read_text())
+            # --methods is not part of the config: a run of other methods has the same config.yaml.
+            if report.get("methods") != list(wanted):
+                raise ConfigError(f"{run_dir} holds a compare run of methods {report.get('methods')}, not "
+                                  f"{list(wanted)}; use a new --out or remove it")
+            print(f"== seed {seed}: reusing {run_dir / 'report.json'}", flush=True)
+            reports.append(report)
+            continue
+        print(f"== seed {seed} → {run_dir}", flush=True)
+        run_compare(cfg, run_dir, wanted, show_progress=show_progress)
+        reports.append(json.loads((run_dir / "report.json").read_text()))
+    summary = write_compare_seeds(out, reports)
+    print((out / "seeds.md").read_text())
+    return summary
+
+
 def rsoup_sweep(soup, spec, eval_texts, cfg: Config, sampling) -> dict:
     """Eq. 2's λ sweep between every pair of per-dimension policies: mean oracle scores per λ."""
     from .baselines.rsoup import lambda_grid
