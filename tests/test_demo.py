@@ -10,10 +10,13 @@ from moslim_mega.cli import main
 
 @pytest.mark.slow
 def test_quick_demo_writes_the_report_contract(tmp_path, capsys):
-    out = tmp_path / "demo"
+    sweep = tmp_path / "sweep"
     # No clock caps: the stages stop on their step counts, so load cannot change what is asserted.
     no_clock = ["sft.max_minutes=0", "rm.max_minutes=0", "policy.max_minutes=0"]
-    assert main(["demo", "--quick", "--algo", "rloo", "--seed", "3", "--out", str(out), *no_clock]) == 0
+    # Through the multi-seed path (one seed): the run lands in seed_3/ and the table is written;
+    # exit status 0 or 1 says whether every seed met the bar (the quick demo is not held to it).
+    assert main(["demo", "--quick", "--algo", "rloo", "--seeds", "3", "--out", str(sweep), *no_clock]) in (0, 1)
+    out = sweep / "seed_3"
     printed = capsys.readouterr().out
     assert "helpfulness" in printed and "report:" in printed
     report = json.loads((out / "report.json").read_text())
@@ -43,6 +46,24 @@ def test_quick_demo_writes_the_report_contract(tmp_path, capsys):
     assert len(train) == 40 and train[-1]["kl"] > 0
     first, last = (sum(r["reward"] for r in part) / len(part) for part in (train[:10], train[-10:]))
     assert last > first + 0.05, (first, last)
+    # Issue 18: the oracle beside the RM on every step, the detector's verdict, the RM's OOD slice,
+    # and the steps each stage really ran (no clock cap was hit here).
+    assert all(-1 <= r["agree_helpfulness"] <= 1 and math.isfinite(r["oracle_reward"]) for r in train)
+    over = report["overoptimisation"]
+    assert isinstance(over["detected"], bool) and 0 <= over["oracle_peak_step"] < 40
+    assert len(over["curve"]["kl"]) == len(over["curve"]["oracle_reward"]) > 1
+    assert (out / "overopt.png").stat().st_size > 0 and "Reward over-optimisation" in (out / "report.md").read_text()
+    assert 0 < report["rm_eval"]["ood"]["pairwise_accuracy"] <= 1
+    assert report["stopped_by_max_minutes"] == [] and report["steps"]["policy"] == 40
+    table = json.loads((sweep / "seeds.json").read_text())
+    assert [r["seed"] for r in table["rows"]] == [3] and table["summary"]["num_seeds"] == 1
+    assert table["rows"][0]["rho_helpfulness"] == report["controllability"]["helpfulness"]["spearman"]
+    # A second call reuses the finished seed instead of training it again.
+    assert main(["demo", "--quick", "--algo", "rloo", "--seeds", "3", "--out", str(sweep), *no_clock]) in (0, 1)
+    assert "seed 3: reusing" in capsys.readouterr().out
+    # The same --out with another config is refused, not mixed into the table.
+    with pytest.raises(ValueError, match="another config"):
+        main(["demo", "--quick", "--algo", "rloo", "--seeds", "3", "--out", str(sweep), *no_clock, "policy.lr=1e-3"])
 
 
 @pytest.mark.gpu

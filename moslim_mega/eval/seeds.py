@@ -46,6 +46,11 @@ def parse_seeds(text: str) -> list[int]:
     return out
 
 
+def _f(x) -> float:
+    """A report number; report.json writes NaN as null."""
+    return math.nan if x is None else float(x)
+
+
 def _named_mean(scores: dict) -> float:
     return float(np.mean([v for v in scores.values()])) if scores else math.nan
 
@@ -53,10 +58,10 @@ def _named_mean(scores: dict) -> float:
 def seed_row(report: dict, bar_dims: Sequence[str] = BAR_DIMS, bar_rho: float = BAR_RHO) -> dict:
     """The table row of one demo report (report.json)."""
     ctrl = report["controllability"]
-    rho = {d: float(v["spearman"]) for d, v in ctrl.items()}
+    rho = {d: _f(v["spearman"]) for d, v in ctrl.items()}
     gain = _named_mean(report["moslim"]) - _named_mean(report["sft"])
-    mae_sft = report["sft_eval"].get("random_targets", {}).get("mae_mean", math.nan)
-    mae_moslim = report["moslim_eval"].get("random_targets", {}).get("mae_mean", math.nan)
+    mae_sft = _f(report["sft_eval"].get("random_targets", {}).get("mae_mean"))
+    mae_moslim = _f(report["moslim_eval"].get("random_targets", {}).get("mae_mean"))
     over = report.get("overoptimisation") or {}
     missing = [d for d in bar_dims if d not in rho]
     if missing:
@@ -69,13 +74,13 @@ def seed_row(report: dict, bar_dims: Sequence[str] = BAR_DIMS, bar_rho: float = 
         "gain_over_sft": gain,
         "mae_sft": mae_sft,
         "mae_moslim": mae_moslim,
-        "agree_final": over.get("agree_final", math.nan),
-        "oracle_peak_step": over.get("oracle_peak_step", math.nan),
+        "agree_final": _f(over.get("agree_final")),
+        "oracle_peak_step": _f(over.get("oracle_peak_step")),
         "overopt_detected": bool(over.get("detected", False)),
-        "kl_final": over.get("kl_final", math.nan),
-        "policy_steps": (report.get("steps") or {}).get("policy", math.nan),
+        "kl_final": _f(over.get("kl_final")),
+        "policy_steps": _f((report.get("steps") or {}).get("policy")),
         "capped": ",".join(report.get("stopped_by_max_minutes") or []),
-        "wall_seconds": report.get("wall_seconds", math.nan),
+        "wall_seconds": _f(report.get("wall_seconds")),
         "meets_bar": meets,
     }
 
