@@ -293,6 +293,7 @@ def cmd_launch_slurm(args) -> int:
 def config_doc_markdown() -> str:
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key, tp, default, doc in field_docs():
+        doc = " ".join(doc.split())  # a multi-line docstring would end the table row mid-cell
         doc = doc.replace("|", "\\|")  # a pipe inside a cell would split the markdown column
         rows.append(f"| `{key}` | {tp} | `{default!r}` | {doc} |")
     return "\n".join(rows) + "\n"
