@@ -10,7 +10,7 @@ from moslim_mega.cli import main
 def test_world_build_writes_every_set(tmp_path, capsys):
     assert main(["world", "build", "--out", str(tmp_path), "world.num_rm_prompts=20", "world.num_sft=10",
                  "world.num_policy_prompts=30", "world.num_rm_eval_prompts=5"]) == 0
-    for name in ("rm_train", "rm_eval", "sft", "policy_train", "policy_eval"):
+    for name in ("rm_train", "rm_eval", "rm_eval_ood", "sft", "policy_train", "policy_eval"):
         assert (tmp_path / f"{name}.jsonl").stat().st_size > 0
     assert json.loads((tmp_path / "world.json").read_text())["counts"]["rm_train"] == 80
 
@@ -47,6 +47,23 @@ def test_rm_eval_json_has_the_documented_shape(rm_dir, tmp_path):
         k = 2 if name == "harmlessness" else 5
         assert len(head["confusion"]) == k and sum(map(sum, head["confusion"])) == report["num_examples"]
     assert {"intensity_accuracy", "pairwise_accuracy"} <= set(report["mean"])
+
+
+def test_rm_eval_reports_the_ood_slice(rm_dir, tmp_path, capsys):
+    """`--slice ood=…` adds the same report for the world's out-of-distribution responses; the
+    training run already reported it (rm.train finds rm_eval_ood.jsonl beside rm_eval.jsonl)."""
+    out, ood = tmp_path / "eval.json", rm_dir / "data" / "rm_eval_ood.jsonl"
+    assert main(["rm", "eval", "--rm", str(rm_dir), "--data", str(rm_dir / "data" / "rm_eval.jsonl"),
+                 "--slice", f"ood={ood}", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["slices"]["ood"]["data"] == str(ood)
+    assert report["slices"]["ood"]["num_examples"] == sum(1 for _ in ood.open())
+    assert report["slices"]["ood"]["mean"] != report["mean"]
+    assert "slice ood:" in capsys.readouterr().out
+    trained = json.loads((rm_dir / "eval.json").read_text())
+    assert trained["slices"]["ood"]["mean"] == pytest.approx(report["slices"]["ood"]["mean"], abs=1e-5)
+    with pytest.raises(SystemExit, match="NAME=PATH"):
+        main(["rm", "eval", "--rm", str(rm_dir), "--data", str(ood), "--slice", "ood", "--json", str(out)])
 
 
 def test_rm_score_runs_as_a_console_script(rm_dir):
