@@ -20,7 +20,7 @@ ALL_DIMS = ("helpfulness", "honesty", "harmlessness", "politeness", "conciseness
 SMALL = WorldConfig(
     seed=0, num_rm_prompts=30, num_rm_eval_prompts=10, responses_per_prompt=3, num_sft=30, num_policy_prompts=60
 )
-FILES = ("rm_train", "rm_eval", "sft", "policy_train", "policy_eval")
+FILES = ("rm_train", "rm_eval", "rm_eval_ood", "sft", "policy_train", "policy_eval")
 
 
 def rate(prompt: str, response: str) -> tuple[int, int, int, int, int]:
@@ -387,3 +387,49 @@ def test_tokenizer_chat_template(tok):
     assert text == "explain cooking <sep> cooking_fact_a <eos>"
     ids = tok.encode(text, add_special_tokens=False)
     assert tok.sep_token_id in ids and ids[-1] == tok.eos_token_id
+
+
+# ---- reachable responses (issue 18) --------------------------------------------------------------
+def _offtopic(prompt: str, response: str) -> int:
+    return oracle.response_features(prompt, response)["offtopic"]
+
+
+def test_ood_slice_holds_what_the_behaviour_model_rarely_writes(built):
+    spec, out, paths = built
+    ood = read_jsonl(paths["rm_eval_ood"])
+    held = read_jsonl(paths["rm_eval"])
+    assert {r["prompt"] for r in ood} <= set(split_prompt_texts(0)[1])  # held-out prompts only
+    assert all(r["prompt_id"].startswith("o") and r["ratings"] == oracle.score(r["prompt"], r["response"], spec.names)
+               for r in ood)
+    # the behaviour model gives at most one off-topic item; the reachable slice often gives several
+    assert max(_offtopic(r["prompt"], r["response"]) for r in held) <= 1
+    assert sum(_offtopic(r["prompt"], r["response"]) >= 2 for r in ood) >= len(ood) // 4
+
+
+def test_reachable_fraction_mixes_into_rm_train_only():
+    import dataclasses
+
+    spec = PreferenceSpec.datatype(4)
+    texts = split_prompt_texts(0)[0]
+    prompts = [texts[i % len(texts)] for i in range(2000)]
+    rng = random.Random(0)
+    wide = [task.sample_reachable_response(rng, p, style_words=False) for p in prompts]
+    assert sum(_offtopic(p, r) >= 2 for p, r in zip(prompts, wide)) > 600
+    assert max(len(r.split()) for r in wide) == 12 + len(task.REFUSAL)  # long answers, refusal-led
+    assert any(r in ("no idea", "sorry cannot") for r in wide) and all(r.strip() for r in wide)
+    assert any(len(set(r.split())) < len(r.split()) for r in wide)  # repeats
+
+    mixed = dataclasses.replace(SMALL, num_rm_prompts=200, rm_reachable_fraction=0.5)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        paths = build_world(mixed, spec, d)
+        rows = read_jsonl(paths["rm_train"])
+        share = sum(_offtopic(r["prompt"], r["response"]) >= 2 for r in rows) / len(rows)
+        sft_same = Path(paths["sft"]).read_text()
+    with tempfile.TemporaryDirectory() as d:
+        plain = build_world(dataclasses.replace(mixed, rm_reachable_fraction=0.0), spec, d)
+        plain_rows = read_jsonl(plain["rm_train"])
+        assert Path(plain["sft"]).read_text() == sft_same  # one generator per set: only rm_train changes
+    assert sum(_offtopic(r["prompt"], r["response"]) >= 2 for r in plain_rows) == 0
+    assert 0.1 < share < 0.4, share
