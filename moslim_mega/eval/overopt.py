@@ -131,7 +131,7 @@ def detect_overoptimisation(history: Sequence[dict], window: int = 50, drop: flo
         out["kl_at_peak"] = float(kl[peak])
         out["kl_final"] = float(kl[-1])
         # ≤ 100 points of the smoothed curves: the report's reward-vs-KL figure (Gao et al. Fig. 1).
-        pick = np.unique(np.linspace(0, len(steps) - 1, min(100, len(steps))).round().astype(int))
+        pick = np.unique(np.linspace(w - 1, len(steps) - 1, min(100, len(steps) - w + 1)).round().astype(int))
         agree_all = np.array([history[i].get("agree", float("nan")) for i in steps], dtype=float)
         out["curve"] = {"step": [steps[j] for j in pick], "kl": kl[pick].tolist(), "rm_reward": proxy[pick].tolist(),
                         "oracle_reward": gold[pick].tolist(),

@@ -238,12 +238,14 @@ def _md_overopt(report: dict) -> list[str]:
 
 def plot_overopt(report: dict, path: Path) -> None:
     """Gao et al.'s picture: RM (proxy) and oracle (gold) reward against KL from the reference."""
-    c = report["overoptimisation"]["curve"]
+    o = report["overoptimisation"]
+    c = o["curve"]
     fig, (ax,) = _figure(1, 1, (5.5, 3.6))
     ax.plot(c["kl"], c["rm_reward"], label="RM mapped reward (proxy)")
     ax.plot(c["kl"], c["oracle_reward"], label="oracle mapped reward (gold)")
-    peak = int(np.argmax(c["oracle_reward"]))
-    ax.axvline(c["kl"][peak], color="grey", ls=":", lw=1, label=f"oracle peak (step {c['step'][peak]})")
+    verdict = "over-optimisation detected" if o.get("detected") else "no over-optimisation detected"
+    ax.axvline(o["kl_at_peak"], color="grey", ls=":", lw=1, label=f"oracle peak (step {o['oracle_peak_step']})")
+    ax.set_title(f"50-step means; {verdict}", fontsize=8)
     ax.set_xlabel("KL(π ‖ π_SFT), nats per sequence")
     ax.set_ylabel("mapped reward (Eq. 11)")
     ax.legend(fontsize=7)
