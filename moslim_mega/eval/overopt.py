@@ -88,13 +88,22 @@ def _smooth(x: np.ndarray, window: int) -> np.ndarray:
 
 
 def detect_overoptimisation(history: Sequence[dict], window: int = 50, drop: float = 0.25,
+                            gap_rise: float = 0.1, agree_fall: float = 0.4,
                             oracle_key: str = "oracle_reward") -> dict:
-    """Did the oracle (gold) reward peak and fall while the RM's reward held up?
+    """Has the policy learned to please the RM where the oracle disagrees?
 
-    Over the smoothed (``window``-step moving average) series: ``detected`` when the final oracle
-    reward is more than ``drop`` (in mapped-reward units, i.e. RM-std units) below its peak and
-    the RM's reward at the end is at least its value at the oracle's peak — the proxy still
-    "improving" while the truth gets worse. Also reports the agreement at the start and end.
+    Over ``window``-step moving averages, three signals (``signals`` names those that fired;
+    ``detected`` when any did):
+
+    - ``oracle_fell``: the oracle reward ends more than ``drop`` (mapped-reward units, i.e. RM-std
+      units) below its peak while the RM's reward ends at least at its value at that peak — Gao et
+      al.'s picture, the proxy still "improving" while the truth gets worse;
+    - ``gap_grew``: the RM−oracle gap (``rm_oracle_gap``) ends more than ``gap_rise`` above where it
+      started — the truth stalls while the proxy climbs (seeds 0 and 1 of the demo before the fix:
+      +0.20 and +0.14; healthy runs +0.02 to +0.03);
+    - ``agreement_fell``: a dimension's on-policy RM–oracle agreement ends more than ``agree_fall``
+      below where it started (seeds 0 / 1: helpfulness 0.70 → 0.07 and 0.65 → 0.13; healthy
+      runs lose 0.16-0.18 as the samples bunch up at their targets).
     """
     steps = [i for i, row in enumerate(history) if math.isfinite(row.get(oracle_key, float("nan")))]
     if len(steps) < 2:
@@ -110,8 +119,26 @@ def detect_overoptimisation(history: Sequence[dict], window: int = 50, drop: flo
     head = _mean_or_nan(agree[:w])
     tail = _mean_or_nan(agree[-w:])
     fell = float(gold[peak] - gold[-1])
+    gap_first, gap_final = float(proxy[w - 1] - gold[w - 1]), float(proxy[-1] - gold[-1])
+    signals = []
+    if fell > drop and proxy[-1] >= proxy[peak]:
+        signals.append("oracle_fell")
+    if gap_final - gap_first > gap_rise:
+        signals.append("gap_grew")
+    fallen = []
+    for key in sorted({k for i in steps for k in history[i] if k.startswith("agree_")}):
+        vals = np.array([history[i].get(key, float("nan")) for i in steps], dtype=float)
+        first, last = vals[:w][np.isfinite(vals[:w])], vals[-w:][np.isfinite(vals[-w:])]
+        if len(first) and len(last) and _mean_or_nan(first) - _mean_or_nan(last) > agree_fall:
+            fallen.append(key[len("agree_"):])
+    if fallen:
+        signals.append("agreement_fell")
     out = {
-        "detected": bool(fell > drop and proxy[-1] >= proxy[peak]),
+        "detected": bool(signals),
+        "signals": signals,
+        "agreement_fell": fallen,
+        "rm_oracle_gap_first": gap_first,
+        "rm_oracle_gap_final": gap_final,
         "oracle_peak_step": steps[peak],
         "oracle_peak": float(gold[peak]),
         "oracle_final": float(gold[-1]),
@@ -122,6 +149,8 @@ def detect_overoptimisation(history: Sequence[dict], window: int = 50, drop: flo
         "agree_final": tail,
         "window": w,
         "drop_threshold": drop,
+        "gap_rise_threshold": gap_rise,
+        "agree_fall_threshold": agree_fall,
     }
     for key in sorted({k for i in steps for k in history[i] if k.startswith("agree_")}):
         vals = np.array([history[i].get(key, float("nan")) for i in steps[-w:]], dtype=float)

@@ -207,7 +207,8 @@ def _md_overopt(report: dict) -> list[str]:
     o = report.get("overoptimisation") or {}
     lines = []
     if "oracle_peak_step" in o:
-        verdict = ("**detected**: the oracle reward fell from its peak while the RM's reward held"
+        verdict = (f"**detected** ({', '.join(o.get('signals') or [])}"
+                   + (f": {', '.join(o['agreement_fell'])}" if o.get("agreement_fell") else "") + ")"
                    if o.get("detected") else "not detected")
         lines += ["## Reward over-optimisation (on-policy, RM vs oracle)", "",
                   "Every policy step scores its rollouts with the RM (Eq. 11) and with the oracle fed through "
@@ -218,7 +219,8 @@ def _md_overopt(report: dict) -> list[str]:
                   f"- oracle reward peaked at step {o['oracle_peak_step']} ({_fmt(o.get('oracle_peak'))}, KL "
                   f"{_fmt(o.get('kl_at_peak'))}); at the end {_fmt(o.get('oracle_final'))} (KL {_fmt(o.get('kl_final'))})",
                   f"- RM reward at the oracle's peak {_fmt(o.get('rm_reward_at_peak'))}, at the end "
-                  f"{_fmt(o.get('rm_reward_final'))}",
+                  f"{_fmt(o.get('rm_reward_final'))}; RM−oracle gap {_fmt(o.get('rm_oracle_gap_first'))} → "
+                  f"{_fmt(o.get('rm_oracle_gap_final'))}",
                   f"- RM–oracle agreement: first {_fmt(o.get('agree_first'))}, last {_fmt(o.get('agree_final'))}; "
                   "per dimension at the end: " + ", ".join(
                       f"{k[len('agree_'):-len('_final')]} {_fmt(v)}" for k, v in o.items()

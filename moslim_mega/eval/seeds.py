@@ -77,6 +77,7 @@ def seed_row(report: dict, bar_dims: Sequence[str] = BAR_DIMS, bar_rho: float = 
         "agree_final": _f(over.get("agree_final")),
         "oracle_peak_step": _f(over.get("oracle_peak_step")),
         "overopt_detected": bool(over.get("detected", False)),
+        "overopt_signals": ",".join(over.get("signals") or []),
         "kl_final": _f(over.get("kl_final")),
         "policy_steps": _f((report.get("steps") or {}).get("policy")),
         "capped": ",".join(report.get("stopped_by_max_minutes") or []),
@@ -107,7 +108,7 @@ def _cell(v) -> str:
 
 
 COLUMNS = ("seed", "rho_helpfulness", "rho_honesty", "rho_harmlessness", "gain_over_sft", "mae_sft", "mae_moslim",
-           "agree_final", "oracle_peak_step", "overopt_detected", "kl_final", "policy_steps", "capped",
+           "agree_final", "oracle_peak_step", "overopt_detected", "overopt_signals", "kl_final", "policy_steps", "capped",
            "wall_seconds", "meets_bar")
 
 
@@ -118,7 +119,8 @@ def render_markdown(rows: list[dict], summary: dict, bar_dims: Sequence[str] = B
     lines = [f"# MOSLIM demo over {summary['num_seeds']} seeds ({rows[0]['algo']})", "",
              f"Bar: ρ ≥ {bar_rho} on {', '.join(bar_dims)}, named-dimension gain over SFT > 0, random-target MAE "
              f"below SFT's. **{summary['meets_bar']} of {summary['num_seeds']} seeds meet it.** "
-             f"Over-optimisation detected (oracle reward fell from its peak while the RM's held) in "
+             f"Over-optimisation detected (the oracle reward fell from its peak while the RM's held, the "
+             f"RM−oracle gap grew, or a dimension's RM–oracle agreement collapsed) in "
              f"{summary['overopt_detected']}.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_cell(r.get(c, "")) for c in cols) + " |" for r in rows]

@@ -85,3 +85,24 @@ def test_detector_without_oracle_says_so():
     out = detect_overoptimisation([{"reward": 1.0}] * 10)
     assert out == {"detected": False, "reason": "no oracle_reward in the history"}
     assert detect_overoptimisation(_history([0.1, 0.2, 0.3, 0.4], [0.1] * 4))["agree_final"] == pytest.approx(0.5)
+
+
+def test_detector_flags_a_widening_gap_and_a_collapsed_agreement():
+    """Seeds 0 and 1 of the demo before issue 18's fix: the oracle reward never fell — it stalled
+    while the RM's rose (gap +0.20) and the RM stopped ranking helpfulness like the oracle."""
+    n = 400
+    proxy = [0.8 * i / n for i in range(n)]
+    gold = [0.5 * i / n for i in range(n)]  # rises too, never falls: no Gao peak
+    hist = _history(gold, proxy)
+    for i, row in enumerate(hist):
+        row["agree_helpfulness"] = 0.7 - 0.65 * i / n
+        row["agree_honesty"] = 0.5 + 0.1 * i / n
+    out = detect_overoptimisation(hist)
+    assert out["detected"] and out["signals"] == ["gap_grew", "agreement_fell"]
+    assert out["agreement_fell"] == ["helpfulness"]
+    assert out["rm_oracle_gap_final"] - out["rm_oracle_gap_first"] == pytest.approx(0.3 * (n - 1 - 49) / n, abs=0.02)
+    # the same run with the RM and the oracle moving together is clean
+    calm = _history(gold, [g + 0.02 for g in gold])
+    for row in calm:
+        row["agree_helpfulness"] = 0.6
+    assert detect_overoptimisation(calm)["signals"] == []

@@ -50,11 +50,11 @@ def _run(weak_world, name, kl_coef):
 @pytest.mark.slow
 def test_weak_kl_run_is_flagged_and_a_held_one_is_not(weak_world):
     weak = _run(weak_world, "weak_kl", 0.0)
-    assert weak["detected"], weak
+    assert weak["detected"] and "oracle_fell" in weak["signals"], weak
     assert weak["rm_reward_final"] >= weak["rm_reward_at_peak"]  # the proxy kept "improving"…
     assert weak["oracle_final"] < weak["oracle_peak"] - weak["drop_threshold"]  # …while the truth fell
     assert weak["agree_helpfulness_final"] < 0  # the RM now ranks the policy's samples against the oracle
     assert weak["kl_final"] > 2 * weak["kl_at_peak"]  # Gao et al.: the gold reward falls as KL grows
     held = _run(weak_world, "held_kl", 0.2)
-    assert not held["detected"], held
+    assert not held["detected"] and held["signals"] == [], held
     assert held["kl_final"] < weak["kl_final"] / 10
