@@ -99,9 +99,11 @@ def aggregate(rows: list[dict]) -> dict:
             "overopt_detected": sum(bool(r["overopt_detected"]) for r in rows), "stats": stats}
 
 
-def _cell(v) -> str:
+def _cell(v, bad=False) -> str:
+    """``bad``: the value a reader must not miss (a missed bar, a detection) is set in bold."""
     if isinstance(v, bool):
-        return "yes" if v else "**no**"
+        text = "yes" if v else "no"
+        return f"**{text}**" if v == bad else text
     if isinstance(v, float):
         return "–" if not math.isfinite(v) else (f"{v:.0f}" if abs(v) >= 100 else f"{v:.2f}")
     return str(v) if v not in ("", None) else "–"
@@ -123,10 +125,13 @@ def render_markdown(rows: list[dict], summary: dict, bar_dims: Sequence[str] = B
              f"RM−oracle gap grew, or a dimension's RM–oracle agreement collapsed) in "
              f"{summary['overopt_detected']}.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_cell(r.get(c, "")) for c in cols) + " |" for r in rows]
+    bad = {"meets_bar": False, "overopt_detected": True}
+    lines += ["| " + " | ".join(_cell(r.get(c, ""), bad.get(c, False)) for c in cols) + " |" for r in rows]
     st = summary["stats"]
+    digits = lambda m: 0 if abs(m) >= 100 else 2  # noqa: E731
     lines.append("| **mean ± std** | " + " | ".join(
-        f"{st[c]['mean']:.2f} ± {st[c]['std']:.2f}" if c in st else "" for c in cols[1:]) + " |")
+        f"{st[c]['mean']:.{digits(st[c]['mean'])}f} ± {st[c]['std']:.{digits(st[c]['mean'])}f}" if c in st else ""
+        for c in cols[1:]) + " |")
     lines += ["", "Columns: ρ = the oracle's Spearman correlation of asked vs delivered level (held-out prompts); "
               "gain = mean over dimensions of the targeted-max oracle score, MOSLIM − SFT; MAE = mean |oracle level "
               "− target| on random multi-dimension targets; agree_final = Spearman of the RM's mapped term vs the "
