@@ -48,6 +48,7 @@ class StageTimer:
 
     def __init__(self):
         self.seconds: dict[str, dict[str, float]] = {}
+        self.capped: list[str] = []  # "method/stage" of training stages stopped by their max_minutes
 
     def bind(self, method: str):
         def run(stage, fn, *args, **kwargs):
@@ -55,6 +56,8 @@ class StageTimer:
             t0 = time.time()
             result = fn(*args, **kwargs)
             self.seconds.setdefault(method, {})[stage] = round(time.time() - t0, 2)
+            if isinstance(result, dict) and result.get("stopped_by_max_minutes"):
+                self.capped.append(f"{method}/{stage}")
             return result
 
         return run
@@ -214,6 +217,8 @@ def run_compare(cfg: Config, out_dir, methods=None, show_progress: bool = True) 
         evals["dpa"] = evaluate("dpa", DPASampler(out / "dpa" / "policy", spec, sampling, cfg.eval.seed, cfg.rollout))
 
     report = build_report(cfg, spec, methods, evals, timer.seconds, extra, time.time() - t_all)
+    # A budget is steps, not minutes: a stage that hit its max_minutes safety net ran short — say so.
+    report["stopped_by_max_minutes"] = list(timer.capped)
     write_compare_report(out, report)
     print(format_table(report))
     print(f"report: {out / 'report.md'}")

@@ -26,6 +26,17 @@ def test_methods_are_checked():
 
 
 @pytest.mark.slow
+def test_capped_stage_is_named_in_the_compare_report():
+    from moslim_mega.compare import StageTimer
+
+    timer = StageTimer()
+    run = timer.bind("moslim")
+    run("rm", lambda: {"steps": 10, "stopped_by_max_minutes": False})
+    run("policy", lambda: {"steps": 7, "stopped_by_max_minutes": True})
+    assert timer.capped == ["moslim/policy"] and set(timer.seconds["moslim"]) == {"rm", "policy"}
+
+
+@pytest.mark.slow
 def test_tiny_compare_writes_the_report_contract(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["compare", "--quick", "--out", str(out), *TINY]) == 0
@@ -33,6 +44,7 @@ def test_tiny_compare_writes_the_report_contract(tmp_path, capsys):
     rep = json.loads((out / "report.json").read_text())
     methods, dims = ["moslim", "morlhf", "rsoup", "dpa"], ["helpfulness", "honesty", "harmlessness"]
     assert rep["methods"] == methods
+    assert rep["stopped_by_max_minutes"] == []  # no clock caps here: every stage ran its step budget
     for m in ["sft", *methods]:
         for d in dims:
             lo, hi = rep["raw_ranges"][d]

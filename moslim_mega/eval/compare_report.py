@@ -41,6 +41,9 @@ def _md(report: dict) -> str:
          f"Embedded world, seed {report['seed']}, policy algorithm `{report['policy_algo']}` "
          f"({report['policy_steps']} steps per trained policy), wall {report['wall_seconds']:.0f} s. "
          "Scores are the oracle's raw ratings on held-out prompts (never a reward model).", "",
+         *([f"**Stopped by the max_minutes safety net: {', '.join(report['stopped_by_max_minutes'])}** — those "
+            "stages ran fewer steps than the recipe; the comparison is not the recipe's.", ""]
+           if report.get("stopped_by_max_minutes") else []),
          "## Table 2 analogue: each dimension asked for alone at max", "",
          "| method | " + " | ".join(dims) + " | mean (normalised) | random-target MAE |",
          "|---|" + "---|" * (len(dims) + 2)]
