@@ -125,10 +125,11 @@ def detect_overoptimisation(history: Sequence[dict], window: int = 50, drop: flo
         signals.append("oracle_fell")
     if gap_final - gap_first > gap_rise:
         signals.append("gap_grew")
-    fallen = []
+    fallen, dim_finals = [], {}  # per-dimension agreement: first and last window, one pass over the history
     for key in sorted({k for i in steps for k in history[i] if k.startswith("agree_")}):
         vals = np.array([history[i].get(key, float("nan")) for i in steps], dtype=float)
         first, last = vals[:w][np.isfinite(vals[:w])], vals[-w:][np.isfinite(vals[-w:])]
+        dim_finals[f"{key}_final"] = _mean_or_nan(last)
         if len(first) and len(last) and _mean_or_nan(first) - _mean_or_nan(last) > agree_fall:
             fallen.append(key[len("agree_"):])
     if fallen:
@@ -151,10 +152,8 @@ def detect_overoptimisation(history: Sequence[dict], window: int = 50, drop: flo
         "drop_threshold": drop,
         "gap_rise_threshold": gap_rise,
         "agree_fall_threshold": agree_fall,
+        **dim_finals,
     }
-    for key in sorted({k for i in steps for k in history[i] if k.startswith("agree_")}):
-        vals = np.array([history[i].get(key, float("nan")) for i in steps[-w:]], dtype=float)
-        out[f"{key}_final"] = _mean_or_nan(vals[np.isfinite(vals)])
     if "kl" in history[steps[-1]]:
         kl = _smooth(np.array([history[i]["kl"] for i in steps], dtype=float), w)
         out["kl_at_peak"] = float(kl[peak])
