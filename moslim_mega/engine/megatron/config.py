@@ -61,7 +61,7 @@ def transformer_config_kwargs(config: dict, layout: Layout = Layout(), *, dims: 
         add_bias_linear=False, add_qkv_bias=dims.qkv_bias,
         attention_dropout=float(config.get("attention_dropout", 0.0)), hidden_dropout=0.0,
         init_method_std=float(config.get("initializer_range", 0.02)),
-        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.expert_tp,
         # Fused bias-SwiGLU / RoPE / persistent layer norm need Apex or TE kernels; the unfused
@@ -81,17 +81,22 @@ def transformer_config_kwargs(config: dict, layout: Layout = Layout(), *, dims: 
             moe_router_score_function="softmax",
             moe_router_load_balancing_type="aux_loss",
             moe_aux_loss_coeff=float(config.get("router_aux_loss_coef", 0.001)),
-            moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False,
+            # SequentialMLP experts (one linear_fc1/fc2 per expert): the layout mapping.py writes.
+            # The token dispatcher is an engine choice (megatron's default, allgather, builds on CPU;
+            # alltoall wants a CUDA stream at construction).
+            moe_grouped_gemm=False,
         )
     return kw
 
 
-def transformer_config(config: dict, layout: Layout = Layout(), **kwargs):
-    """megatron-core ``TransformerConfig`` for an HF config (a dict)."""
+def transformer_config(config: dict, layout: Layout = Layout(), *, dims: ModelDims | None = None,
+                       dtype: torch.dtype | None = None, **overrides):
+    """megatron-core ``TransformerConfig`` for an HF config (a dict); ``overrides`` are further
+    ``TransformerConfig`` fields (an engine's performance switches, ``use_cpu_initialization``)."""
     require_megatron_core()
     from megatron.core.transformer import TransformerConfig
 
-    return TransformerConfig(**transformer_config_kwargs(config, layout, **kwargs))
+    return TransformerConfig(**{**transformer_config_kwargs(config, layout, dims=dims, dtype=dtype), **overrides})
 
 
 def gpt_model_args(config: dict, layout: Layout = Layout(), *, dims: ModelDims | None = None) -> GPTModelArgs:

@@ -9,7 +9,9 @@ A Megatron checkpoint directory written here::
     latest_checkpointed_iteration.txt   "release" (Megatron-LM's directory convention)
     release/                        the megatron.core.dist_checkpointing checkpoint (torch_dist):
                                     GPTModel's sharded-state-dict keys, plus ``reward_heads.weight``
-                                    [C, D] / ``reward_heads.bias`` [C] for the RM (C = ΣK_i)
+                                    [C, D] / ``reward_heads.bias`` [C] for the RM (C = ΣK_i);
+                                    common.pt holds Megatron-LM's ``checkpoint_version`` and
+                                    ``iteration``, so load ``{"model": model.sharded_state_dict()}``
 
 Both directions stream: a tensor is read from the source when the destination writes it, so a
 72B model is never whole in memory (peak: one layer's, or one expert's, largest tensor and its

@@ -288,7 +288,10 @@ def rank_state_dict(dims: ModelDims, layout: Layout, coords: RankCoords, rule_li
             out[name] = tp_shard(rule, get_whole(rule, layer, expert), rank, size)
             if rule.extra_state:
                 out[rule.extra_state.format(layer=local_layer, expert=local_expert)] = None
-    if dims.tie_embeddings and dims.has_lm_head and layout.pp > 1 and coords.pp == layout.pp - 1:
+    last_stage = coords.pp == layout.pp - 1
+    if dims.has_lm_head and last_stage:
+        out["output_layer._extra_state"] = None  # the output layer is a linear too (tied or not)
+    if dims.tie_embeddings and dims.has_lm_head and layout.pp > 1 and last_stage:
         # Tied embeddings across stages: the last stage keeps its own copy of the embedding as the
         # output layer (megatron all-reduces their gradients); the checkpoint stores it once.
         emb = next(r for r in rule_list if r.key == "embedding.word_embeddings.weight")
