@@ -11,6 +11,8 @@ and everything else in moslim_mega — imports without megatron-core installed.
 
 from __future__ import annotations
 
+import warnings
+
 MEGATRON_CORE_VERSION = "0.16.1"  # the version the key layout was checked against (tests/engine/megatron)
 
 
@@ -21,7 +23,12 @@ class MegatronNotInstalled(ImportError):
 def require_megatron_core():
     """``import megatron.core`` or raise a message that says how to get it."""
     try:
-        import megatron.core as mcore
+        with warnings.catch_warnings():
+            # Said once per import by several megatron modules; docs/megatron.md says why apex is not needed.
+            warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+            warnings.filterwarnings("ignore", message="Apex is not installed")
+            import megatron.core as mcore
+            import megatron.core.dist_checkpointing  # noqa: F401  (imports the optimizer modules that warn)
     except ImportError as e:
         raise MegatronNotInstalled(
             f"megatron-core is not installed ({e}); install the extra: pip install -e '.[megatron]' "

@@ -151,6 +151,8 @@ def _source(path: Path) -> tuple[str, Path, dict, dict]:
 def hf_to_megatron(src: str | Path, out: str | Path, layout: Layout = Layout(), dtype: str | None = None) -> dict:
     """Convert an HF causal LM or an RM directory into a Megatron checkpoint directory (module doc)."""
     src, out = Path(src), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConversionError(f"{out}: not empty; hf-to-megatron writes into a new or empty directory")
     kind, hf_dir, config, rm_meta = _source(src)
     dims = model_dims(config, tp=layout.tp)
     if kind == "reward_model" and dims.has_lm_head:

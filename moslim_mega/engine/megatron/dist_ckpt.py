@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -123,7 +124,9 @@ def save_streaming(out_dir: str | Path, dims: ModelDims, rule_list: Iterable[Rul
                 objects[extra_state_key(dims, rule, layer, expert)] = buf
     # thread_count=1 and one file: DCP's serial loader resolves the chunks one by one.
     writer = FileSystemWriter(str(out), single_file_per_rank=True, thread_count=1)
-    dcp_save({}, storage_writer=writer, planner=_StreamingPlanner(chunks, objects), no_dist=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process, on purpose
+        dcp_save({}, storage_writer=writer, planner=_StreamingPlanner(chunks, objects), no_dist=True)
     torch.save(common or {}, out / "common.pt")
     (out / "metadata.json").write_text(json.dumps(BACKEND_METADATA))
     return out
@@ -182,7 +185,9 @@ class StreamingReader:
             data = torch.empty((1,) * len(lead) + rule.shape, dtype=self.dtypes[rule.key])
             offsets = [(axis, index, total) for axis, (index, total) in enumerate(zip(at, lead))]
             sharded[str(i)] = ShardedTensor.from_rank_offsets(rule.key, data, *offsets, replica_id=0)
-        with process_group():
+        with process_group(), warnings.catch_warnings():
+            # megatron-core's own call of DCP's renamed load_state_dict; not ours to fix.
+            warnings.filterwarnings("ignore", message="`load_state_dict` is deprecated", category=FutureWarning)
             # Only this slice is asked for, so the "every shard read exactly once" check would fail.
             loaded = dist_checkpointing.load(sharded, str(self.dir), validate_access_integrity=False)
         return [loaded[str(i)].reshape(rule.shape) for i, (rule, _, _) in enumerate(requests)]
