@@ -30,8 +30,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .config import params_dtype
 from .dims import ConversionError, Layout, ModelDims, check_layout, model_dims
-from .dist_ckpt import StreamingReader, save_streaming
+from .dist_ckpt import StreamingReader, process_group, save_streaming
 from .mapping import GLOBAL, MissingTensorError, Rule, instances, rules, to_hf, to_megatron
 
 FORMAT_VERSION = 1
@@ -42,6 +43,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # Non-persistent HF buffers that some checkpoints still carry; they have no Megatron tensor.
 IGNORED_HF = ("rotary_emb.inv_freq",)
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 class HFTensorSource:
@@ -181,6 +183,9 @@ def hf_to_megatron(src: str | Path, out: str | Path, layout: Layout = Layout(), 
                    common={"checkpoint_version": 3.0, "iteration": 0})
     (out / TRACKER).write_text(RELEASE)
     _copy_non_weights(hf_dir, out / "hf")
+    if target != params_dtype(config):
+        # The config travels with the weights: it states the dtype they now have.
+        (out / "hf/config.json").write_text(json.dumps({**config, "dtype": _DTYPE_NAMES[target]}, indent=2))
     if kind == "reward_model":
         _copy_non_weights(src, out / "rm")
     meta = {"format_version": FORMAT_VERSION, "kind": kind, "arch": dims.arch, "vocab_size": dims.vocab_size,
@@ -225,15 +230,16 @@ def megatron_to_hf(ckpt: str | Path, out: str | Path, max_shard_bytes: int = 4 <
     writer, heads = HFShardWriter(hf_dir, max_shard_bytes), {}
     rule_list = rules(dims, int(meta.get("num_reward_classes", 0)))
     count = 0
-    for batch in _read_batches(dims, rule_list):
-        # One megatron load per layer: its tensors are in memory together, nothing more.
-        for (rule, layer, expert), whole in zip(batch, reader.read(batch)):
-            for name, t in zip(rule.hf_names(dims, layer, expert), to_hf(rule, dims, whole, rule.key)):
-                if name.startswith("heads."):
-                    heads[name.removeprefix("heads.")] = t
-                else:
-                    writer.add(name, t)
-                count += 1
+    with process_group():  # one group for all the loads
+        for batch in _read_batches(dims, rule_list):
+            # One megatron load per layer: its tensors are in memory together, nothing more.
+            for (rule, layer, expert), whole in zip(batch, reader.read(batch)):
+                for name, t in zip(rule.hf_names(dims, layer, expert), to_hf(rule, dims, whole, rule.key)):
+                    if name.startswith("heads."):
+                        heads[name.removeprefix("heads.")] = t
+                    else:
+                        writer.add(name, t)
+                    count += 1
     writer.close()
     _copy_non_weights(ckpt / "hf", hf_dir)
     if is_rm:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import sys
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable
@@ -145,11 +146,13 @@ def process_group():
     if dist.is_initialized():
         yield
         return
+    hook = sys.excepthook  # init_process_group wraps it to prefix "[rank0]:"; undone below
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         yield
     finally:
         dist.destroy_process_group()
+        sys.excepthook = hook
 
 
 class StreamingReader:
@@ -185,7 +188,7 @@ class StreamingReader:
             data = torch.empty((1,) * len(lead) + rule.shape, dtype=self.dtypes[rule.key])
             offsets = [(axis, index, total) for axis, (index, total) in enumerate(zip(at, lead))]
             sharded[str(i)] = ShardedTensor.from_rank_offsets(rule.key, data, *offsets, replica_id=0)
-        with process_group(), warnings.catch_warnings():
+        with process_group(), warnings.catch_warnings():  # a no-op inside the caller's own group
             # megatron-core's own call of DCP's renamed load_state_dict; not ours to fix.
             warnings.filterwarnings("ignore", message="`load_state_dict` is deprecated", category=FutureWarning)
             # Only this slice is asked for, so the "every shard read exactly once" check would fail.
