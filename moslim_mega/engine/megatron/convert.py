@@ -156,10 +156,7 @@ def hf_to_megatron(src: str | Path, out: str | Path, layout: Layout = Layout(), 
     if out.exists() and any(out.iterdir()):
         raise ConversionError(f"{out}: not empty; hf-to-megatron writes into a new or empty directory")
     kind, hf_dir, config, rm_meta = _source(src)
-    dims = model_dims(config, tp=layout.tp)
-    if kind == "reward_model" and dims.has_lm_head:
-        raise ConversionError(f"{hf_dir}/config.json: an RM backbone is a base model (*Model), "
-                              f"not {config.get('architectures')}")
+    dims = model_dims(config, tp=layout.tp, backbone=kind == "reward_model")
     check_layout(dims, layout)
     num_classes = sum(rm_meta.get("num_classes", []))
     source = HFTensorSource(hf_dir, {"heads.": src / "heads.safetensors"} if kind == "reward_model" else None)
@@ -203,7 +200,7 @@ def read_meta(ckpt: Path) -> tuple[dict, dict, ModelDims]:
     if meta.get("format_version") != FORMAT_VERSION:
         raise ConversionError(f"{ckpt}/{META_FILE}: unsupported format_version {meta.get('format_version')!r}")
     config = json.loads((ckpt / "hf/config.json").read_text())
-    dims = model_dims(config)
+    dims = model_dims(config, backbone=meta["kind"] == "reward_model")
     dims = ModelDims(**{**dims.__dict__, "padded_vocab_size": int(meta["padded_vocab_size"])})
     return meta, config, dims
 
@@ -221,6 +218,8 @@ def _read_batches(dims: ModelDims, rule_list: list[Rule]):
 def megatron_to_hf(ckpt: str | Path, out: str | Path, max_shard_bytes: int = 4 << 30) -> dict:
     """Convert a Megatron checkpoint directory (module doc) back into an HF model / RM directory."""
     ckpt, out = Path(ckpt), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConversionError(f"{out}: not empty; megatron-to-hf writes into a new or empty directory")
     meta, config, dims = read_meta(ckpt)
     release = ckpt / ((ckpt / TRACKER).read_text().strip() if (ckpt / TRACKER).is_file() else RELEASE)
     reader = StreamingReader(release, dims)

@@ -147,14 +147,21 @@ def padded_vocab(vocab_size: int, tp: int, multiple: int = VOCAB_MULTIPLE) -> in
     return -(-vocab_size // step) * step
 
 
-def model_dims(config: dict, *, tp: int = 1, vocab_multiple: int = VOCAB_MULTIPLE) -> ModelDims:
-    """The dimensions of an HF ``config.json`` (as a dict); raises naming an unsupported field."""
+def model_dims(config: dict, *, tp: int = 1, vocab_multiple: int = VOCAB_MULTIPLE,
+               backbone: bool | None = None) -> ModelDims:
+    """The dimensions of an HF ``config.json`` (as a dict); raises naming an unsupported field.
+
+    ``backbone``: True for an RM backbone (a ``*Model``: no LM head, no ``model.`` prefix); None
+    reads it from ``architectures`` (a ``*ForCausalLM``, or none listed, is a causal LM).
+    """
     arch = _arch(config)
     _check_features(config, arch)
     heads = int(_require(config, "num_attention_heads"))
     hidden = int(_require(config, "hidden_size"))
     archs = config.get("architectures") or []
-    has_lm_head = not archs or any(a.endswith("ForCausalLM") for a in archs)
+    if backbone is None:
+        backbone = bool(archs) and not any(a.endswith("ForCausalLM") for a in archs)
+    has_lm_head = not backbone
     qkv_bias = arch != "llama" and bool(config.get("qkv_bias", True))  # Qwen2: q/k/v biases, o_proj none
     vocab = int(_require(config, "vocab_size"))
     dims = ModelDims(

@@ -322,3 +322,12 @@ def merge_rank_state_dicts(dims: ModelDims, layout: Layout, rule_list: list[Rule
                 raise MissingTensorError(f"{rule.key} layer={layer} expert={expert}: TP shards {sorted(pieces)} "
                                          f"of {size}; some ranks' state dicts are missing")
             yield rule, layer, expert, tp_merge(rule, [pieces[r] for r in range(size)])
+
+
+def iter_hf_tensors(dims: ModelDims, layout: Layout, rule_list: list[Rule],
+                    shards: Mapping[RankCoords, Mapping[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) for every HF tensor, from all ranks' local state dicts, one Megatron tensor
+    at a time — what an engine's ``export_weights()`` streams to ``moslim export hf`` or a rollout
+    engine."""
+    for rule, layer, expert, whole in merge_rank_state_dicts(dims, layout, rule_list, shards):
+        yield from zip(rule.hf_names(dims, layer, expert), to_hf(rule, dims, whole, rule.key))

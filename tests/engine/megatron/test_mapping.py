@@ -6,7 +6,7 @@ import torch
 
 from moslim_mega.engine.megatron.dims import Layout, model_dims
 from moslim_mega.engine.megatron.mapping import (FC1, QKV, MissingTensorError, RankCoords, Rule, ShapeMismatchError,
-                                                 all_coords, instances, merge_rank_state_dicts, rank_state_dict,
+                                                 all_coords, instances, iter_hf_tensors, merge_rank_state_dicts, rank_state_dict,
                                                  rules, to_hf, to_megatron, tp_merge, tp_shard)
 
 from .tiny_hf import hf_config
@@ -87,10 +87,7 @@ def test_hf_to_rank_shards_and_back_is_bit_exact(arch, tied, layout):
     assert sum(k.endswith("linear_qkv.weight") for k in shards[c0]) == 4 // layout.pp
     if dims.is_moe:
         assert sum(".local_experts." in k and k.endswith("fc1.weight") for k in shards[c0]) == 4 // layout.pp * 4 // layout.ep
-    back = {}
-    for rule, layer, expert, whole in merge_rank_state_dicts(dims, layout, rule_list, shards):
-        names = rule.hf_names(dims, layer, expert)
-        back.update(zip(names, to_hf(rule, dims, whole, rule.key)))
+    back = dict(iter_hf_tensors(dims, layout, rule_list, shards))
     assert back.keys() == hf.keys()
     assert all(torch.equal(back[k], hf[k]) for k in hf)
 
