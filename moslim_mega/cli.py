@@ -17,7 +17,7 @@
     moslim config show [--config FILE] [a.b=value ...]
     moslim config doc
     moslim export hf --ckpt DIR --out DIR [--model NAME]
-    moslim convert hf-to-megatron --hf DIR --out DIR [--tp T] [--pp P] [--ep E] [--etp N] [--dtype auto|fp32|bf16|fp16]
+    moslim convert hf-to-megatron --hf DIR --out DIR [--tp T] [--pp P] [--ep E] [--etp N] [--vpp V] [--dtype auto|fp32|bf16|fp16]
     moslim convert megatron-to-hf --ckpt DIR --out DIR [--max-shard-gb G]
     moslim plan --model qwen2-0.5b|qwen2-7b|qwen2-57b-a14b|qwen2-72b|PATH --nodes N --gpus-per-node G --tp T --dp D [--stage rm|sft|ppo] [--logprob-chunk C]
     moslim plan --paper-table
@@ -184,7 +184,7 @@ def cmd_convert_hf_to_megatron(args) -> int:
     from .engine.megatron.convert import hf_to_megatron
     from .engine.megatron.dims import Layout
 
-    summary = hf_to_megatron(args.hf, args.out, Layout(args.tp, args.pp, args.ep, args.etp), args.dtype)
+    summary = hf_to_megatron(args.hf, args.out, Layout(args.tp, args.pp, args.ep, args.etp, args.vpp), args.dtype)
     print(f"converted {summary['kind']} ({summary['arch']}, {summary['tensors']} HF tensors, vocabulary "
           f"{summary['vocab_size']} padded to {summary['padded_vocab_size']}, checked for layout "
           f"{summary['layout']}) to {summary['out']}")
@@ -441,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, what in (("tp", "tensor"), ("pp", "pipeline"), ("ep", "expert")):
         p.add_argument(f"--{flag}", type=int, default=1, help=f"{what} parallel size the layout is checked for")
     p.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: --tp)")
+    p.add_argument("--vpp", type=int, default=1, help="virtual pipeline stages per pipeline rank")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="tensor dtype in the checkpoint (auto: the HF weights' own)")
     p.set_defaults(func=cmd_convert_hf_to_megatron)

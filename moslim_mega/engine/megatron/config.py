@@ -63,6 +63,7 @@ def transformer_config_kwargs(config: dict, layout: Layout = Layout(), *, dims: 
         init_method_std=float(config.get("initializer_range", 0.02)),
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
         expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.expert_tp,
         # Fused bias-SwiGLU / RoPE / persistent layer norm need Apex or TE kernels; the unfused
         # paths compute the same function.

@@ -88,7 +88,7 @@ class HFShardWriter:
     def __init__(self, out_dir: Path, max_shard_bytes: int = 4 << 30):
         self.dir, self.max_bytes = out_dir, max_shard_bytes
         self.buffer: dict[str, torch.Tensor] = {}
-        self.buffered = 0
+        self.buffered = self.total = 0  # bytes of tensors: buffered, written
         self.shards: list[tuple[Path, list[str]]] = []
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -101,6 +101,7 @@ class HFShardWriter:
         path = self.dir / f"model-part-{len(self.shards) + 1:05d}.safetensors"
         save_file(self.buffer, path, metadata={"format": "pt"})
         self.shards.append((path, list(self.buffer)))
+        self.total += self.buffered
         self.buffer, self.buffered = {}, 0
 
     def close(self) -> None:
@@ -114,8 +115,7 @@ class HFShardWriter:
             final = f"model-{i:05d}-of-{n:05d}.safetensors"
             path.rename(self.dir / final)
             weight_map.update({name: final for name in names})
-        total = sum((self.dir / f).stat().st_size for f in set(weight_map.values()))
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
         (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 

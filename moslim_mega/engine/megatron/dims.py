@@ -63,20 +63,22 @@ class ModelDims:
 
 @dataclass(frozen=True)
 class Layout:
-    """A Megatron parallel layout: tensor, pipeline, expert and expert-tensor parallel sizes."""
+    """A Megatron parallel layout: tensor, pipeline (+ virtual), expert and expert-tensor parallel sizes."""
 
     tp: int = 1
     pp: int = 1
     ep: int = 1
     etp: int | None = None
     """Expert tensor parallel size; None = tp (megatron-core's default)."""
+    vpp: int = 1
+    """Virtual pipeline stages (model chunks) per pipeline rank, for the interleaved schedule."""
 
     @property
     def expert_tp(self) -> int:
         return self.tp if self.etp is None else self.etp
 
     def to_dict(self) -> dict:
-        return {"tp": self.tp, "pp": self.pp, "ep": self.ep, "etp": self.expert_tp}
+        return {"tp": self.tp, "pp": self.pp, "ep": self.ep, "etp": self.expert_tp, "vpp": self.vpp}
 
 
 def _arch(config: dict) -> str:
@@ -185,7 +187,8 @@ def model_dims(config: dict, *, tp: int = 1, vocab_multiple: int = VOCAB_MULTIPL
 
 def check_layout(dims: ModelDims, layout: Layout) -> None:
     """Raise :class:`LayoutError` naming the first size that the layout does not divide."""
-    for name, size in (("tp", layout.tp), ("pp", layout.pp), ("ep", layout.ep), ("etp", layout.expert_tp)):
+    for name, size in (("tp", layout.tp), ("pp", layout.pp), ("ep", layout.ep), ("etp", layout.expert_tp),
+                       ("vpp", layout.vpp)):
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise LayoutError(f"{name}={size!r}: expected an integer >= 1")
     checks = [
@@ -193,6 +196,7 @@ def check_layout(dims: ModelDims, layout: Layout) -> None:
         ("tp", layout.tp, "num_key_value_heads (query groups)", dims.num_query_groups),
         ("tp", layout.tp, "padded vocabulary", dims.padded_vocab_size),
         ("pp", layout.pp, "num_hidden_layers", dims.num_layers),
+        ("pp×vpp", layout.pp * layout.vpp, "num_hidden_layers", dims.num_layers),
     ]
     if dims.is_moe:
         checks += [("ep", layout.ep, "num_experts", dims.num_experts),

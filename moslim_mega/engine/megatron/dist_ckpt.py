@@ -163,10 +163,10 @@ class StreamingReader:
         self.dir, self.dims = Path(ckpt_dir), dims
         if not (self.dir / "metadata.json").is_file():
             raise ConversionError(f"{self.dir}: not a megatron dist_checkpointing directory (no metadata.json)")
-        self.shapes = tensor_shapes(self.dir)
-        self.dtypes = {k: v.properties.dtype for k, v in
-                       FileSystemReader(str(self.dir)).read_metadata().state_dict_metadata.items()
-                       if isinstance(v, TensorStorageMetadata)}
+        tensors = {k: v for k, v in FileSystemReader(str(self.dir)).read_metadata().state_dict_metadata.items()
+                   if isinstance(v, TensorStorageMetadata)}
+        self.shapes = {k: tuple(v.size) for k, v in tensors.items()}
+        self.dtypes = {k: v.properties.dtype for k, v in tensors.items()}
 
     def read(self, requests: list[tuple[Rule, int | None, int | None]]) -> list[torch.Tensor]:
         """The whole tensors of ``(rule, layer, expert)`` requests, in one megatron load."""

@@ -239,30 +239,41 @@ def tp_merge(rule: Rule, shards: list[torch.Tensor]) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class RankCoords:
-    """A rank's place in the layout: its TP, PP, EP and expert-TP ranks."""
+    """A model chunk's place in the layout: its rank's TP, PP, EP and expert-TP ranks, and which of
+    the rank's virtual pipeline stages (model chunks) it is."""
 
     tp: int = 0
     pp: int = 0
     ep: int = 0
     etp: int = 0
+    vp: int = 0
 
 
 def all_coords(layout: Layout) -> list[RankCoords]:
     """One coordinate per distinct set of shards (data-parallel replicas left out)."""
-    return [RankCoords(t, p, e, et) for p, t, e, et in itertools.product(
-        range(layout.pp), range(layout.tp), range(layout.ep), range(layout.expert_tp))]
+    return [RankCoords(t, p, e, et, v) for v, p, t, e, et in itertools.product(
+        range(layout.vpp), range(layout.pp), range(layout.tp), range(layout.ep), range(layout.expert_tp))]
+
+
+def _is_first(layout: Layout, c: RankCoords) -> bool:
+    return c.pp == 0 and c.vp == 0
+
+
+def _is_last(layout: Layout, c: RankCoords) -> bool:
+    return c.pp == layout.pp - 1 and c.vp == layout.vpp - 1
 
 
 def _owner(dims: ModelDims, layout: Layout, rule: Rule, layer, expert, c: RankCoords):
     """(local layer, local expert, TP rank, TP size) if rank ``c`` holds this tensor, else None."""
-    last = layout.pp - 1
     if rule.scope == GLOBAL:
-        on_stage = rule.stage == ALL or c.pp == (0 if rule.stage == FIRST else last)
+        on_stage = rule.stage == ALL or (_is_first if rule.stage == FIRST else _is_last)(layout, c)
         return (None, None, c.tp, layout.tp) if on_stage else None
-    per_stage = dims.num_layers // layout.pp
-    if layer // per_stage != c.pp:
+    # Layers are cut into pp × vpp chunks in order; chunk k runs on PP rank k % pp as its virtual
+    # stage k // pp (megatron's interleaved assignment; vpp = 1 is the plain split).
+    per_chunk = dims.num_layers // (layout.pp * layout.vpp)
+    if layer // per_chunk != c.vp * layout.pp + c.pp:
         return None
-    local_layer = layer - c.pp * per_stage
+    local_layer = layer % per_chunk
     if rule.scope == LAYER:
         return local_layer, None, c.tp, layout.tp
     per_ep = dims.num_experts // layout.ep
@@ -273,8 +284,8 @@ def _owner(dims: ModelDims, layout: Layout, rule: Rule, layer, expert, c: RankCo
 
 def rank_state_dict(dims: ModelDims, layout: Layout, coords: RankCoords, rule_list: list[Rule],
                     get_whole: Callable[[Rule, int | None, int | None], torch.Tensor]) -> dict[str, torch.Tensor | None]:
-    """What ``GPTModel.state_dict()`` holds on rank ``coords`` (strict-loadable, ``_extra_state``
-    entries included as None), built by asking ``get_whole(rule, layer, expert)`` for each whole
+    """What ``GPTModel.state_dict()`` holds for model chunk ``coords`` (strict-loadable,
+    ``_extra_state`` entries included as None), built by asking ``get_whole(rule, layer, expert)`` for each whole
     tensor this rank needs — one at a time, so a caller can stream them from disk."""
     check_layout(dims, layout)
     out: dict[str, torch.Tensor | None] = {}
@@ -288,7 +299,7 @@ def rank_state_dict(dims: ModelDims, layout: Layout, coords: RankCoords, rule_li
             out[name] = tp_shard(rule, get_whole(rule, layer, expert), rank, size)
             if rule.extra_state:
                 out[rule.extra_state.format(layer=local_layer, expert=local_expert)] = None
-    last_stage = coords.pp == layout.pp - 1
+    last_stage = _is_last(layout, coords)
     if dims.has_lm_head and last_stage:
         out["output_layer._extra_state"] = None  # the output layer is a linear too (tied or not)
     if dims.tie_embeddings and dims.has_lm_head and layout.pp > 1 and last_stage:

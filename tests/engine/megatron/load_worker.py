@@ -31,40 +31,44 @@ def run_case(case: dict, out_dir: Path) -> None:
     ckpt = Path(case["ckpt"])
     meta, config, dims = read_meta(ckpt)
     ps.initialize_model_parallel(layout.tp, layout.pp, expert_model_parallel_size=layout.ep,
-                                 expert_tensor_parallel_size=layout.expert_tp)
+                                 expert_tensor_parallel_size=layout.expert_tp,
+                                 virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None)
     try:
         cfg = transformer_config(config, layout, dims=dims, use_cpu_initialization=True)
         args = gpt_model_args(config, layout, dims=dims)
-        first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
-        cuda = torch.Tensor.cuda
-        try:
-            # Tied embeddings across stages: GPTModel moves the copy to CUDA before all-reducing it
-            # between the first and last stage; on gloo the CPU tensor is all-reduced as it is.
-            torch.Tensor.cuda = lambda self, *a, **k: self
-            model = GPTModel(cfg, layer_spec(dims), **args.kwargs(), pre_process=first, post_process=last)
-        finally:
-            torch.Tensor.cuda = cuda
         num_classes = int(meta["num_reward_classes"])
-        sharded = model.sharded_state_dict()
-        if num_classes:
-            # The RM engine (not built yet) puts its heads where the output layer is; stand in for it.
-            sharded = {k: v for k, v in sharded.items() if not k.startswith("output_layer.")}
-            if last:
-                heads = {"reward_heads.weight": torch.empty(num_classes, dims.hidden_size),
-                         "reward_heads.bias": torch.empty(num_classes)}
-                sharded.update({k: ShardedTensor.from_rank_offsets(k, v, replica_id=(0, ps.get_tensor_model_parallel_rank(), 0))
-                                for k, v in heads.items()})
-        # Megatron-LM's nesting: the model under "model", checkpoint_version/iteration beside it.
-        whole = dist_checkpointing.load({"model": sharded}, str(ckpt / "release"), strict=StrictHandling.RAISE_ALL)
+        rm = num_classes > 0
+        chunks, sharded = [], {}
+        for vp in range(layout.vpp):  # one GPTModel per virtual stage (model chunk), as Megatron-LM builds them
+            vp_stage = vp if layout.vpp > 1 else None
+            first = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+            last = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+            cuda = torch.Tensor.cuda
+            try:
+                # Tied embeddings across stages: GPTModel moves the copy to CUDA before all-reducing
+                # it between the first and last stage; on gloo the CPU tensor is all-reduced as it is.
+                torch.Tensor.cuda = lambda self, *a, **k: self
+                model = GPTModel(cfg, layer_spec(dims), **args.kwargs(), pre_process=first, post_process=last,
+                                 vp_stage=vp_stage)
+            finally:
+                torch.Tensor.cuda = cuda
+            chunk = model.sharded_state_dict()
+            if rm:
+                # The RM engine (not built yet) puts its heads where the output layer is; stand in for it.
+                chunk = {k: v for k, v in chunk.items() if not k.startswith("output_layer.")}
+                if last:
+                    tp_rank = ps.get_tensor_model_parallel_rank()
+                    chunk.update({k: ShardedTensor.from_rank_offsets(k, torch.empty(shape), replica_id=(0, tp_rank, 0))
+                                  for k, shape in (("reward_heads.weight", (num_classes, dims.hidden_size)),
+                                                   ("reward_heads.bias", (num_classes,)))})
+            chunks.append((vp, model))
+            sharded[f"model{vp}" if layout.vpp > 1 else "model"] = chunk
+        # Megatron-LM's nesting: the model under "model" ("model0", "model1", ... per virtual
+        # stage), checkpoint_version/iteration beside it.
+        whole = dist_checkpointing.load(sharded, str(ckpt / "release"), strict=StrictHandling.RAISE_ALL)
         assert whole["checkpoint_version"] == 3.0, whole.keys()
-        loaded = whole["model"]
-        heads = {k: loaded.pop(k) for k in list(loaded) if k.startswith("reward_heads.")}
-        if num_classes:
-            loaded.update({k: v for k, v in model.state_dict().items() if k.startswith("output_layer.")})
-        model.load_state_dict(loaded, strict=True)
 
         src_dir = ckpt.parent / case["hf"]
-        rm = num_classes > 0
         source = HFTensorSource(src_dir / "backbone" if rm else src_dir,
                                 {"heads.": src_dir / "heads.safetensors"} if rm else None)
 
@@ -72,19 +76,27 @@ def run_case(case: dict, out_dir: Path) -> None:
             names = rule.hf_names(dims, layer, expert)
             return to_megatron(rule, dims, [source.get(n) for n in names], names)
 
-        coords = RankCoords(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
-                            ps.get_expert_model_parallel_rank(), ps.get_expert_tensor_parallel_rank())
-        expected = rank_state_dict(dims, layout, coords, rules(dims, num_classes), get_whole)
-        state = {k: v for k, v in model.state_dict().items() if not (rm and k.startswith("output_layer."))}
-        state.update(heads)
-        assert set(state) == set(expected), (sorted(set(state) - set(expected)), sorted(set(expected) - set(state)))
-        for name, want in expected.items():
-            got = state[name]
-            if want is None:
-                assert got is None, name
-                continue
-            assert got.shape == want.shape and torch.equal(got, want), (name, tuple(got.shape), tuple(want.shape))
-        (out_dir / f"ok_{case['name']}_rank{dist.get_rank()}").write_text(str(len(expected)))
+        count = 0
+        for vp, model in chunks:
+            loaded = whole[f"model{vp}" if layout.vpp > 1 else "model"]
+            heads = {k: loaded.pop(k) for k in list(loaded) if k.startswith("reward_heads.")}
+            if rm:
+                loaded.update({k: v for k, v in model.state_dict().items() if k.startswith("output_layer.")})
+            model.load_state_dict(loaded, strict=True)
+            coords = RankCoords(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+                                ps.get_expert_model_parallel_rank(), ps.get_expert_tensor_parallel_rank(), vp)
+            expected = rank_state_dict(dims, layout, coords, rules(dims, num_classes), get_whole)
+            state = {k: v for k, v in model.state_dict().items() if not (rm and k.startswith("output_layer."))}
+            state.update(heads)
+            assert set(state) == set(expected), (sorted(set(state) - set(expected)), sorted(set(expected) - set(state)))
+            for name, want in expected.items():
+                got = state[name]
+                if want is None:
+                    assert got is None, name
+                    continue
+                assert got.shape == want.shape and torch.equal(got, want), (name, tuple(got.shape), tuple(want.shape))
+            count += len(expected)
+        (out_dir / f"ok_{case['name']}_rank{dist.get_rank()}").write_text(str(count))
     finally:
         ps.destroy_model_parallel()
 

@@ -38,7 +38,7 @@ def _assert_same_tensors(a, b):
 @pytest.mark.parametrize("arch, tied, flags", [
     ("llama", False, ["--tp", "2"]), ("llama", True, ["--pp", "2"]),
     ("qwen2", True, ["--tp", "2", "--pp", "2"]), ("qwen2", False, ["--dtype", "bf16"]),
-    ("qwen2_moe", False, ["--ep", "2"]), ("qwen2_moe", True, ["--tp", "2", "--pp", "2", "--ep", "2"]),
+    ("qwen2_moe", False, ["--ep", "2"]), ("qwen2_moe", True, ["--tp", "2", "--pp", "2", "--ep", "2", "--vpp", "2"]),
 ])
 def test_cli_round_trip_is_bit_exact(tmp_path, capsys, arch, tied, flags):
     src = save_causal_lm(arch, tmp_path / "hf", tied=tied)

@@ -66,6 +66,7 @@ def test_llama3_rope_scaling_maps_to_megatrons_and_other_constants_do_not():
     ("qwen2_moe", Layout(ep=3), "ep=3 does not divide num_experts=4"),
     ("qwen2_moe", Layout(etp=3), "etp=3 does not divide moe_intermediate_size=8"),
     ("llama", Layout(tp=0), "tp=0: expected an integer >= 1"),
+    ("llama", Layout(pp=2, vpp=4), "pp×vpp=8 does not divide num_hidden_layers=4"),
 ])
 def test_layout_errors_name_the_size_and_the_field(arch, layout, message):
     with pytest.raises(LayoutError, match=message):

@@ -1,4 +1,4 @@
-"""megatron-core reads the converted checkpoints: 2 gloo processes, tp=2 / pp=2 / ep=2.
+"""megatron-core reads the converted checkpoints: 2 gloo processes, tp=2 / pp=2 (+ vpp=2) / ep=2.
 
 One conversion per model (written for tp=2, pp=2) is loaded under several layouts by megatron's
 own ``GPTModel.sharded_state_dict()`` + ``dist_checkpointing.load`` in strict mode, and each rank's
@@ -27,11 +27,13 @@ ROOT = Path(__file__).resolve().parents[3]
 CASES = [
     ("llama_tp2", "llama", False, {"tp": 2}),
     ("llama_tied_pp2", "llama", True, {"pp": 2}),
+    ("llama_tied_pp2_vpp2", "llama", True, {"pp": 2, "vpp": 2}),
     ("qwen2_tied_tp2", "qwen2", True, {"tp": 2}),
     ("qwen2_pp2", "qwen2", False, {"pp": 2}),
     ("moe_ep2", "qwen2_moe", False, {"ep": 2}),
     ("moe_tp2", "qwen2_moe", False, {"tp": 2}),
     ("moe_pp2", "qwen2_moe", False, {"pp": 2}),
+    ("moe_pp2_vpp2", "qwen2_moe", False, {"pp": 2, "vpp": 2}),
     ("rm_qwen2_pp2", "rm", False, {"pp": 2}),
 ]
 

@@ -69,6 +69,7 @@ def test_vocabulary_rows_are_padded_with_zeros_and_dropped_on_the_way_back():
     ("qwen2", True, Layout(tp=2)), ("qwen2", False, Layout(tp=2, pp=2)),
     ("qwen2_moe", False, Layout(ep=2)), ("qwen2_moe", False, Layout(tp=2, pp=2, ep=2)),
     ("qwen2_moe", False, Layout(tp=2, ep=2, etp=1)), ("qwen2_moe", True, Layout(pp=2, ep=4)),
+    ("llama", True, Layout(pp=2, vpp=2)), ("qwen2_moe", False, Layout(tp=2, pp=2, vpp=2, ep=2)),
 ])
 def test_hf_to_rank_shards_and_back_is_bit_exact(arch, tied, layout):
     dims = _dims(arch, tied, layout.tp)
@@ -84,9 +85,10 @@ def test_hf_to_rank_shards_and_back_is_bit_exact(arch, tied, layout):
     c0 = RankCoords()
     qkv0 = shards[c0]["decoder.layers.0.self_attention.linear_qkv.weight"]
     assert qkv0.shape[0] == (4 + 2 * 2) * 4 // layout.tp
-    assert sum(k.endswith("linear_qkv.weight") for k in shards[c0]) == 4 // layout.pp
+    chunk_layers = 4 // (layout.pp * layout.vpp)
+    assert sum(k.endswith("linear_qkv.weight") for k in shards[c0]) == chunk_layers
     if dims.is_moe:
-        assert sum(".local_experts." in k and k.endswith("fc1.weight") for k in shards[c0]) == 4 // layout.pp * 4 // layout.ep
+        assert sum(".local_experts." in k and k.endswith("fc1.weight") for k in shards[c0]) == chunk_layers * 4 // layout.ep
     back = dict(iter_hf_tensors(dims, layout, rule_list, shards))
     assert back.keys() == hf.keys()
     assert all(torch.equal(back[k], hf[k]) for k in hf)
@@ -114,3 +116,19 @@ def test_bad_shapes_and_missing_shards_name_the_tensor():
     with pytest.raises(MissingTensorError, match="embedding.word_embeddings.weight is missing"):
         list(merge_rank_state_dicts(dims, layout, rules(dims), partial))
     assert isinstance(rule, Rule)
+
+
+def test_virtual_stages_interleave_the_layers():
+    """pp=2, vpp=2 over 4 layers: chunk k holds layer k and runs on PP rank k % 2 as virtual stage
+    k // 2, so PP rank 0 holds layers 0 and 2 (megatron's interleaved assignment)."""
+    dims, layout = _dims("llama", tied=True), Layout(pp=2, vpp=2)
+    rule_list = rules(dims)
+    hf = _hf_state(dims, rule_list)
+    get = lambda rule, layer, expert: to_megatron(rule, dims, [hf[n] for n in rule.hf_names(dims, layer, expert)], rule.hf)  # noqa: E731
+    chunk = {c: rank_state_dict(dims, layout, c, rule_list, get) for c in all_coords(layout)}
+    for pp, vp, layer in ((0, 0, 0), (1, 0, 1), (0, 1, 2), (1, 1, 3)):
+        norm = chunk[RankCoords(pp=pp, vp=vp)]["decoder.layers.0.input_layernorm.weight"]
+        assert torch.equal(norm, hf[f"model.layers.{layer}.input_layernorm.weight"])
+    assert "embedding.word_embeddings.weight" in chunk[RankCoords(pp=0, vp=0)]
+    assert "output_layer.weight" in chunk[RankCoords(pp=1, vp=1)]  # the last chunk, not PP rank 1's first
+    assert "output_layer.weight" not in chunk[RankCoords(pp=1, vp=0)]
