@@ -33,7 +33,8 @@ from safetensors.torch import save_file
 from .config import params_dtype
 from .dims import ConversionError, Layout, ModelDims, check_layout, model_dims
 from .dist_ckpt import StreamingReader, process_group, save_streaming
-from .mapping import GLOBAL, MissingTensorError, Rule, instances, rules, to_hf, to_megatron
+from .mapping import (GLOBAL, MissingTensorError, Rule, ShapeMismatchError, hf_shapes, instances, rules, to_hf,
+                      to_megatron)
 
 FORMAT_VERSION = 1
 META_FILE = "moslim_megatron.json"
@@ -75,6 +76,12 @@ class HFTensorSource:
         path, inner = self.files[name]
         with safe_open(path, "pt") as f:
             return f.get_tensor(inner)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """From the file header: no tensor data is read."""
+        path, inner = self.files[name]
+        with safe_open(path, "pt") as f:
+            return tuple(f.get_slice(inner).get_shape())
 
     def dtype(self, name: str) -> torch.dtype:
         path, inner = self.files[name]
@@ -175,6 +182,12 @@ def hf_to_megatron(src: str | Path, out: str | Path, layout: Layout = Layout(), 
         raise MissingTensorError(f"{hf_dir}: tensor {missing[0]} is missing ({len(missing)} missing in all)")
     if extra:
         raise ConversionError(f"{hf_dir}: tensor {extra[0]} has no Megatron mapping ({len(extra)} unmapped)")
+    for rule in rule_list:  # shapes from the headers, so that a bad file fails before anything is written
+        for layer, expert in instances(dims, rule):
+            for name, shape in zip(rule.hf_names(dims, layer, expert), hf_shapes(rule, dims)):
+                if source.shape(name) != tuple(shape):
+                    raise ShapeMismatchError(f"{hf_dir}: {name} has shape {source.shape(name)}, the config "
+                                             f"implies {tuple(shape)}")
     out.mkdir(parents=True, exist_ok=True)
     save_streaming(out / RELEASE, dims, rule_list, target, get_whole,
                    common={"checkpoint_version": 3.0, "iteration": 0})

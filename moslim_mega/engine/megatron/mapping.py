@@ -167,7 +167,7 @@ def _expect(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
         raise ShapeMismatchError(f"{name}: shape {tuple(tensor.shape)}, expected {tuple(shape)} from the config")
 
 
-def _hf_shapes(rule: Rule, dims: ModelDims) -> list[tuple[int, ...]]:
+def hf_shapes(rule: Rule, dims: ModelDims) -> list[tuple[int, ...]]:
     """Shapes of the HF tensors a rule packs (what the config implies)."""
     if rule.kind == QKV:
         hd, Hq, G = dims.head_dim, dims.num_heads, dims.num_query_groups
@@ -182,7 +182,7 @@ def _hf_shapes(rule: Rule, dims: ModelDims) -> list[tuple[int, ...]]:
 
 def to_megatron(rule: Rule, dims: ModelDims, hf: list[torch.Tensor], names: list[str]) -> torch.Tensor:
     """Pack the HF tensors of one layer/expert into the rule's whole Megatron tensor."""
-    for name, t, shape in zip(names, hf, _hf_shapes(rule, dims)):
+    for name, t, shape in zip(names, hf, hf_shapes(rule, dims)):
         _expect(name, t, shape)
     if rule.kind == QKV:
         G, hd = dims.num_query_groups, dims.head_dim

@@ -14,7 +14,7 @@ from moslim_mega.cli import main  # noqa: E402
 from moslim_mega.engine.megatron import dist_ckpt  # noqa: E402
 from moslim_mega.engine.megatron.convert import HFTensorSource, hf_to_megatron, megatron_to_hf  # noqa: E402
 from moslim_mega.engine.megatron.dims import ConversionError, Layout, model_dims  # noqa: E402
-from moslim_mega.engine.megatron.mapping import MissingTensorError, rules  # noqa: E402
+from moslim_mega.engine.megatron.mapping import MissingTensorError, ShapeMismatchError, rules  # noqa: E402
 
 from .tiny_hf import save_causal_lm, save_reward_model  # noqa: E402
 
@@ -127,6 +127,10 @@ def test_errors_name_the_problem(tmp_path, capsys):
     save_file({k: v for k, v in tensors.items() if k != "model.layers.2.mlp.up_proj.weight"}, broken / "model.safetensors")
     with pytest.raises(MissingTensorError, match="model.layers.2.mlp.up_proj.weight is missing"):
         hf_to_megatron(broken, tmp_path / "o1")
+    save_file({**tensors, "model.layers.1.self_attn.k_proj.weight": torch.zeros(9, 16)}, broken / "model.safetensors")
+    with pytest.raises(ShapeMismatchError, match=r"model.layers.1.self_attn.k_proj.weight has shape \(9, 16\)"):
+        hf_to_megatron(broken, tmp_path / "o1b")
+    assert not (tmp_path / "o1b").exists()  # refused before anything was written
     save_file({**tensors, "model.layers.0.self_attn.q_norm.weight": torch.ones(4)}, broken / "model.safetensors")
     with pytest.raises(ConversionError, match="q_norm.weight has no Megatron mapping"):
         hf_to_megatron(broken, tmp_path / "o2")

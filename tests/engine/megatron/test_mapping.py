@@ -6,7 +6,7 @@ import torch
 
 from moslim_mega.engine.megatron.dims import Layout, model_dims
 from moslim_mega.engine.megatron.mapping import (FC1, QKV, MissingTensorError, RankCoords, Rule, ShapeMismatchError,
-                                                 all_coords, instances, iter_hf_tensors, merge_rank_state_dicts, rank_state_dict,
+                                                 all_coords, hf_shapes, instances, iter_hf_tensors, merge_rank_state_dicts, rank_state_dict,
                                                  rules, to_hf, to_megatron, tp_merge, tp_shard)
 
 from .tiny_hf import hf_config
@@ -18,13 +18,11 @@ def _dims(arch, tied=False, tp=1):
 
 def _hf_state(dims, rule_list, seed=0):
     """Random HF tensors of the right shapes for every name the rules use."""
-    from moslim_mega.engine.megatron.mapping import _hf_shapes
-
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for rule in rule_list:
         for layer, expert in instances(dims, rule):
-            for name, shape in zip(rule.hf_names(dims, layer, expert), _hf_shapes(rule, dims)):
+            for name, shape in zip(rule.hf_names(dims, layer, expert), hf_shapes(rule, dims)):
                 state[name] = torch.randn(shape, generator=gen)
     return state
 
