@@ -30,6 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import MEGATRON_CORE_VERSION
 from .config import params_dtype
 from .dims import ConversionError, Layout, ModelDims, check_layout, model_dims
 from .dist_ckpt import StreamingReader, process_group, save_streaming
@@ -157,6 +158,25 @@ def _source(path: Path) -> tuple[str, Path, dict, dict]:
     return "causal_lm", path, json.loads((path / "config.json").read_text()), {}
 
 
+def _check_source(source: HFTensorSource, dims: ModelDims, rule_list: list[Rule]) -> set[str]:
+    """The HF names the rules read, after checking — from the file headers, before anything is
+    written — that none is missing, none would be silently dropped, and every shape fits the config."""
+    needed = {n for r in rule_list for lay, e in instances(dims, r) for n in r.hf_names(dims, lay, e)}
+    missing = sorted(n for n in needed if n not in source.files)
+    if missing:
+        raise MissingTensorError(f"{source.dir}: tensor {missing[0]} is missing ({len(missing)} missing in all)")
+    extra = sorted(n for n in source.files if n not in needed and not n.endswith(IGNORED_HF))
+    if extra:
+        raise ConversionError(f"{source.dir}: tensor {extra[0]} has no Megatron mapping ({len(extra)} unmapped)")
+    for rule in rule_list:
+        for layer, expert in instances(dims, rule):
+            for name, shape in zip(rule.hf_names(dims, layer, expert), hf_shapes(rule, dims)):
+                if source.shape(name) != tuple(shape):
+                    raise ShapeMismatchError(f"{source.dir}: {name} has shape {source.shape(name)}, the config "
+                                             f"implies {tuple(shape)}")
+    return needed
+
+
 def hf_to_megatron(src: str | Path, out: str | Path, layout: Layout = Layout(), dtype: str | None = None) -> dict:
     """Convert an HF causal LM or an RM directory into a Megatron checkpoint directory (module doc)."""
     src, out = Path(src), Path(out)
@@ -174,20 +194,7 @@ def hf_to_megatron(src: str | Path, out: str | Path, layout: Layout = Layout(), 
         names = rule.hf_names(dims, layer, expert)
         return to_megatron(rule, dims, [source.get(n) for n in names], names)
 
-    # Unconsumed HF tensors would be silently lost: check the names before writing anything.
-    needed = {n for r in rule_list for lay, e in instances(dims, r) for n in r.hf_names(dims, lay, e)}
-    extra = sorted(n for n in source.files if n not in needed and not n.endswith(IGNORED_HF))
-    missing = sorted(n for n in needed if n not in source.files)
-    if missing:
-        raise MissingTensorError(f"{hf_dir}: tensor {missing[0]} is missing ({len(missing)} missing in all)")
-    if extra:
-        raise ConversionError(f"{hf_dir}: tensor {extra[0]} has no Megatron mapping ({len(extra)} unmapped)")
-    for rule in rule_list:  # shapes from the headers, so that a bad file fails before anything is written
-        for layer, expert in instances(dims, rule):
-            for name, shape in zip(rule.hf_names(dims, layer, expert), hf_shapes(rule, dims)):
-                if source.shape(name) != tuple(shape):
-                    raise ShapeMismatchError(f"{hf_dir}: {name} has shape {source.shape(name)}, the config "
-                                             f"implies {tuple(shape)}")
+    needed = _check_source(source, dims, rule_list)
     out.mkdir(parents=True, exist_ok=True)
     save_streaming(out / RELEASE, dims, rule_list, target, get_whole,
                    common={"checkpoint_version": 3.0, "iteration": 0})
@@ -200,7 +207,7 @@ def hf_to_megatron(src: str | Path, out: str | Path, layout: Layout = Layout(), 
         _copy_non_weights(src, out / "rm")
     meta = {"format_version": FORMAT_VERSION, "kind": kind, "arch": dims.arch, "vocab_size": dims.vocab_size,
             "padded_vocab_size": dims.padded_vocab_size, "layout": layout.to_dict(), "dtype": str(target),
-            "num_reward_classes": num_classes, "megatron_core": "0.16.1"}
+            "num_reward_classes": num_classes, "megatron_core": MEGATRON_CORE_VERSION}
     (out / META_FILE).write_text(json.dumps(meta, indent=2))
     return {**meta, "out": str(out), "tensors": len(needed)}
 
