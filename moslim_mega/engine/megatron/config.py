@@ -1,0 +1,119 @@
+"""HF ``config.json`` → megatron-core ``TransformerConfig`` and the ``GPTModel`` arguments.
+
+Only the fields that decide the numbers are translated here (shapes, norms, activation, RoPE,
+MoE routing); performance switches (fusions, recomputation, sequence parallelism, the
+distributed optimizer) belong to the engine that builds the model, and are left at megatron's
+defaults except where a default would need a kernel that may be missing (noted below).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import require_megatron_core
+from .dims import Layout, ModelDims, check_layout, model_dims, rope_settings
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class GPTModelArgs:
+    """The ``GPTModel(...)`` keyword arguments that are not in ``TransformerConfig``."""
+
+    vocab_size: int
+    """The padded vocabulary (``ModelDims.padded_vocab_size``)."""
+    max_sequence_length: int
+    share_embeddings_and_output_weights: bool
+    rotary_base: float
+    rope_scaling: bool = False
+    rope_scaling_factor: float = 8.0
+    position_embedding_type: str = "rope"
+    extra: dict = field(default_factory=dict)
+
+    def kwargs(self) -> dict:
+        return {"vocab_size": self.vocab_size, "max_sequence_length": self.max_sequence_length,
+                "share_embeddings_and_output_weights": self.share_embeddings_and_output_weights,
+                "position_embedding_type": self.position_embedding_type, "rotary_base": self.rotary_base,
+                "rope_scaling": self.rope_scaling, "rope_scaling_factor": self.rope_scaling_factor, **self.extra}
+
+
+def params_dtype(config: dict) -> torch.dtype:
+    """The HF config's ``dtype`` (``torch_dtype`` before transformers 5); float32 when unset."""
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    if name not in _DTYPES:
+        raise ValueError(f"config.json: dtype={name!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def transformer_config_kwargs(config: dict, layout: Layout = Layout(), *, dims: ModelDims | None = None,
+                              dtype: torch.dtype | None = None) -> dict:
+    """The ``TransformerConfig`` fields for an HF config (a dict), without importing megatron."""
+    dims = dims or model_dims(config, tp=layout.tp)
+    check_layout(dims, layout)
+    dtype = dtype or params_dtype(config)
+    kw = dict(
+        num_layers=dims.num_layers, hidden_size=dims.hidden_size, num_attention_heads=dims.num_heads,
+        num_query_groups=dims.num_query_groups, kv_channels=dims.head_dim, ffn_hidden_size=dims.ffn_hidden_size,
+        normalization="RMSNorm", layernorm_epsilon=float(config.get("rms_norm_eps", 1e-6)),
+        gated_linear_unit=True, activation_func=torch.nn.functional.silu,  # SwiGLU: silu(gate) * up
+        add_bias_linear=False, add_qkv_bias=dims.qkv_bias,
+        attention_dropout=float(config.get("attention_dropout", 0.0)), hidden_dropout=0.0,
+        init_method_std=float(config.get("initializer_range", 0.02)),
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.expert_tp,
+        # Fused bias-SwiGLU / RoPE / persistent layer norm need Apex or TE kernels; the unfused
+        # paths compute the same function.
+        bias_activation_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
+        gradient_accumulation_fusion=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
+    )
+    if dims.is_moe:
+        kw.update(
+            num_moe_experts=dims.num_experts, moe_ffn_hidden_size=dims.moe_ffn_hidden_size,
+            moe_router_topk=int(config["num_experts_per_tok"]),
+            moe_shared_expert_intermediate_size=dims.shared_expert_ffn_hidden_size,
+            moe_shared_expert_gate=True,  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) * shared_expert(x)
+            # norm_topk_prob=False (Qwen1.5/Qwen2-MoE): softmax over all experts, then top-k without
+            # renormalising — megatron's pre-softmax routing; True = softmax over the top-k only.
+            moe_router_pre_softmax=not bool(config.get("norm_topk_prob", False)),
+            moe_router_score_function="softmax",
+            moe_router_load_balancing_type="aux_loss",
+            moe_aux_loss_coeff=float(config.get("router_aux_loss_coef", 0.001)),
+            # SequentialMLP experts (one linear_fc1/fc2 per expert): the layout mapping.py writes.
+            # The token dispatcher is an engine choice (megatron's default, allgather, builds on CPU;
+            # alltoall wants a CUDA stream at construction).
+            moe_grouped_gemm=False,
+        )
+    return kw
+
+
+def transformer_config(config: dict, layout: Layout = Layout(), *, dims: ModelDims | None = None,
+                       dtype: torch.dtype | None = None, **overrides):
+    """megatron-core ``TransformerConfig`` for an HF config (a dict); ``overrides`` are further
+    ``TransformerConfig`` fields (an engine's performance switches, ``use_cpu_initialization``)."""
+    require_megatron_core()
+    from megatron.core.transformer import TransformerConfig
+
+    return TransformerConfig(**{**transformer_config_kwargs(config, layout, dims=dims, dtype=dtype), **overrides})
+
+
+def gpt_model_args(config: dict, layout: Layout = Layout(), *, dims: ModelDims | None = None) -> GPTModelArgs:
+    """The ``GPTModel`` arguments for an HF config (a dict)."""
+    dims = dims or model_dims(config, tp=layout.tp)
+    base, llama3_factor = rope_settings(config)
+    return GPTModelArgs(
+        vocab_size=dims.padded_vocab_size, max_sequence_length=int(config.get("max_position_embeddings", 4096)),
+        share_embeddings_and_output_weights=dims.tie_embeddings and dims.has_lm_head, rotary_base=base,
+        rope_scaling=llama3_factor is not None, rope_scaling_factor=llama3_factor or 8.0)
+
+
+def layer_spec(config_or_dims):
+    """megatron-core's local (no Transformer Engine) layer spec for the model."""
+    require_megatron_core()
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    dims = config_or_dims if isinstance(config_or_dims, ModelDims) else model_dims(config_or_dims)
+    return get_gpt_layer_local_spec(num_experts=dims.num_experts or None, normalization="RMSNorm")
