@@ -108,7 +108,7 @@ def sequence_logprobs(
     targets_N = input_ids_BT[:, 1:][valid_BT[:, 1:]]
     inputs = dict(input_ids=input_ids_BT, attention_mask=attention_mask_BT, position_ids=position_ids_BT,
                   use_cache=False)
-    from ..parallel.vocab_parallel import LogprobLMHead
+    from ..parallel.vocab_parallel import LogprobLMHead, LogprobRequest
 
     head = model.get_output_embeddings()
     if isinstance(head, LogprobLMHead):
@@ -116,7 +116,8 @@ def sequence_logprobs(
         # hands the gathered (under tp: this rank's vocabulary rows of the) weight to the fused kernel.
         rows_BT = torch.zeros_like(valid_BT)
         rows_BT[:, :-1] = valid_BT[:, 1:]
-        with head.logprobs_of(rows_BT, targets_N, temperature, chunk_size, impl):
+        request = LogprobRequest(rows_BT, targets_N, float(temperature), int(chunk_size), impl)
+        with head.logprobs_of(request):  # the model's own call of its head gets the request
             logp_N, entropy_N = model(**inputs).logits.unbind(-1)
     else:
         base = getattr(model, model.base_model_prefix)
