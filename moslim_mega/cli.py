@@ -39,7 +39,9 @@ from .config import ConfigError, field_docs, load_config, to_dict
 
 def _is_main_rank() -> bool:
     """Under torchrun only rank 0 prints (single process: always)."""
-    return os.environ.get("RANK", "0") == "0"
+    from .parallel.dist import is_main  # lazily: torch.distributed is not needed to parse arguments
+
+    return is_main()
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:

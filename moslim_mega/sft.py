@@ -3,7 +3,7 @@
 The stand-in for an off-the-shelf SFT checkpoint (the paper starts from one). The loss is
 token-level cross-entropy on the response tokens only (EOS included): the prompt conditions the
 model but is not a target. The result is a standard HF directory ``out_dir/model`` that
-``load_policy`` (or ``AutoModelForCausalLM.from_pretrained``) reads back.
+``models.build.load_policy`` (or ``AutoModelForCausalLM.from_pretrained``) reads back.
 
 Shape legend: B = sequences in a batch, T = tokens, V = vocabulary.
 """
@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from .utils.progress import progress
 from .algos.logprob import sequence_logprobs
 from .config import Config, KernelsConfig, save_config
 from .data.template import pad_batch, render_pair, render_prompt
-from .models.build import ModelLoadError, build_causal_lm, build_tokenizer
+from .models.build import build_causal_lm, build_tokenizer
 from .prefs import spec_from_config
 from .reward.data import RecordError, check_prompt_response, read_jsonl
 from .algos.core import check_finite
@@ -134,8 +134,8 @@ def train_sft(cfg: Config, data_path, out_dir, show_progress: bool = True) -> di
                         parallelize_policy)
     writer = stage.writer(lambda: MetricsWriter(out, tensorboard=cfg.run.tensorboard))
     try:
-        result = _train_loop(cfg, model, data, tokenizer.pad_token_id, writer, show_progress, out, tokenizer,
-                             stage, prof)
+        result = train_sft_loop(cfg, model, data, tokenizer.pad_token_id, writer, show_progress, out, tokenizer,
+                                stage, prof)
         writer.write(result["steps"], {k: v for k, v in result.items() if k != "steps"}, tag="final")
     finally:
         writer.close()
@@ -154,8 +154,12 @@ def _causal_lm_skeleton(config):
     return AutoModelForCausalLM.from_config(config)
 
 
-def _train_loop(cfg: Config, model, data: SFTExamples, pad_id: int, writer: MetricsWriter, show_progress: bool,
-                out=None, tokenizer=None, stage: Stage | None = None, prof: Profiler | None = None) -> dict:
+def train_sft_loop(cfg: Config, model, data: SFTExamples, pad_id: int, writer: MetricsWriter, show_progress: bool,
+                   out=None, tokenizer=None, stage: Stage | None = None, prof: Profiler | None = None) -> dict:
+    """Fine-tune ``model`` in place on tokenised ``data`` with ``cfg.sft``'s schedule; a summary dict.
+
+    :func:`train_sft`'s loop, public for callers that bring their own model and examples (DPA's
+    RSF iterations). With ``out`` it checkpoints and resumes there; without, neither."""
     stage = stage or Stage(cfg.parallel, cfg.run.device)
     prof = prof or Profiler(dataclasses.replace(cfg.profile, enabled=False), "sft")  # callers that write none
     flops = model_flops(model)
@@ -214,18 +218,3 @@ def _train_loop(cfg: Config, model, data: SFTExamples, pad_id: int, writer: Metr
     # Mean of the last (up to) 10 steps: a single mini-batch loss is too noisy to compare runs.
     return {"final_loss": sum(recent) / len(recent), "steps": step + 1, "planned_steps": total_steps,
             "stopped_by_max_minutes": step + 1 < total_steps, "train_seconds": time.time() - start}
-
-
-def load_policy(model_dir) -> tuple[torch.nn.Module, object]:
-    """(model in eval mode, tokenizer) from a HF directory such as an SFT run's ``model/``."""
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"policy directory {path}: not a HF model directory (no config.json)")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load a policy from {path}: {e}") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer

@@ -17,7 +17,8 @@ from moslim_mega.policy.controller import load_policy_prompts, train_policy
 from moslim_mega.prefs import PreferenceSpec, spec_from_config
 from moslim_mega.profile import ModelFlops, Profiler, aggregate, flops_from_config, peak_tflops
 from moslim_mega.reward.data import load_rm_examples
-from moslim_mega.sft import load_policy, load_sft_examples
+from moslim_mega.models.build import load_policy
+from moslim_mega.sft import load_sft_examples
 
 from tiny_stage import build_tiny_stage
 

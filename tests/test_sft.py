@@ -8,11 +8,11 @@ from transformers import AutoModelForCausalLM
 
 from moslim_mega.config import ModelConfig, WorldConfig, load_config
 from moslim_mega.data.template import render_prompt
-from moslim_mega.models.build import ModelLoadError, build_causal_lm, build_tokenizer
+from moslim_mega.models.build import ModelLoadError, build_causal_lm, build_tokenizer, load_policy
 from moslim_mega.prefs import PreferenceSpec
 from moslim_mega.reward.data import RecordError
 from moslim_mega.reward.trainer import TrainingError
-from moslim_mega.sft import IGNORE, encode_sft_example, load_policy, load_sft_examples, sft_loss, train_sft
+from moslim_mega.sft import IGNORE, encode_sft_example, load_sft_examples, sft_loss, train_sft
 from moslim_mega.world.build import build_world
 
 SMALL = [

@@ -69,7 +69,7 @@ def main():
         infer_variants = {"eager": lambda: eager_reward(hidden, weight, bias, targets, mapper)}
         if no_triton is None:
             infer_variants["fused_triton"] = lambda: fused_multihead_reward(
-                hidden, weight, bias, K, targets, mapper, impl="triton")[1]
+                hidden, weight, bias, K, targets, **mapper.kernel_args(), impl="triton")[1]
         with torch.no_grad():
             want_r = infer_variants["eager"]()
             for name, fn in infer_variants.items():

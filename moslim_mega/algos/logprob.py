@@ -7,8 +7,9 @@ The plain reference materialises the N×V logits (≈ 19 GB for 32k tokens × 15
 chunked path keeps only O(N·C) live and O(N) saved state, recomputing each chunk in backward — in
 plain PyTorch on CPU, as the fused Triton kernel of :mod:`moslim_mega.kernels.linear_logprob` on CUDA.
 
-Public API: :func:`linear_logprob_entropy_reference`, :func:`chunked_linear_logprob_entropy`,
-:func:`sequence_logprobs`.
+Public API: :func:`chunked_linear_logprob_entropy`, :func:`sequence_logprobs`, and
+:func:`linear_logprob_entropy_reference` (defined beside its kernel in
+:mod:`moslim_mega.kernels.linear_logprob`, re-exported here).
 """
 
 from __future__ import annotations
@@ -16,6 +17,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..kernels.dispatch import KernelError
+from ..kernels.linear_logprob import (
+    check_linear_logprob_inputs,
+    fused_linear_logprob,
+    linear_logprob_entropy_reference,  # re-exported: the reference lives beside its kernel
+)
 from .core import AlgoError
 
 __all__ = [
@@ -26,30 +33,11 @@ __all__ = [
 
 
 def _check_inputs(hidden_NH: Tensor, weight_VH: Tensor, targets_N: Tensor, temperature: float) -> None:
-    if hidden_NH.dim() != 2 or weight_VH.dim() != 2 or hidden_NH.shape[1] != weight_VH.shape[1]:
-        got = f"{tuple(hidden_NH.shape)} and {tuple(weight_VH.shape)}"
-        raise AlgoError(f"hidden_NH / weight_VH: expected [N, H] and [V, H], got {got}")
-    if targets_N.shape != (hidden_NH.shape[0],) or targets_N.dtype not in (torch.int32, torch.int64):
-        got = f"{targets_N.dtype} {tuple(targets_N.shape)}"
-        raise AlgoError(f"targets_N: expected integer shape ({hidden_NH.shape[0]},), got {got}")
-    if targets_N.numel() and not bool(((targets_N >= 0) & (targets_N < weight_VH.shape[0])).all()):
-        raise AlgoError(f"targets_N: token ids must lie in [0, {weight_VH.shape[0]})")
-    if not float(temperature) > 0:
-        raise AlgoError(f"temperature: must be > 0, got {temperature!r}")
-
-
-def linear_logprob_entropy_reference(
-    hidden_NH: Tensor, weight_VH: Tensor, targets_N: Tensor, temperature: float = 1.0
-) -> tuple[Tensor, Tensor]:
-    """Plain PyTorch: (log p(target), entropy −Σ p log p) of softmax(hidden·Wᵀ / temperature),
-    computed in float32 (or float64 if given) whatever the input dtype."""
-    _check_inputs(hidden_NH, weight_VH, targets_N, temperature)
-    dtype = torch.promote_types(torch.promote_types(hidden_NH.dtype, weight_VH.dtype), torch.float32)
-    logits_NV = hidden_NH.to(dtype) @ weight_VH.to(dtype).T / temperature
-    logp_NV = torch.log_softmax(logits_NV, dim=-1)
-    logp_N = logp_NV.gather(1, targets_N.long()[:, None]).squeeze(1)
-    entropy_N = -(logp_NV.exp() * logp_NV).sum(-1)
-    return logp_N, entropy_N
+    """The reference's input check, raising AlgoError (as this module's callers expect)."""
+    try:
+        check_linear_logprob_inputs(hidden_NH, weight_VH, targets_N, temperature)
+    except KernelError as e:
+        raise AlgoError(str(e)) from None
 
 
 def chunked_linear_logprob_entropy(
@@ -73,8 +61,6 @@ def chunked_linear_logprob_entropy(
     _check_inputs(hidden_NH, weight_VH, targets_N, temperature)
     if int(chunk_size) < 1:
         raise AlgoError(f"chunk_size: must be >= 1, got {chunk_size!r}")
-    from ..kernels.linear_logprob import fused_linear_logprob  # the kernels import this module's reference
-
     return fused_linear_logprob(hidden_NH, weight_VH, targets_N, temperature, chunk_size=chunk_size, impl=impl)
 
 
@@ -122,7 +108,7 @@ def sequence_logprobs(
     targets_N = input_ids_BT[:, 1:][valid_BT[:, 1:]]
     inputs = dict(input_ids=input_ids_BT, attention_mask=attention_mask_BT, position_ids=position_ids_BT,
                   use_cache=False)
-    from ..parallel.vocab_parallel import LogprobLMHead
+    from ..parallel.vocab_parallel import LogprobLMHead, LogprobRequest
 
     head = model.get_output_embeddings()
     if isinstance(head, LogprobLMHead):
@@ -130,7 +116,8 @@ def sequence_logprobs(
         # hands the gathered (under tp: this rank's vocabulary rows of the) weight to the fused kernel.
         rows_BT = torch.zeros_like(valid_BT)
         rows_BT[:, :-1] = valid_BT[:, 1:]
-        with head.logprobs_of(rows_BT, targets_N, temperature, chunk_size, impl):
+        request = LogprobRequest(rows_BT, targets_N, float(temperature), int(chunk_size), impl)
+        with head.logprobs_of(request):  # the model's own call of its head gets the request
             logp_N, entropy_N = model(**inputs).logits.unbind(-1)
     else:
         base = getattr(model, model.base_model_prefix)

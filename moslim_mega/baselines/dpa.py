@@ -29,7 +29,8 @@ from ..config import Config, RolloutConfig, SamplingConfig
 from ..parallel.export import export_hf_weights
 from ..reward.data import read_jsonl
 from ..rollout import build_rollout_engine, engine_from_dir, generate_texts
-from ..sft import SFTExamples, _train_loop, encode_sft_example, load_policy
+from ..models.build import load_policy
+from ..sft import SFTExamples, encode_sft_example, train_sft_loop
 from ..utils.logging import MetricsWriter
 from ..utils.seed import seed_everything
 from .common import BaselineError
@@ -122,7 +123,7 @@ def train_dpa(cfg: Config, out_dir, init_dir, rm_dir, base_prompts: list[str], s
                                 cc.dpa_samples, cfg.sampling, cfg.run.seed * 1009 + t * 100003)
             rows += rng.sample(sft_rows, min(len(sft_rows), replay_count(len(rows), cc.dpa_replay_fraction)))
             data = _encode(rows, tok, cfg.sft.max_length)
-            res = timer(f"sft_{t}", _train_loop, sft_cfg, policy, data, tok.pad_token_id, writer, show_progress)
+            res = timer(f"sft_{t}", train_sft_loop, sft_cfg, policy, data, tok.pad_token_id, writer, show_progress)
             history.append({"iteration": t, **stats, "sft_loss": res["final_loss"], "rows": len(rows)})
             writer.write(t, history[-1], tag="iteration")
         writer.close()

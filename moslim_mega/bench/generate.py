@@ -82,7 +82,7 @@ class ChatModel:
     @classmethod
     def from_dir(cls, path, device: str | None = None, rollout: RolloutConfig | None = None) -> "ChatModel":
         """Load a HF directory; on the GPU when there is one (``device=None``)."""
-        from ..sft import load_policy
+        from ..models.build import load_policy
 
         model, tokenizer = load_policy(path)
         return cls(model.to(device or default_device()), tokenizer, name=str(path), rollout=rollout, model_dir=path)

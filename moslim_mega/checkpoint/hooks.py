@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Callable
 
 from . import faults, preempt
-from .manager import CheckpointManager, _barrier, _rank
+from ..parallel.dist import rank
+from .manager import CheckpointManager, _barrier
 
 
 class StageCheckpoints:
@@ -48,7 +49,7 @@ class StageCheckpoints:
         faults.maybe_wait_for_kill("after_step", steps_done)
         if signum:
             # Every rank saw the same flag (all-reduced), so all stop here after the same save.
-            if _rank() == 0:
+            if rank() == 0:
                 preempt.write_marker(steps_done, signum, path)
             _barrier()
             self.log(f"preempted: checkpoint {path} written after step {steps_done}; exiting with "

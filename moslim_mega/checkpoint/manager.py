@@ -43,6 +43,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.api import CheckpointException
 
+from ..parallel.dist import rank, world_size
 from . import faults
 from .state import (LoopStateError, apply_tensor_state, read_loop_state, rng_state, set_rng_state, tensor_state,
                     write_loop_state)
@@ -54,14 +55,6 @@ FORMAT_VERSION = 2
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used (missing, incomplete, other world size, bad setting)."""
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _no_dist() -> bool:
@@ -78,7 +71,7 @@ def quiet_single_process():
 
 
 def _barrier() -> None:
-    if _world() > 1:
+    if world_size() > 1:
         dist.barrier()
 
 
@@ -225,7 +218,7 @@ class CheckpointManager:
         """
         final = self.root / f"step_{steps_done}"
         tmp = self.root / f"step_{steps_done}.tmp"
-        if _rank() == 0:
+        if rank() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             self._remove_leftovers()
             if tmp.exists():
@@ -234,12 +227,12 @@ class CheckpointManager:
         _barrier()
         with quiet_single_process():
             dcp.save(tensor_state(models, optimizers), checkpoint_id=str(tmp), no_dist=_no_dist())
-        write_loop_state(tmp / f"extra_rank{_rank()}.json", {**extra, "_global_rng": rng_state()})
-        if _rank() == 0 and assets is not None:
+        write_loop_state(tmp / f"extra_rank{rank()}.json", {**extra, "_global_rng": rng_state()})
+        if rank() == 0 and assets is not None:
             assets(tmp)
         _barrier()
-        if _rank() == 0:
-            meta = {"format_version": FORMAT_VERSION, "step": steps_done, "world_size": _world(),
+        if rank() == 0:
+            meta = {"format_version": FORMAT_VERSION, "step": steps_done, "world_size": world_size(),
                     "models": sorted(models), "optimizers": sorted(optimizers)}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
             _fsync_tree(tmp)  # durable before the rename makes it "complete"
@@ -330,15 +323,15 @@ class CheckpointManager:
                 "(checkpoint.resume=never) or finish the run with the version that wrote it")
         if meta.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{path}/meta.json: unsupported format_version {meta.get('format_version')!r}")
-        if meta["world_size"] != _world():
+        if meta["world_size"] != world_size():
             raise CheckpointError(
-                f"{path}: written by {meta['world_size']} process(es), resuming with {_world()}; "
+                f"{path}: written by {meta['world_size']} process(es), resuming with {world_size()}; "
                 "resume needs the same world size (export it with `moslim export hf` to change layout)")
         if sorted(models) != meta["models"] or sorted(optimizers) != meta["optimizers"]:
             raise CheckpointError(f"{path}: holds models {meta['models']} / optimizers {meta['optimizers']}, "
                                   f"this run has {sorted(models)} / {sorted(optimizers)}")
         try:
-            extra = read_loop_state(path / f"extra_rank{_rank()}.json")
+            extra = read_loop_state(path / f"extra_rank{rank()}.json")
         except (LoopStateError, OSError) as e:
             raise CheckpointError(str(e)) from None
         sd = tensor_state(models, optimizers)

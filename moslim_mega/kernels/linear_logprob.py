@@ -18,10 +18,12 @@ rank's dW shard is local and the partial dh is all-reduced (SUM), as the column-
 linear's input gradient must be.
 
 Rows whose target equals ``ignore_index`` give log-prob 0 and entropy 0 and no gradient.
-Matches :func:`moslim_mega.algos.logprob.linear_logprob_entropy_reference` on the other rows.
+Matches :func:`linear_logprob_entropy_reference` (the plain-PyTorch reference, materialising N×V) on
+the other rows. This module imports nothing of the package beyond :mod:`.dispatch`: kernels are leaves.
 
 Public API: :func:`fused_linear_logprob`, :func:`vocab_parallel_linear_logprob`,
-:func:`linear_logprob_reference`, :class:`FusedLinearLogprob`.
+:func:`linear_logprob_reference`, :func:`linear_logprob_entropy_reference`,
+:func:`check_linear_logprob_inputs`, :class:`FusedLinearLogprob`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..algos.logprob import linear_logprob_entropy_reference
 from .dispatch import KernelError, resolve_impl
 
 try:
@@ -40,7 +41,14 @@ try:
 except ImportError:  # triton is optional at run time; the reference path needs only torch
     triton = None
 
-__all__ = ["FusedLinearLogprob", "fused_linear_logprob", "linear_logprob_reference", "vocab_parallel_linear_logprob"]
+__all__ = [
+    "FusedLinearLogprob",
+    "check_linear_logprob_inputs",
+    "fused_linear_logprob",
+    "linear_logprob_entropy_reference",
+    "linear_logprob_reference",
+    "vocab_parallel_linear_logprob",
+]
 
 DEFAULT_CHUNK = 8192
 BLOCK_N, BLOCK_V = 32, 128  # stats kernel tiles; the grad kernel is elementwise over N×C
@@ -298,10 +306,38 @@ def vocab_parallel_linear_logprob(
     )
 
 
+def check_linear_logprob_inputs(hidden_NH: Tensor, weight_VH: Tensor, targets_N: Tensor, temperature: float) -> None:
+    """The reference's input check (no ``ignore_index``: every target must be a token id)."""
+    if hidden_NH.dim() != 2 or weight_VH.dim() != 2 or hidden_NH.shape[1] != weight_VH.shape[1]:
+        got = f"{tuple(hidden_NH.shape)} and {tuple(weight_VH.shape)}"
+        raise KernelError(f"hidden_NH / weight_VH: expected [N, H] and [V, H], got {got}")
+    if targets_N.shape != (hidden_NH.shape[0],) or targets_N.dtype not in (torch.int32, torch.int64):
+        got = f"{targets_N.dtype} {tuple(targets_N.shape)}"
+        raise KernelError(f"targets_N: expected integer shape ({hidden_NH.shape[0]},), got {got}")
+    if targets_N.numel() and not bool(((targets_N >= 0) & (targets_N < weight_VH.shape[0])).all()):
+        raise KernelError(f"targets_N: token ids must lie in [0, {weight_VH.shape[0]})")
+    if not float(temperature) > 0:
+        raise KernelError(f"temperature: must be > 0, got {temperature!r}")
+
+
+def linear_logprob_entropy_reference(
+    hidden_NH: Tensor, weight_VH: Tensor, targets_N: Tensor, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """Plain PyTorch: (log p(target), entropy −Σ p log p) of softmax(hidden·Wᵀ / temperature),
+    computed in float32 (or float64 if given) whatever the input dtype."""
+    check_linear_logprob_inputs(hidden_NH, weight_VH, targets_N, temperature)
+    dtype = torch.promote_types(torch.promote_types(hidden_NH.dtype, weight_VH.dtype), torch.float32)
+    logits_NV = hidden_NH.to(dtype) @ weight_VH.to(dtype).T / temperature
+    logp_NV = torch.log_softmax(logits_NV, dim=-1)
+    logp_N = logp_NV.gather(1, targets_N.long()[:, None]).squeeze(1)
+    entropy_N = -(logp_NV.exp() * logp_NV).sum(-1)
+    return logp_N, entropy_N
+
+
 def linear_logprob_reference(
     hidden_NH: Tensor, weight_VH: Tensor, targets_N: Tensor, temperature: float = 1.0, ignore_index: int = -100
 ) -> tuple[Tensor, Tensor]:
-    """Materialising reference: the repo's :func:`linear_logprob_entropy_reference` with ignored
+    """Materialising reference: :func:`linear_logprob_entropy_reference` with ignored
     rows set to 0 (and so given no gradient)."""
     valid_N = targets_N != ignore_index
     logp_N, entropy_N = linear_logprob_entropy_reference(

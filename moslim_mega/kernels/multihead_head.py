@@ -12,13 +12,18 @@ tiles, then does every head's log-softmax in registers, using a per-column head 
 (``col_head``) and class index within its head (``col_local``) instead of ragged splits.
 
 Semantics are the repo's, exactly:
-- loss: :func:`moslim_mega.reward.losses.per_head_ce_loss` — Σ_i of head i's (class-weighted)
-  mean CE over its labelled rows (label −1 = unlabelled); a head with no label gives 0.
-- reward: :class:`moslim_mega.reward.mapping.RewardMapper` — kinds zscore (Eq. 11), logprob,
-  neg_abs_dist; normalize_by all / named; std floor; clip. Target −1 = head not named (mask 0).
+- loss: :func:`per_head_ce_loss` (defined here, beside the kernel; :mod:`moslim_mega.reward.losses`
+  re-exports it) — Σ_i of head i's (class-weighted) mean CE over its labelled rows (label −1 =
+  unlabelled); a head with no label gives 0.
+- reward: :class:`moslim_mega.reward.mapping.RewardMapper`'s — kinds zscore (Eq. 11), logprob,
+  neg_abs_dist; normalize_by all / named; clip. Target −1 = head not named (mask 0). The kernel
+  takes the mapping as plain values (per-class mean and std, the std already floored, kind,
+  normalisation, clip); ``RewardMapper.head_rewards`` passes its own.
 
-Public API: :func:`fused_multihead_head`, :func:`fused_multihead_reward`,
-:func:`multihead_head_loss_reference`, :func:`multihead_reward_reference`.
+This module imports nothing of the package beyond :mod:`.dispatch`: kernels are leaves.
+
+Public API: :func:`fused_multihead_head`, :func:`fused_multihead_reward`, :func:`per_head_ce_loss`,
+:func:`multihead_head_loss_reference`, :func:`multihead_reward_reference`, :data:`REWARD_KINDS`.
 """
 
 from __future__ import annotations
@@ -31,8 +36,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..reward.losses import per_head_ce_loss
-from ..reward.mapping import KINDS, MappingError, RewardMapper
 from .dispatch import KernelError, resolve_impl
 
 try:
@@ -43,13 +46,18 @@ except ImportError:  # the reference path needs only torch
 
 __all__ = [
     "FusedMultiheadHeadLoss",
+    "REWARD_KINDS",
+    "REWARD_NORMALIZE_BY",
     "fused_multihead_head",
     "fused_multihead_reward",
     "multihead_head_loss_reference",
     "multihead_reward_reference",
+    "per_head_ce_loss",
 ]
 
 BLOCK_B, BLOCK_D = 32, 64
+REWARD_KINDS = ("zscore", "logprob", "neg_abs_dist")  # KIND in the kernel is the index here
+REWARD_NORMALIZE_BY = ("all", "named")
 
 if triton is not None:
 
@@ -264,6 +272,26 @@ def _check_head(hidden_BD, weight_CD, bias_C, num_classes, y_BH, y_name):
     return num_classes
 
 
+def per_head_ce_loss(
+    logits: list[Tensor], labels_BH: Tensor, class_weights: list[Tensor] | None = None
+) -> tuple[Tensor, list[Tensor]]:
+    """Eq. 6-9: Σ_i CE(softmax(z_i), y_i), each head averaged over its labelled examples.
+
+    Summing per-head means (rather than averaging over all labelled entries) gives every head the
+    same weight however many labels it has — a safety head with few labels is not drowned out.
+    Returns (total, per-head losses); a head with no labels in the batch contributes exactly 0.
+    """
+    per_head = []
+    for i, logits_BK in enumerate(logits):
+        labels_B = labels_BH[:, i]
+        if not bool((labels_B >= 0).any()):
+            per_head.append(logits_BK.sum() * 0.0)  # keeps the graph; no NaN from an empty mean
+            continue
+        w = None if class_weights is None else class_weights[i].to(logits_BK)
+        per_head.append(F.cross_entropy(logits_BK.float(), labels_B, weight=w, ignore_index=-1))
+    return torch.stack(per_head).sum(), per_head
+
+
 def multihead_head_loss_reference(
     hidden_BD, weight_CD, bias_C, num_classes, labels_BH, class_weights=None, return_probs: bool = False
 ):
@@ -276,11 +304,64 @@ def multihead_head_loss_reference(
     return total, torch.stack(per_head), torch.cat([torch.softmax(z.detach().float(), dim=-1) for z in logits], 1)
 
 
-def multihead_reward_reference(hidden_BD, weight_CD, bias_C, num_classes, targets_BH, mapper: RewardMapper):
-    """Plain PyTorch: per-head softmax probabilities ``[B, C]`` (fp32) and ``mapper``'s rewards ``[B]``."""
+def _check_mapping(num_classes, mean_C, std_C, kind, normalize_by, clip):
+    if kind not in REWARD_KINDS:
+        raise KernelError(f"kind: {kind!r} is not one of {REWARD_KINDS}")
+    if normalize_by not in REWARD_NORMALIZE_BY:
+        raise KernelError(f"normalize_by: {normalize_by!r} is not one of {REWARD_NORMALIZE_BY}")
+    if not float(clip) >= 0.0:
+        raise KernelError(f"clip: must be >= 0 (0 = off), got {clip}")
+    C = sum(num_classes)
+    for name, x_C in (("mean_C", mean_C), ("std_C", std_C)):
+        if x_C is None:
+            if kind == "zscore":
+                raise KernelError(f"{name}: kind 'zscore' needs the per-class statistics")
+        elif tuple(x_C.shape) != (C,):
+            raise KernelError(f"{name}: expected shape ({C},), got {tuple(x_C.shape)}")
+
+
+def multihead_reward_reference(
+    hidden_BD, weight_CD, bias_C, num_classes, targets_BH, mean_C=None, std_C=None, kind: str = "zscore",
+    normalize_by: str = "all", clip: float = 0.0,
+):
+    """Plain PyTorch: per-head softmax probabilities ``[B, C]`` (fp32) and the mapped rewards ``[B]``,
+    op for op as :class:`moslim_mega.reward.mapping.RewardMapper` (so the numbers are its own)."""
     logits = torch.split(F.linear(hidden_BD, weight_CD, bias_C), list(num_classes), dim=-1)
     probs = [torch.softmax(z_BK.float(), dim=-1) for z_BK in logits]
-    return torch.cat(probs, dim=1), mapper(probs, targets_BH)
+    for i, p_BK in enumerate(probs):
+        if not bool(torch.isfinite(p_BK).all()):
+            raise KernelError(f"probs[{i}] (head {i}): contains NaN or Inf")
+    if kind == "zscore":
+        means = torch.split(mean_C, list(num_classes))
+        stds = torch.split(std_C, list(num_classes))
+    terms = []
+    for i, p in enumerate(probs):
+        p_BK = p.float()
+        t_B = targets_BH[:, i].to(p_BK.device)
+        named_B = t_B >= 0
+        t_safe_B = t_B.clamp(min=0)  # −1 rows are computed on class 0, then masked out
+        p_t_B = p_BK.gather(1, t_safe_B[:, None]).squeeze(1)
+        if kind == "zscore":  # Eq. 11: (p[t] − avg[t]) / std[t]
+            mean_K = means[i].to(p_BK.device)
+            std_K = stds[i].to(p_BK.device)
+            term_B = (p_t_B - mean_K.index_select(0, t_safe_B)) / std_K.index_select(0, t_safe_B)
+        elif kind == "logprob":
+            term_B = p_t_B.clamp(min=1e-12).log()
+        else:  # neg_abs_dist: −Σ_c p[c]·|c − t|
+            classes_K = torch.arange(p_BK.shape[1], device=p_BK.device, dtype=p_BK.dtype)
+            dist_BK = (classes_K[None, :] - t_safe_B[:, None].to(p_BK.dtype)).abs()
+            term_B = -(p_BK * dist_BK).sum(1)
+        terms.append(torch.where(named_B, term_B, torch.zeros_like(term_B)))
+    terms_BH = torch.stack(terms, dim=1)
+    total_B = terms_BH.sum(1)
+    if normalize_by == "all":
+        reward_B = total_B / terms_BH.shape[1]
+    else:  # rows with no named head have total 0; dividing by max(k, 1) keeps them at 0
+        k_B = (targets_BH.to(terms_BH.device) >= 0).sum(1).clamp(min=1)
+        reward_B = total_B / k_B.to(total_B.dtype)
+    if clip > 0.0:
+        reward_B = reward_B.clamp(-clip, clip)
+    return torch.cat(probs, dim=1), reward_B
 
 
 class FusedMultiheadHeadLoss(torch.autograd.Function):
@@ -382,24 +463,30 @@ def fused_multihead_reward(
     bias_C: Tensor | None,
     num_classes: Sequence[int],
     targets_BH: Tensor,
-    mapper: RewardMapper,
+    mean_C: Tensor | None = None,
+    std_C: Tensor | None = None,
+    kind: str = "zscore",
+    normalize_by: str = "all",
+    clip: float = 0.0,
     impl: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Inference: per-head probabilities ``[B, C]`` and the mapped reward ``[B]`` (fp32) in one
-    pass; the same numbers as :func:`multihead_reward_reference` with ``mapper`` (its kind,
-    normalize_by, std floor, clip and running statistics)."""
+    pass; the same numbers as :func:`multihead_reward_reference`. ``mean_C`` / ``std_C``: each
+    class's mean and (floored) std probability, heads concatenated (needed for ``zscore`` only);
+    ``kind`` one of :data:`REWARD_KINDS`; ``normalize_by`` ``all`` | ``named``; ``clip`` 0 = off."""
     num_classes = _check_head(hidden_BD, weight_CD, bias_C, num_classes, targets_BH, "targets_BH")
-    if list(num_classes) != list(mapper.stats.num_classes):
-        raise MappingError(f"num_classes: {list(num_classes)} != the statistics' {mapper.stats.num_classes}")
+    _check_mapping(num_classes, mean_C, std_C, kind, normalize_by, clip)
     if resolve_impl(impl, hidden_BD.device) == "reference":
-        return multihead_reward_reference(hidden_BD, weight_CD, bias_C, num_classes, targets_BH, mapper)
-    if mapper.kind == "zscore" and mapper.stats.count == 0:
-        raise MappingError("stats: no examples recorded; fit the statistics before mapping")
+        return multihead_reward_reference(
+            hidden_BD, weight_CD, bias_C, num_classes, targets_BH, mean_C, std_C, kind, normalize_by, clip
+        )
     dev, B, D = hidden_BD.device, hidden_BD.shape[0], hidden_BD.shape[1]
     head_C, local_C, block_c = _layout(num_classes, dev)
     C = len(head_C)
-    mean_C = torch.cat(mapper.stats.mean).to(dev, torch.float32)
-    std_C = torch.cat(mapper.stats.std).clamp(min=mapper.std_floor).to(dev, torch.float32)
+    mean_C = torch.zeros(C) if mean_C is None else mean_C  # read by the zscore kind only
+    std_C = torch.ones(C) if std_C is None else std_C
+    mean_C = mean_C.to(dev, torch.float32)
+    std_C = std_C.to(dev, torch.float32)
     bias = bias_C if bias_C is not None else torch.zeros(C, dtype=weight_CD.dtype, device=dev)
     targets = targets_BH.to(dev).long().contiguous()
     hidden, weight = hidden_BD.contiguous(), weight_CD.contiguous()
@@ -408,8 +495,8 @@ def fused_multihead_reward(
     _head_fwd_kernel[(triton.cdiv(B, BLOCK_B),)](
         hidden, hidden.stride(0), weight, weight.stride(0), bias.contiguous(), head_C, local_C, mean_C,
         targets, targets.stride(0), logp_BC, reward_B, reward_B, mean_C, std_C, reward_B,
-        B, D, C, len(num_classes), float(mapper.clip),
-        MODE=1, KIND=KINDS.index(mapper.kind), NORM_ALL=mapper.normalize_by == "all",
+        B, D, C, len(num_classes), float(clip),
+        MODE=1, KIND=REWARD_KINDS.index(kind), NORM_ALL=normalize_by == "all",
         BLOCK_B=BLOCK_B, BLOCK_D=BLOCK_D, BLOCK_C=block_c, IEEE=hidden.dtype == torch.float32,
     )
     return logp_BC[:, :C].exp(), reward_B

@@ -93,3 +93,18 @@ def build_backbone(model_cfg, tokenizer, seed: int = 0):
         torch.manual_seed(seed)
         return AutoModel.from_config(tiny_config(model_cfg, tokenizer)).to(_dtype(model_cfg.dtype))
     return _from_pretrained(AutoModel, model_cfg)
+
+
+def load_policy(model_dir) -> tuple[torch.nn.Module, object]:
+    """(model in eval mode, tokenizer) from a HF directory such as an SFT run's ``model/``."""
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"policy directory {path}: not a HF model directory (no config.json)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load a policy from {path}: {e}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer

@@ -112,10 +112,15 @@ def is_distributed() -> bool:
 
 
 def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
+    """This process's global rank — the one place the package reads it: the process group's once
+    one is initialised, else torchrun's ``RANK`` (before init or after destroy; 0 without torchrun)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
+    """Processes in the default group (1 without one)."""
     return dist.get_world_size() if is_distributed() else 1
 
 

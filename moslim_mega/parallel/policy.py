@@ -52,7 +52,7 @@ def load_tokenizer(init_dir):
 def build_policy_models(stage: Stage, init_dir, with_critic: bool):
     """(actor, reference, critic or None, tokenizer), all from ``init_dir``; only rank 0 ever loads
     the full checkpoint."""
-    from ..sft import load_policy
+    from ..models.build import load_policy
 
     def load():
         return load_policy(init_dir)[0]

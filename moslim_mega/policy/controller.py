@@ -33,7 +33,7 @@ from ..reward.data import RecordError, read_jsonl
 from ..reward.io import load_reward_model
 from ..reward.mapping import RewardMapper
 from ..rollout import build_rollout_engine, generate_texts, guard
-from ..sft import load_policy
+from ..models.build import load_policy
 from ..utils.logging import MetricsWriter
 from ..utils.seed import seed_everything
 from ..parallel.export import export_hf_weights

@@ -92,13 +92,11 @@ class LoadedRewardModel:
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Per-head probabilities ``[N, K_i]`` and the mapped reward ``[N]`` (``mapper``, Eq. 11) from
         one fused head pass per batch (Triton on CUDA, the eager reference elsewhere; issue 7)."""
-        from ..kernels.multihead_head import fused_multihead_reward
-
         probs, rewards = [], []
         for start, ids_BT, mask_BT in self._batches(prompts, responses, batch_size):
             t_BH = targets_BH[start : start + ids_BT.shape[0]].to(ids_BT.device)
-            probs_BC, reward_B = self.model(ids_BT, mask_BT, head=lambda h, w, b: fused_multihead_reward(
-                h, w, b, self.model.num_classes, t_BH, mapper, impl=impl))
+            probs_BC, reward_B = self.model(ids_BT, mask_BT, head=lambda h, w, b: mapper.head_rewards(
+                h, w, b, self.model.num_classes, t_BH, impl=impl))
             probs.append(probs_BC.float().cpu())
             rewards.append(reward_B.float().cpu())
         probs_NC = torch.cat(probs)

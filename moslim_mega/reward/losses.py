@@ -9,25 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# Eq. 6-9 is the fused multi-head kernel's reference, so it is defined beside that kernel.
+from ..kernels.multihead_head import per_head_ce_loss
 
-def per_head_ce_loss(
-    logits: list[torch.Tensor], labels_BH: torch.Tensor, class_weights: list[torch.Tensor] | None = None
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Eq. 6-9: Σ_i CE(softmax(z_i), y_i), each head averaged over its labelled examples.
-
-    Summing per-head means (rather than averaging over all labelled entries) gives every head the
-    same weight however many labels it has — a safety head with few labels is not drowned out.
-    Returns (total, per-head losses); a head with no labels in the batch contributes exactly 0.
-    """
-    per_head = []
-    for i, logits_BK in enumerate(logits):
-        labels_B = labels_BH[:, i]
-        if not bool((labels_B >= 0).any()):
-            per_head.append(logits_BK.sum() * 0.0)  # keeps the graph; no NaN from an empty mean
-            continue
-        w = None if class_weights is None else class_weights[i].to(logits_BK)
-        per_head.append(F.cross_entropy(logits_BK.float(), labels_B, weight=w, ignore_index=-1))
-    return torch.stack(per_head).sum(), per_head
+__all__ = ["balanced_class_weights", "paper_eq10_loss", "per_head_ce_loss"]
 
 
 def paper_eq10_loss(logits: list[torch.Tensor], labels_BH: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

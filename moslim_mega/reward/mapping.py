@@ -6,6 +6,9 @@
 ``avg_i`` / ``std_i`` are the mean / std of head i's probability of each class, recorded over
 the reward model's training data by :class:`RunningClassStats`.
 
+The fused multi-head kernel takes the mapping as plain values; :meth:`RewardMapper.head_rewards`
+hands it this mapper's (:meth:`RewardMapper.kernel_args`).
+
 Public API: :class:`RunningClassStats`, :class:`RewardMapper`, :class:`MappingError`.
 """
 
@@ -20,11 +23,13 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..kernels.multihead_head import REWARD_KINDS, REWARD_NORMALIZE_BY, fused_multihead_reward
+
 __all__ = ["MappingError", "RunningClassStats", "RewardMapper", "from_config"]
 
 STATS_MODES = ("welford", "ema")
-KINDS = ("zscore", "logprob", "neg_abs_dist")
-NORMALIZE_BY = ("all", "named")
+KINDS = REWARD_KINDS  # ("zscore", "logprob", "neg_abs_dist"): the kernel's own list
+NORMALIZE_BY = REWARD_NORMALIZE_BY  # ("all", "named")
 
 
 class MappingError(ValueError):
@@ -206,6 +211,30 @@ class RewardMapper:
             normalize_by=mapping_cfg.normalize_by,
             std_floor=mapping_cfg.std_floor,
             clip=mapping_cfg.clip,
+        )
+
+    def kernel_args(self) -> dict:
+        """This mapping as the plain values :func:`~moslim_mega.kernels.multihead_head.fused_multihead_reward`
+        takes: per-class ``mean_C`` / ``std_C`` (heads concatenated, std floored; zscore only), kind,
+        normalisation and clip."""
+        if self.kind == "zscore" and self.stats.count == 0:
+            raise MappingError("stats: no examples recorded; fit the statistics before mapping")
+        mean_C = std_C = None
+        if self.kind == "zscore":
+            mean_C = torch.cat(self.stats.mean)
+            std_C = torch.cat(self.stats.std).clamp(min=self.std_floor)
+        return dict(mean_C=mean_C, std_C=std_C, kind=self.kind, normalize_by=self.normalize_by, clip=self.clip)
+
+    def head_rewards(
+        self, hidden_BD: Tensor, weight_CD: Tensor, bias_C: Tensor | None, num_classes: Sequence[int],
+        targets_BH: Tensor, impl: str | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Per-head probabilities ``[B, C]`` and this mapping's reward ``[B]`` (fp32) straight from the
+        reward head's input, in one fused pass (Triton on CUDA, the plain reference elsewhere)."""
+        if list(num_classes) != list(self.stats.num_classes):
+            raise MappingError(f"num_classes: {list(num_classes)} != the statistics' {self.stats.num_classes}")
+        return fused_multihead_reward(
+            hidden_BD, weight_CD, bias_C, num_classes, targets_BH, **self.kernel_args(), impl=impl
         )
 
     def _check_targets(self, targets_BH: Tensor, batch: int) -> None:

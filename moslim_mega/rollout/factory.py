@@ -34,7 +34,7 @@ def build_rollout_engine(rc: RolloutConfig, *, model, tokenizer, model_dir: str 
 
 
 def load_tokenizer(model_dir):
-    """A HF directory's tokenizer, pad falling back to EOS (as ``sft.load_policy``)."""
+    """A HF directory's tokenizer, pad falling back to EOS (as ``models.build.load_policy``)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -45,9 +45,9 @@ def load_tokenizer(model_dir):
 
 def engine_from_dir(rc: RolloutConfig, model_dir: str | Path):
     """(engine, tokenizer) for a saved HF policy directory — evaluation and baseline samplers. The
-    ``hf`` engine loads the model with ``sft.load_policy``; ``vllm`` loads it itself (no HF copy)."""
+    ``hf`` engine loads the model with ``models.build.load_policy``; ``vllm`` loads it itself (no HF copy)."""
     if rc.engine == "hf":
-        from ..sft import load_policy
+        from ..models.build import load_policy
 
         model, tok = load_policy(model_dir)
         return build_rollout_engine(rc, model=model, tokenizer=tok, model_dir=model_dir), tok

@@ -16,7 +16,7 @@ from moslim_mega.models.value import ValueModel
 from moslim_mega.policy.controller import train_policy
 from moslim_mega.reward import load_reward_model
 from moslim_mega.reward.trainer import train_reward_model
-from moslim_mega.sft import load_policy
+from moslim_mega.models.build import load_policy
 from moslim_mega.utils.optim import Updater
 
 

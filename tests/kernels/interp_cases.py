@@ -94,8 +94,8 @@ def test_multihead_reward_triton_matches_mapper(kind, normalize_by, clip):
     targets = torch.stack([torch.randint(-1, k, (21,), generator=gen) for k in K], 1)
     targets[0] = -1  # a row with no named head
     mapper = RewardMapper(stats, kind=kind, normalize_by=normalize_by, clip=clip)
-    probs, reward = fused_multihead_reward(hidden, weight, bias, K, targets, mapper, impl="triton")
-    want_probs, want_reward = multihead_reward_reference(hidden, weight, bias, K, targets, mapper)
+    probs, reward = fused_multihead_reward(hidden, weight, bias, K, targets, **mapper.kernel_args(), impl="triton")
+    want_probs, want_reward = multihead_reward_reference(hidden, weight, bias, K, targets, **mapper.kernel_args())
     torch.testing.assert_close(probs, want_probs, **TOL)
     torch.testing.assert_close(reward, want_reward, **TOL)
     assert reward[0] == 0

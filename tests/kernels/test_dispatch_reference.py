@@ -93,4 +93,30 @@ def test_bad_inputs_name_the_argument():
         fused_multihead_head(torch.randn(2, 8), torch.randn(7, 8), b, k, torch.tensor([[0, 0], [4, 2]]))
     mapper = RewardMapper(RunningClassStats(k))  # zscore with no statistics recorded
     with pytest.raises(MappingError, match="stats: no examples"):
-        fused_multihead_reward(torch.randn(2, 8), hw, b, k, torch.tensor([[0, -1], [4, 2]]), mapper)
+        mapper.head_rewards(torch.randn(2, 8), hw, b, k, torch.tensor([[0, -1], [4, 2]]))
+    with pytest.raises(KernelError, match="mean_C"):
+        fused_multihead_reward(torch.randn(2, 8), hw, b, k, torch.tensor([[0, -1], [4, 2]]), kind="zscore")
+
+
+@pytest.mark.parametrize("kind", ["zscore", "logprob", "neg_abs_dist"])
+@pytest.mark.parametrize("normalize_by,clip", [("all", 0.0), ("named", 0.3)])
+def test_reward_reference_on_plain_values_is_the_mappers_own_numbers(kind, normalize_by, clip):
+    # The kernel takes the mapping as plain values; on CPU (the reference path) what the RM scores
+    # with must stay bit for bit what RewardMapper computes from the head's probabilities.
+    k = (5, 3, 2)
+    g = torch.Generator().manual_seed(7)
+    hidden, weight, bias = torch.randn(17, 8, generator=g), torch.randn(10, 8, generator=g), torch.randn(10, generator=g)
+    stats = RunningClassStats(k)
+    stats.update([torch.softmax(torch.randn(40, n, generator=g), 1) for n in k])
+    stats.update([torch.full((1, 2), 0.5) if n == 2 else torch.softmax(torch.randn(1, n, generator=g), 1) for n in k])
+    targets = torch.stack([torch.randint(-1, n, (17,), generator=g) for n in k], 1)
+    targets[0] = -1
+    mapper = RewardMapper(stats, kind=kind, normalize_by=normalize_by, std_floor=0.05, clip=clip)
+    probs_BC, reward_B = mapper.head_rewards(hidden, weight, bias, k, targets, impl="reference")
+    logits = torch.split(torch.nn.functional.linear(hidden, weight, bias), list(k), dim=-1)
+    probs = [torch.softmax(z.float(), dim=-1) for z in logits]
+    assert torch.equal(probs_BC, torch.cat(probs, 1))
+    assert torch.equal(reward_B, mapper(probs, targets))
+    assert reward_B[0] == 0 and reward_B.abs().sum() > 0
+    with pytest.raises(MappingError, match="num_classes"):
+        mapper.head_rewards(hidden, weight[:9], bias[:9], (5, 3, 1), targets)

@@ -67,8 +67,8 @@ def test_multihead_head_gpu(dtype):
     targets = torch.stack([torch.randint(-1, k, (b,), device="cuda", generator=gen) for k in K], 1)
     mapper = RewardMapper(stats, kind="zscore", normalize_by="named")
     with torch.no_grad():
-        p1, r1 = fused_multihead_reward(hidden, weight, bias, K, targets, mapper, impl="triton")
-        p2, r2 = multihead_reward_reference(hidden, weight, bias, K, targets, mapper)
+        p1, r1 = fused_multihead_reward(hidden, weight, bias, K, targets, **mapper.kernel_args(), impl="triton")
+        p2, r2 = multihead_reward_reference(hidden, weight, bias, K, targets, **mapper.kernel_args())
     torch.testing.assert_close(p1, p2, **TOL[dtype])
     torch.testing.assert_close(r1, r2, **TOL[dtype])
 

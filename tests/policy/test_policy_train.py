@@ -15,7 +15,7 @@ from moslim_mega.policy import workers
 from moslim_mega.policy.controller import load_policy_prompts, train_policy
 from moslim_mega.prefs import PreferenceSpec
 from moslim_mega.reward.data import RecordError
-from moslim_mega.sft import load_policy
+from moslim_mega.models.build import load_policy
 
 from tiny_stage import build_tiny_stage
 
