@@ -197,3 +197,18 @@ def test_fsdp_float8_all_gather_only_for_tensorwise():
     # torchao asserts float8 all-gather is tensorwise-only: rowwise all-gathers in high precision.
     assert not fp8_mod.fp8_linear_config("rowwise", fsdp=True, emulate=True).enable_fsdp_float8_all_gather
     assert not fp8_mod.fp8_linear_config("tensorwise", fsdp=False, emulate=True).enable_fsdp_float8_all_gather
+
+
+# ---- GPU (hardware float8 matmuls) -----------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_hardware_fp8_step_tracks_bf16_on_gpu(recipe):
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs a CUDA GPU with float8 matmuls (sm89+)")
+    ids = batch().cuda()
+    ref = train(lm().to("cuda", torch.bfloat16), 5, ids)
+    model = lm().to("cuda", torch.bfloat16)
+    assert len(apply_fp8(model, pc(recipe))) == 14
+    assert not model.model.layers[0].mlp.up_proj.config.emulate  # torch._scaled_mm, not emulation
+    got = train(model, 5, ids)
+    assert max(abs(a - b) / b for a, b in zip(got, ref)) < 0.02, (got, ref)
