@@ -104,7 +104,6 @@ def apply_fp8(model, pc, fsdp: bool = False):
     call before TP and FSDP2. Returns the fully qualified names of the converted linears."""
     if not fp8_enabled(pc):
         return []
-    check_fp8_layout(pc)
     try:
         from torchao.float8 import convert_to_float8_training
     except ImportError:
@@ -126,12 +125,6 @@ def _say(line: str) -> None:
 
     if pdist.is_main():  # one line per run, not one per rank
         print(line, file=sys.stderr, flush=True)
-
-
-def check_fp8_layout(pc) -> None:
-    """Refuse combinations measured not to work."""
-    if fp8_enabled(pc) and getattr(pc, "pp", 1) != 1:
-        raise ConfigError(f"parallel.fp8={pc.fp8} with parallel.pp={pc.pp}: fp8 is wired for dp × tp only")
 
 
 def apply_fp8_models(pc, *models) -> None:

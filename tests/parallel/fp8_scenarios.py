@@ -104,6 +104,11 @@ def main():
     pc = ParallelConfig(dp=2, tp=1, fp8="tensorwise", activation_checkpointing=True)
     compare("policy_fsdp2_tensorwise_ac", lm, lambda c: AutoModelForCausalLM.from_config(c), parallelize_policy,
             pol, build_mesh(pc), pc, out)
+    # FSDP2's bf16 MixedPrecisionPolicy under float8: bf16 compute around the fp8 matmuls, float8
+    # all-gather of the fp32 master shards, fp32 gradient reduce-scatter (vs the fp32 fp8 step).
+    pc = ParallelConfig(dp=2, tp=1, fp8="tensorwise", mixed_precision="bf16")
+    compare("policy_fsdp2_tensorwise_bf16", lm, lambda c: AutoModelForCausalLM.from_config(c), parallelize_policy,
+            pol, build_mesh(pc), pc, out)
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(out, f, indent=1)

@@ -11,7 +11,15 @@ from moslim_mega.reward.data import load_rm_examples
 from moslim_mega.reward.io import load_reward_model
 from moslim_mega.reward.trainer import predict_probs, train_reward_model
 
-from .test_rm_trainer import SMALL
+SMALL = [  # tests/reward/test_rm_trainer.py's recipe: ~5 s on one core, fp8 emulated or not
+    "world.num_rm_prompts=400",
+    "world.num_rm_eval_prompts=60",
+    "rm.model.hidden_size=64",
+    "rm.model.intermediate_size=128",
+    "rm.epochs=1",
+    "rm.eval_every=10",
+    "rm.warmup_steps=5",
+]
 
 pytest.importorskip("torchao.float8")
 pytestmark = pytest.mark.slow
