@@ -192,6 +192,15 @@ def test_gpu_without_float8_matmuls_is_refused(monkeypatch):
         apply_fp8(lm(), pc("tensorwise"))
 
 
+def test_cpu_device_on_a_cuda_machine_is_refused(monkeypatch):
+    from moslim_mega.parallel.stage import Stage
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match=r"parallel\.fp8=rowwise with run\.device=cpu on a machine with CUDA"):
+        Stage(pc("rowwise"), "cpu")
+    Stage(pc("none"), "cpu")  # without fp8 the CPU is fine
+
+
 def test_fsdp_float8_all_gather_only_for_tensorwise():
     assert fp8_mod.fp8_linear_config("tensorwise", fsdp=True, emulate=True).enable_fsdp_float8_all_gather
     # torchao asserts float8 all-gather is tensorwise-only: rowwise all-gathers in high precision.
