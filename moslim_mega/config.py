@@ -386,6 +386,10 @@ class ParallelConfig:
     """FSDP2 MixedPrecisionPolicy: `none` (params as stored) or `bf16` (bf16 compute, fp32 gradient reduction)."""
     reshard_after_forward: bool = True
     """FSDP2: free the gathered parameters after forward (ZeRO-3); False keeps them (ZeRO-2-like)."""
+    fp8: str = "none"
+    """Float8 training of the decoder layers' linears (torchao): `none`, `tensorwise` or `rowwise`; emulated on CPU."""
+    fp8_auto_filter: bool = False
+    """Also skip linears below torchao's H100 size thresholds (too small for fp8 to pay); else only dims % 16 ≠ 0 are skipped."""
 
 
 @dataclass(frozen=True)
@@ -536,6 +540,7 @@ _CHOICES = {
     (RolloutConfig, "sleep_level"): (0, 1, 2),
     (BenchConfig, "rm_score"): ("mapped", "expected"),
     (ParallelConfig, "mixed_precision"): ("none", "bf16"),
+    (ParallelConfig, "fp8"): ("none", "tensorwise", "rowwise"),
     (KernelsConfig, "impl"): ("auto", "triton", "reference"),
     (RunConfig, "device"): ("auto", "cuda", "cpu"),
 }

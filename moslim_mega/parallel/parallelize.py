@@ -1,7 +1,8 @@
 """Apply parallelism to the policy, reference, value and reward models — from outside the models.
 
-Order (as torchtitan's ``parallelize_llama``): tensor parallel plan → activation checkpointing →
-FSDP2 ``fully_shard`` (each decoder layer, then the root) with a MixedPrecisionPolicy. Models are
+Order (as torchtitan's ``parallelize_llama``): float8 linears (``parallel.fp8``, :mod:`.fp8`) →
+tensor parallel plan → activation checkpointing → FSDP2 ``fully_shard`` (each decoder layer, then
+the root) with a MixedPrecisionPolicy. In a single process only the float8 conversion applies. Models are
 built on the meta device and materialised already sharded; the full weights come from rank 0
 (``build_sharded``), so no rank but 0 ever holds a full copy.
 """
@@ -16,6 +17,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor.parallel import parallelize_module
 
 from . import dist as pdist
+from .fp8 import apply_fp8
 from .mesh import tp_size
 from .plans import check_tp_divisible, decoder_layer_plan, embedding_plan, lm_head_plan
 from .vocab_parallel import install_logprob_head
@@ -55,8 +57,16 @@ def _checkpointing(backbone, pc, train: bool) -> None:
             backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def _fp8(model, mesh, pc, train: bool) -> None:
+    # Only trained models: a frozen model (the reference) keeps exact forwards; the heads are never
+    # converted (see fp8.py). FSDP all-gathers float8 weights only when it really shards (dp > 1).
+    if train:
+        apply_fp8(model, pc, fsdp=mesh is not None and mesh["dp"].size() > 1)
+
+
 def parallelize_policy(model, mesh, pc, train: bool = True):
     """A HF causal LM (policy; ``train=False`` for the frozen reference)."""
+    _fp8(model, mesh, pc, train)
     if mesh is None:
         return model
     base = getattr(model, model.base_model_prefix)
@@ -77,6 +87,7 @@ def parallelize_reference(model, mesh, pc):
 def parallelize_backbone_model(model, mesh, pc, train: bool = True):
     """A backbone + small head model (the multi-head RM or the PPO critic): the heads stay
     replicated over tp (they read the replicated pooled/last hidden state) and FSDP shards them."""
+    _fp8(model, mesh, pc, train)
     if mesh is None:
         return model
     if tp_size(mesh) > 1:
@@ -99,7 +110,9 @@ def build_sharded(build_full: Callable, build_skeleton: Callable, apply: Callabl
     materialised and filled from rank 0's weights by broadcast.
     """
     if mesh is None:
-        return build_full()
+        model = build_full()
+        apply(model, None, pc)  # single process: only the float8 conversion (parallel.fp8) applies
+        return model
     full = build_full() if pdist.rank() == 0 else None
     config, dtype = pdist.broadcast_object(
         (_backbone_config(full), next(full.parameters()).dtype) if full is not None else None

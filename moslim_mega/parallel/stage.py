@@ -46,6 +46,11 @@ class Stage:
         self.device = _comm_device() if self.distributed else _single_device(device)
         """Where this rank's models and batches live (``run.device``; under torchrun its local GPU when
         CUDA is available, as ``build_sharded`` places the shards)."""
+        if getattr(pc, "fp8", "none") != "none" and self.device.type == "cpu" and torch.cuda.is_available():
+            # Float8Linear fixes emulation at conversion time from the machine (fp8.fp8_emulate):
+            # on a CUDA machine it would call torch._scaled_mm on CPU tensors.
+            raise ConfigError(f"parallel.fp8={pc.fp8} with run.device=cpu on a machine with CUDA: float8 training "
+                              "runs on the GPU here (run.device=auto or cuda), or set parallel.fp8=none")
 
     @property
     def distributed(self) -> bool:

@@ -37,6 +37,7 @@ from ..models.build import load_policy
 from ..utils.logging import MetricsWriter
 from ..utils.seed import seed_everything
 from ..parallel.export import export_hf_weights
+from ..parallel.fp8 import apply_fp8_models
 from ..parallel.policy import (build_policy_models, causal_lm_skeleton, check_policy_layout, mean_metrics,
                                rollout_module, share_within_tp)
 from ..parallel.stage import Stage
@@ -269,6 +270,7 @@ def train_policy(
         gen_module = actor  # hf: generates with the actor itself (pushes are then free)
         if pc.algo == "ppo":
             critic = ValueModel(copy.deepcopy(getattr(actor, actor.base_model_prefix))).train()
+        apply_fp8_models(cfg.parallel, actor, critic)  # parallel.fp8 (the reference, copied above, stays exact)
     ref_worker = LogprobWorker(reference, sc.temperature, cfg.kernels)
     old_worker = LogprobWorker(actor, sc.temperature, cfg.kernels)
     actor_upd = Updater(actor.parameters(), pc.lr, pc.weight_decay, pc.warmup_steps, pc.grad_clip)
