@@ -55,5 +55,12 @@ def test_saved_fp8_rm_is_a_plain_model_with_close_outputs(fp8_run):
 
     apply_fp8(rm.model, cfg.parallel)
     fp8 = predict_probs(rm.model, data, tok.pad_token_id)
-    gap = max(float((a - b).abs().max()) for a, b in zip(plain, fp8))
-    assert 0 < gap < 0.05, gap
+    # Measured on seeds 0-2 (2026-12-01, CPU emulation): mean |Δp| 0.0024-0.0030, the largest single
+    # |Δp| 0.028-0.052 (it moves with the thread count: one example near a rounding boundary), the
+    # most likely class unchanged on 97-99 % of examples. 0 would mean the fp8 path never ran.
+    gaps = [(a - b).abs() for a, b in zip(plain, fp8)]
+    mean_gap = sum(float(g.mean()) for g in gaps) / len(gaps)
+    assert 0 < mean_gap < 0.01, mean_gap
+    assert max(float(g.max()) for g in gaps) < 0.1
+    for a, b in zip(plain, fp8):
+        assert float((a.argmax(1) == b.argmax(1)).float().mean()) >= 0.95
