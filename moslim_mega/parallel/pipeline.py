@@ -99,7 +99,7 @@ class StageModule(nn.Module):
     ``hidden_BTD`` elsewhere; ``mask_BT`` and ``ids_BT`` reach every stage as keyword arguments. The
     output is ``hidden_BTD`` except on the last stage, which returns the role's head output as a
     tuple of tensors (the schedule sends and merges tuples): ``(logp_BT, entropy_BT)``,
-    ``(hidden_BD, weight_CD, bias_C)`` or ``(values_BT,)``.
+    ``(hidden_BD, weight_CD, bias_C)`` or ``values_BT``.
     """
 
     def __init__(self, pruned: nn.Module, role: str, stage: int, num_stages: int, layers: range,
@@ -154,10 +154,13 @@ class StageModule(nn.Module):
             idx_B = last_token_index(mask_BT)
             hidden_BD = hidden_BTD[torch.arange(hidden_BTD.shape[0], device=hidden_BTD.device), idx_B]
             # The weight/bias leave the stage as outputs so the trainer's fused head reads them; the
-            # stage is its FSDP root, whose gathered parameters stay in place until backward.
-            return hidden_BD, self.heads.weight, self.heads.bias
+            # stage is its FSDP root, whose gathered parameters stay in place until backward. Views,
+            # not the parameters themselves: a parameter (a leaf) returned by every micro-batch's
+            # forward lost the gradients of all but one micro-batch in the schedule's backward.
+            w, b = self.heads.weight, self.heads.bias
+            return hidden_BD, w.view_as(w), b.view_as(b)
         v_BT = self.value_head(hidden_BTD).squeeze(-1).float()
-        return (torch.cat([torch.zeros_like(v_BT[:, :1]), v_BT[:, :-1]], dim=1),)  # as ValueModel.forward
+        return torch.cat([torch.zeros_like(v_BT[:, :1]), v_BT[:, :-1]], dim=1)  # as ValueModel.forward
 
 
 def _attention_masks(config, hidden_BTD, mask_BT, position_ids_BT) -> dict:
