@@ -18,7 +18,7 @@ pooled hidden state with the heads' weight for the fused multi-head loss, or the
 
 Parallelism inside a stage is applied as for the whole model (:mod:`.parallelize`): float8, then
 FSDP2 over the mesh's ``dp`` dimension — each decoder layer, then the stage as root, so the
-embedding / norm / head weights are gathered for the whole stage forward.
+embedding / norm / head weights are gathered for the whole stage forward and backward.
 """
 
 from __future__ import annotations
@@ -153,12 +153,11 @@ class StageModule(nn.Module):
 
             idx_B = last_token_index(mask_BT)
             hidden_BD = hidden_BTD[torch.arange(hidden_BTD.shape[0], device=hidden_BTD.device), idx_B]
-            # The weight/bias leave the stage as outputs so the trainer's fused head reads them; the
-            # stage is its FSDP root, whose gathered parameters stay in place until backward. Views,
-            # not the parameters themselves: a parameter (a leaf) returned by every micro-batch's
-            # forward lost the gradients of all but one micro-batch in the schedule's backward.
-            w, b = self.heads.weight, self.heads.bias
-            return hidden_BD, w.view_as(w), b.view_as(b)
+            # The weight/bias leave the stage as outputs so the trainer's fused head reads them.
+            # Copies (C × D, small), not the parameters: a parameter (a leaf) returned by every
+            # micro-batch's forward lost all but one micro-batch's gradient in the schedule's
+            # backward, and FSDP frees a gathered weight after a no-grad forward, under any view.
+            return hidden_BD, self.heads.weight.clone(), self.heads.bias.clone()
         v_BT = self.value_head(hidden_BTD).squeeze(-1).float()
         return torch.cat([torch.zeros_like(v_BT[:, :1]), v_BT[:, :-1]], dim=1)  # as ValueModel.forward
 
@@ -225,7 +224,9 @@ def split_model(model: nn.Module, role: str, stages: list[int], num_stages: int,
 def parallelize_stage(stage: StageModule, mesh, pc, train: bool = True) -> StageModule:
     """Float8 and FSDP2 over ``mesh["dp"]`` for one stage, as :func:`.parallelize.parallelize_policy`
     does for a whole model: each decoder layer, then the stage as root."""
-    from .parallelize import _checkpointing, _fp8, _fsdp
+    from torch.distributed.fsdp import fully_shard
+
+    from .parallelize import _checkpointing, _fp8, _mp_policy
 
     if mesh is not None and mesh["tp"].size() > 1:
         raise ConfigError(f"parallel.tp={mesh['tp'].size()} with parallel.pp={mesh['pp'].size()}: tensor parallel "
@@ -233,6 +234,12 @@ def parallelize_stage(stage: StageModule, mesh, pc, train: bool = True) -> Stage
                           "megatron backend)")
     _fp8(stage, mesh, pc, train)
     _checkpointing(stage.decoder, pc, train)
-    if mesh is not None:
-        _fsdp(stage, list(stage.decoder.layers.values()), mesh, pc)
+    if mesh is not None and mesh["dp"].size() > 1:
+        kw = dict(mesh=mesh["dp"], mp_policy=_mp_policy(pc))
+        for layer in stage.decoder.layers.values():
+            fully_shard(layer, reshard_after_forward=pc.reshard_after_forward, **kw)
+        # The root (embedding, norm, head) stays gathered from forward to backward: the RM's head
+        # weight leaves the stage as an output and is read by the loss after the stage's forward
+        # (a resharded weight there has no storage), as an unsplit model's root also keeps it.
+        fully_shard(stage, reshard_after_forward=False, **kw)
     return stage

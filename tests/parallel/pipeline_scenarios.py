@@ -125,10 +125,10 @@ def run_case(kind, pc, mesh, steps=2, dp=1, dp_rank=0, checkpoint=False):
         row = engine.train_step(weigh(mbs, kind, dp, dp_rank), loss_fn, step)
         losses.append(row["loss"] * len(mbs))  # the mean of the micro-batch rows × m = the step's loss
         norms.append(row["grad_norm"])
-    if dp > 1:  # the loss rows are this dp shard's: the step's loss is their sum over dp
+    if dp > 1:  # the loss rows are this dp shard's, scaled by dp (see weigh): the step's loss is their mean
         t = torch.tensor(losses, dtype=torch.float64)
         dist.all_reduce(t, group=mesh["dp"].get_group())
-        losses = t.tolist()
+        losses = (t / dp).tolist()
     ref, ref_losses, ref_norms = reference_steps(kind, mbs, steps)
     ref_params = dict(ref.named_parameters())
     exported = dict(engine.export_weights())
