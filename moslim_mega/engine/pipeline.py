@@ -70,7 +70,7 @@ class PipelineEngine(TrainEngine):
 
     def __init__(self, model, role: str, mesh, pc, optim: dict | None = None, name: str = "model",
                  temperature: float = 1.0, logprob_chunk: int = 8192, kernels_impl: str | None = None,
-                 train: bool = True):
+                 train: bool = True, _rank0_model=None):
         if role not in ROLES:
             raise ConfigError(f"engine role {role!r}: one of {', '.join(ROLES)}")
         if mesh is None or "pp" not in (mesh.mesh_dim_names or ()):
@@ -84,12 +84,59 @@ class PipelineEngine(TrainEngine):
         stages = split_model(model, role, stage_ids(self.pp_rank, self.pp, v), self.num_stages,
                              temperature=temperature, logprob_chunk=logprob_chunk, kernels_impl=kernels_impl)
         self.stages = [parallelize_stage(s, mesh, pc, train) for s in stages]
-        self.device = next(self.stages[0].parameters()).device
         self._owner = self._owners()
+        if next(self.stages[0].parameters()).is_meta:
+            self._materialize(_rank0_model)
+        self.device = next(self.stages[0].parameters()).device
         params = [p for s in self.stages for p in s.parameters()]
         self.updater = PipelineUpdater(params, self.pp_group, **optim) if optim is not None else None
         self._schedules: dict[tuple, Any] = {}
         self._step_state: dict = {}
+
+    @classmethod
+    def from_rank0(cls, build_full, build_skeleton, role: str, mesh, pc, **kw) -> "PipelineEngine":
+        """As ``parallel.parallelize.build_sharded``: only rank 0 builds the real model
+        (``build_full()``: random init or a checkpoint); every rank cuts its stages from a meta-device
+        ``build_skeleton(config)`` and receives its own parameters (its FSDP shards) from rank 0."""
+        from ..parallel import dist as pdist
+        from ..parallel.pipeline import model_config
+
+        full = build_full() if pdist.rank() == 0 else None
+        config, dtype = pdist.broadcast_object(
+            (model_config(full, role), next(full.parameters()).dtype) if full is not None else None)
+        with torch.device("meta"):
+            skeleton = build_skeleton(config).to(dtype)
+        if full is not None:
+            skeleton.train(full.training)
+        return cls(skeleton, role, mesh, pc, _rank0_model=full, **kw)
+
+    def _materialize(self, full) -> None:
+        """Allocate the meta-device stages and fill them from rank 0's ``full`` model, one tensor at
+        a time over the world (each rank keeps what its stages hold, FSDP shards sliced locally)."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        from ..parallel import dist as pdist
+
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        for s in self.stages:
+            s.to_empty(device=device)
+        mine = {n: p for s in self.stages for n, p in s.named_parameters()}
+        state = full.state_dict() if full is not None else {}
+        with torch.no_grad():
+            for name, shape, dtype in self._export_plan:
+                t = state[name].to(device) if full is not None else torch.empty(shape, dtype=dtype, device=device)
+                dist.broadcast(t, src=0)
+                p = mine.get(name)
+                if isinstance(p, DTensor):
+                    p.to_local().copy_(distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None).to_local())
+                elif p is not None:
+                    p.copy_(t)
+            # Non-persistent buffers (rotary inv_freq) are in no state dict: copy them by name.
+            buffers = pdist.broadcast_object({n: b.cpu() for n, b in full.named_buffers()} if full is not None else None)
+            for s in self.stages:
+                for n, b in s.named_buffers():
+                    if n in buffers:
+                        b.copy_(buffers[n].to(b.device))
 
     # ---- the seam ---------------------------------------------------------------------------
     @property

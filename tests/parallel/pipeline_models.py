@@ -36,6 +36,16 @@ def build(role: str, seed: int = 0, tie: bool = False, qwen: bool = False):
     return model
 
 
+def skeleton(role: str):
+    """``build_skeleton(config)`` of a role: the architecture without weights (run on meta)."""
+    def make(config):
+        if role == "causal_lm":
+            return AutoModelForCausalLM.from_config(config)
+        backbone = AutoModel.from_config(config)
+        return MultiHeadRewardModel(backbone, NUM_CLASSES) if role == "reward" else ValueModel(backbone)
+    return make
+
+
 def micro_batches(n: int, B: int = 2, T: int = 9, seed: int = 1, ragged: bool = True) -> list[dict]:
     """``n`` right-padded micro-batches; with ``ragged`` the last one is shorter and has fewer rows."""
     g = torch.Generator().manual_seed(seed)

@@ -27,7 +27,7 @@ from moslim_mega.kernels.multihead_head import fused_multihead_head
 from moslim_mega.parallel.mesh import build_mesh
 from moslim_mega.utils.optim import Updater
 
-from tests.parallel.pipeline_models import NUM_CLASSES, build, micro_batches
+from tests.parallel.pipeline_models import NUM_CLASSES, build, micro_batches, skeleton
 
 OPTIM = dict(lr=1e-3, weight_decay=0.01, warmup_steps=0, grad_clip=0.05)
 TEMP = 0.7
@@ -116,10 +116,16 @@ def head_diff(a, b):
     return max(float((x - y).abs().max()) for x, y in zip(vars(a).values(), vars(b).values()))
 
 
-def run_case(kind, pc, mesh, steps=2, dp=1, dp_rank=0, checkpoint=False):
+def run_case(kind, pc, mesh, steps=2, dp=1, dp_rank=0, checkpoint=False, rank0=False):
+    """``rank0``: the engine is built as a large model would be — rank 0 alone builds the weights,
+    the other ranks cut their stages from a meta-device skeleton and receive theirs."""
     role, loss_fn = LOSSES[kind]
     mbs = micro_batches(4 if pc.pp_schedule == "interleaved_1f1b" else 3, B=2 * dp)
-    engine = PipelineEngine(build(role), role, mesh, pc, optim=OPTIM, temperature=TEMP, kernels_impl="reference")
+    kw = dict(optim=OPTIM, temperature=TEMP, kernels_impl="reference")
+    if rank0:
+        engine = PipelineEngine.from_rank0(lambda: build(role), skeleton(role), role, mesh, pc, **kw)
+    else:
+        engine = PipelineEngine(build(role), role, mesh, pc, **kw)
     losses, norms = [], []
     for step in range(steps):
         row = engine.train_step(weigh(mbs, kind, dp, dp_rank), loss_fn, step)
@@ -177,16 +183,17 @@ def main():
             pc = ParallelConfig(pp=2, pp_schedule=sched)
             mesh = build_mesh(pc)
             for kind in ("sft", "rm", "rloo"):
-                results[f"{kind}_{sched}"] = run_case(kind, pc, mesh, checkpoint=(kind == "rm" and sched == "1f1b"))
+                results[f"{kind}_{sched}"] = run_case(kind, pc, mesh, checkpoint=(kind == "rm" and sched == "1f1b"),
+                                                      rank0=(sched == "1f1b"))
         pc = ParallelConfig(pp=2, pp_schedule="1f1b")
-        results["value_1f1b"] = run_case("value", pc, build_mesh(pc))
+        results["value_1f1b"] = run_case("value", pc, build_mesh(pc), rank0=True)
         pc = ParallelConfig(pp=2, pp_schedule="interleaved_1f1b", pp_stages_per_rank=2)
-        results["rm_interleaved_1f1b"] = run_case("rm", pc, build_mesh(pc), checkpoint=True)
+        results["rm_interleaved_1f1b"] = run_case("rm", pc, build_mesh(pc), checkpoint=True, rank0=True)
     else:
         pc = ParallelConfig(pp=2, dp=2, pp_schedule="1f1b")
         mesh = build_mesh(pc)
         dp_rank = mesh["dp"].get_local_rank()
-        results["rm_pp2_dp2"] = run_case("rm", pc, mesh, dp=2, dp_rank=dp_rank)
+        results["rm_pp2_dp2"] = run_case("rm", pc, mesh, dp=2, dp_rank=dp_rank, rank0=True)
     if dist.get_rank() == 0:
         with open(out, "w") as fh:
             json.dump(results, fh, indent=1)
