@@ -16,7 +16,8 @@ stage as a keyword argument (only the hidden states travel between stages). The 
 the role's head output (engine/base.py): token log-probs through the fused linear → log-prob, the
 pooled hidden state with the heads' weight for the fused multi-head loss, or the values.
 
-Parallelism inside a stage is applied as for the whole model (:mod:`.parallelize`): float8, then
+Parallelism inside a stage is applied as for the whole model (:mod:`.parallelize`): float8, the
+tensor-parallel plan over ``tp`` (the policy's last stage gets the vocab-parallel log-prob head), then
 FSDP2 over the mesh's ``dp`` dimension — each decoder layer, then the stage as root, so the
 embedding / norm / head weights are gathered for the whole stage forward and backward.
 """
@@ -146,7 +147,7 @@ class StageModule(nn.Module):
 
     def _head(self, hidden_BTD: torch.Tensor, mask_BT: torch.Tensor, ids_BT: torch.Tensor):
         if self.role == "causal_lm":
-            return token_logprobs(hidden_BTD, self.lm_head.weight, ids_BT, mask_BT, self.temperature,
+            return token_logprobs(hidden_BTD, self.lm_head, ids_BT, mask_BT, self.temperature,
                                   self.logprob_chunk, self.kernels_impl)
         if self.role == "reward":
             from ..reward.model import last_token_index
@@ -174,19 +175,27 @@ def _attention_masks(config, hidden_BTD, mask_BT, position_ids_BT) -> dict:
     return masks
 
 
-def token_logprobs(hidden_BTD, weight_VD, ids_BT, mask_BT, temperature: float, chunk: int, impl):
+def token_logprobs(hidden_BTD, lm_head, ids_BT, mask_BT, temperature: float, chunk: int, impl):
     """(logp_BT, entropy_BT) of the final hidden states, aligned and zeroed as sequence_logprobs:
     row (b, t−1) predicts token (b, t), only where both are attended; the fused linear → log-prob
-    never forms the B×T×V logits."""
+    never forms the B×T×V logits. A :class:`.vocab_parallel.LogprobLMHead` (under tp: this rank's
+    vocabulary rows, the vocab-parallel kernel) is handed the request; a plain head its weight."""
     from ..algos.logprob import chunked_linear_logprob_entropy
+    from .vocab_parallel import LogprobLMHead, LogprobRequest
 
     mask_BT = mask_BT.long()
     valid_BT = torch.zeros_like(mask_BT, dtype=torch.bool)
     valid_BT[:, 1:] = (mask_BT[:, 1:] != 0) & (mask_BT[:, :-1] != 0)
-    hidden_ND = hidden_BTD[:, :-1][valid_BT[:, 1:]]
     targets_N = ids_BT[:, 1:][valid_BT[:, 1:]]
-    logp_N, entropy_N = chunked_linear_logprob_entropy(hidden_ND, weight_VD.to(hidden_ND.dtype), targets_N,
-                                                       temperature, chunk, impl)
+    if isinstance(lm_head, LogprobLMHead):
+        rows_BT = torch.zeros_like(valid_BT)
+        rows_BT[:, :-1] = valid_BT[:, 1:]
+        request = LogprobRequest(rows_BT, targets_N, float(temperature), int(chunk), impl)
+        logp_N, entropy_N = lm_head(hidden_BTD, request=request).unbind(-1)
+    else:
+        hidden_ND = hidden_BTD[:, :-1][valid_BT[:, 1:]]
+        logp_N, entropy_N = chunked_linear_logprob_entropy(hidden_ND, lm_head.weight.to(hidden_ND.dtype), targets_N,
+                                                           temperature, chunk, impl)
     logp_BT = torch.zeros(mask_BT.shape, dtype=logp_N.dtype, device=logp_N.device)
     # index_put (out-of-place) keeps the graph from logp_N back to the stage.
     return logp_BT.index_put((valid_BT,), logp_N), torch.zeros_like(logp_BT).index_put((valid_BT,), entropy_N)
@@ -228,11 +237,11 @@ def parallelize_stage(stage: StageModule, mesh, pc, train: bool = True) -> Stage
 
     from .parallelize import _checkpointing, _fp8, _mp_policy
 
-    if mesh is not None and mesh["tp"].size() > 1:
-        raise ConfigError(f"parallel.tp={mesh['tp'].size()} with parallel.pp={mesh['pp'].size()}: tensor parallel "
-                          "inside pipeline stages is not implemented yet in the torch backend (use tp=1, or the "
-                          "megatron backend)")
     _fp8(stage, mesh, pc, train)
+    if mesh is not None and stage.role == "causal_lm" and stage.is_last:
+        _install_logprob_head(stage)
+    if mesh is not None and mesh["tp"].size() > 1:
+        _tp_stage(stage, mesh["tp"])
     _checkpointing(stage.decoder, pc, train)
     if mesh is not None and mesh["dp"].size() > 1:
         kw = dict(mesh=mesh["dp"], mp_policy=_mp_policy(pc))
@@ -243,3 +252,36 @@ def parallelize_stage(stage: StageModule, mesh, pc, train: bool = True) -> Stage
         # (a resharded weight there has no storage), as an unsplit model's root also keeps it.
         fully_shard(stage, reshard_after_forward=False, **kw)
     return stage
+
+
+def _install_logprob_head(stage: StageModule) -> None:
+    """The last stage's LM head becomes a :class:`.vocab_parallel.LogprobLMHead` (same parameter,
+    same name), as ``parallelize_policy`` does for a whole model: under tp it runs the
+    vocab-parallel fused log-prob on this rank's vocabulary rows."""
+    from .vocab_parallel import LogprobLMHead
+
+    head = stage.lm_head
+    if isinstance(head, LogprobLMHead):
+        return
+    new = LogprobLMHead(head.in_features, head.out_features, bias=False, device="meta")
+    new.weight = head.weight
+    stage.lm_head = new
+
+
+def _tp_stage(stage: StageModule, tp_mesh) -> None:
+    """The tensor-parallel plan of parallelize.py on the parts this stage holds: vocab-parallel
+    embedding (first stage), column/row-parallel decoder layers, vocab-row-sharded LM head (last
+    stage of the policy). The RM / value heads stay replicated over tp, as without pipelining.
+    Every layer's output is replicated over tp, so only plain hidden states cross stages."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from .plans import check_tp_divisible, decoder_layer_plan, embedding_plan, lm_head_plan
+
+    decoder = stage.decoder
+    check_tp_divisible(decoder.config, tp_mesh.size())
+    if stage.is_first:
+        parallelize_module(decoder, tp_mesh, embedding_plan())
+    for layer in decoder.layers.values():
+        parallelize_module(layer, tp_mesh, decoder_layer_plan(layer))
+    if stage.is_last and stage.role == "causal_lm":
+        parallelize_module(stage, tp_mesh, lm_head_plan())

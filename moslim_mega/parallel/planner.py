@@ -270,9 +270,6 @@ def plan(model: str, nodes: int, gpus_per_node: int, tp: int, dp: int, stage: st
         from .mesh import _check_pipeline
 
         _check_pipeline(pc)
-        if tp > 1:
-            raise ConfigError(f"--pp {pp} with --tp {tp}: tensor parallel inside pipeline stages is not "
-                              "implemented in the torch backend (parallel/pipeline.py)")
     if dist.is_initialized():
         raise RuntimeError("moslim plan needs a process without a process group (it makes a fake one)")
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)

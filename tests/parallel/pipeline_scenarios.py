@@ -4,6 +4,8 @@
 and 1F1B, a critic step, the RM under interleaved 1F1B (2 stages per rank), forward-only passes
 and a DCP save/load of the pipeline-sharded model and optimizer.
 ``pipeline_scenarios.py OUT.json pp2dp2`` (4 processes): the RM with pp=2 × dp=2 (FSDP2 per stage).
+``pipeline_scenarios.py OUT.json pp2tp2`` (4 processes): SFT and the RM with pp=2 × tp=2 (TP per stage,
+the vocab-parallel log-prob head on the last stage).
 
 Each case trains the same model (same seed) on the same micro-batches once through the pipeline
 engine and once in this process with plain backward + AdamW; rank 0 writes the largest differences.
@@ -189,6 +191,11 @@ def main():
         results["value_1f1b"] = run_case("value", pc, build_mesh(pc), rank0=True)
         pc = ParallelConfig(pp=2, pp_schedule="interleaved_1f1b", pp_stages_per_rank=2)
         results["rm_interleaved_1f1b"] = run_case("rm", pc, build_mesh(pc), checkpoint=True, rank0=True)
+    elif mode == "pp2tp2":
+        pc = ParallelConfig(pp=2, tp=2, pp_schedule="1f1b")
+        mesh = build_mesh(pc)
+        results["sft_pp2_tp2"] = run_case("sft", pc, mesh, rank0=True)
+        results["rm_pp2_tp2"] = run_case("rm", pc, mesh)
     else:
         pc = ParallelConfig(pp=2, dp=2, pp_schedule="1f1b")
         mesh = build_mesh(pc)

@@ -2,7 +2,7 @@
 single-process step (same init, same micro-batches, plain backward + AdamW, fp32) for SFT, the
 multi-head RM and an RLOO actor loss under GPipe and 1F1B, the critic under 1F1B, the RM under
 interleaved 1F1B (2 stages per rank) and, with 4 processes, the RM on a pp=2 × dp=2 mesh (FSDP2
-per stage). Forward-only passes, the exported weights and a DCP save/load of the pipeline-sharded
+per stage) and SFT and the RM on pp=2 × tp=2 (tensor parallel per stage). Forward-only passes, the exported weights and a DCP save/load of the pipeline-sharded
 model and optimizer are checked on the way (tests/parallel/pipeline_scenarios.py)."""
 
 import json
@@ -25,6 +25,13 @@ def pp2(tmp_path_factory):
 def pp2dp2(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pp2dp2")
     torchrun([SCRIPT, str(tmp / "out.json"), "pp2dp2"], tmp, nproc=4, timeout=600)
+    return json.loads((tmp / "out.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def pp2tp2(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pp2tp2")
+    torchrun([SCRIPT, str(tmp / "out.json"), "pp2tp2"], tmp, nproc=4, timeout=600)
     return json.loads((tmp / "out.json").read_text())
 
 
@@ -62,4 +69,13 @@ def test_pipeline_checkpoint_round_trip(pp2, case):
 def test_pp2_dp2_rm_step_equals_single_process(pp2dp2):
     r = pp2dp2["rm_pp2_dp2"]
     assert r["num_dtensor_params"] > 0  # FSDP2 really sharded each stage over dp
+    _check_step(r)
+
+
+@pytest.mark.parametrize("case", ["sft_pp2_tp2", "rm_pp2_tp2"])
+def test_pp2_tp2_step_equals_single_process(pp2tp2, case):
+    # Tensor parallel inside each stage; the policy's last stage runs the vocab-parallel fused
+    # log-prob on its half of an odd vocabulary (61 rows: uneven shards).
+    r = pp2tp2[case]
+    assert r["num_dtensor_params"] > 0
     _check_step(r)
