@@ -59,3 +59,24 @@ def test_tied_embeddings_across_stages_are_refused_by_name():
     with pytest.raises(ConfigError, match="ties its input embedding and LM head"):
         split_model(model, "causal_lm", [0], 2)
     assert len(split_model(build("causal_lm", tie=True), "causal_lm", [0], 1)) == 1  # one stage: nothing to tie across
+
+
+def test_activation_checkpointing_per_stage_keeps_the_gradients():
+    from moslim_mega.config import ParallelConfig
+    from moslim_mega.parallel.pipeline import parallelize_stage
+
+    mb = micro_batches(1, B=2)[0]
+    grads = []
+    for ac in (False, True):
+        stages = split_model(build("value"), "value", [0, 1], 2)
+        for s in stages:
+            parallelize_stage(s, None, ParallelConfig(activation_checkpointing=ac))
+        x = mb["ids_BT"]
+        for s in stages:
+            x = s(x, mask_BT=mb["mask_BT"], ids_BT=mb["ids_BT"])
+        x.square().sum().backward()
+        layers = [m for s in stages for m in s.decoder.layers.values()]
+        assert all(getattr(m, "gradient_checkpointing", False) == ac for m in layers)  # HF's per-layer recompute
+        grads.append({n: p.grad for s in stages for n, p in s.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    assert max(float((grads[0][n] - grads[1][n]).abs().max()) for n in grads[0]) < 1e-6
