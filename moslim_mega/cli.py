@@ -19,7 +19,7 @@
     moslim export hf --ckpt DIR --out DIR [--model NAME]
     moslim convert hf-to-megatron --hf DIR --out DIR [--tp T] [--pp P] [--ep E] [--etp N] [--vpp V] [--dtype auto|fp32|bf16|fp16]
     moslim convert megatron-to-hf --ckpt DIR --out DIR [--max-shard-gb G]
-    moslim plan --model qwen2-0.5b|qwen2-7b|qwen2-57b-a14b|qwen2-72b|PATH --nodes N --gpus-per-node G --tp T --dp D [--stage rm|sft|ppo] [--logprob-chunk C]
+    moslim plan --model qwen2-0.5b|qwen2-7b|qwen2-57b-a14b|qwen2-72b|PATH --nodes N --gpus-per-node G --tp T --dp D [--pp P [--pp-schedule S] [--microbatches M]] [--stage rm|sft|ppo] [--logprob-chunk C]
     moslim plan --paper-table
     moslim profile RUN_DIR... [--out DIR]
     moslim launch slurm [--dry-run] [--nodes N --gpus-per-node G --partition P ...] -- STAGE ARGS...
@@ -275,9 +275,10 @@ def cmd_plan(args) -> int:
         return 0
     if not args.model:
         raise ConfigError("moslim plan needs --model (or --paper-table)")
-    dp = args.dp or (args.nodes * args.gpus_per_node) // args.tp
+    dp = args.dp or (args.nodes * args.gpus_per_node) // (args.tp * args.pp)
     p = plan(args.model, args.nodes, args.gpus_per_node, args.tp, dp, args.stage, args.seq, args.micro_batch,
-             args.rollout_seqs, args.gpu_gb, args.logprob_chunk)
+             args.rollout_seqs, args.gpu_gb, args.logprob_chunk, args.pp, args.pp_schedule, args.microbatches,
+             args.pp_stages_per_rank)
     print(plan_json(p) if args.json else format_plan(p))
     return 0
 
@@ -499,7 +500,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--dp", type=int, default=0, help="0 = nodes × gpus-per-node / tp")
+    p.add_argument("--dp", type=int, default=0, help="0 = nodes × gpus-per-node / (pp × tp)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages (parallel.pp)")
+    p.add_argument("--pp-schedule", default="1f1b", choices=("gpipe", "1f1b", "interleaved_1f1b"),
+                   help="pipeline schedule (parallel.pp_schedule)")
+    p.add_argument("--microbatches", type=int, default=0, help="micro-batches per pipelined step (0 = pp)")
+    p.add_argument("--pp-stages-per-rank", type=int, default=1,
+                   help="stages per pp rank for interleaved_1f1b (parallel.pp_stages_per_rank)")
     p.add_argument("--stage", default="rm", choices=("rm", "sft", "ppo"))
     p.add_argument("--seq", type=int, default=2048, help="tokens per sequence")
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per forward/backward")

@@ -370,14 +370,20 @@ class CompareConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """torch.distributed layout of every stage under `torchrun` (issue 6); world size = dp × tp."""
+    """torch.distributed layout of every stage under `torchrun` (issue 6); world size = pp × dp × tp."""
 
     dp: int = 0
     """FSDP2 data-parallel degree (0 = world size / tp)."""
     tp: int = 1
     """Tensor-parallel degree (DTensor column/row parallel, vocab-parallel embedding and LM head)."""
     pp: int = 1
-    """Pipeline-parallel degree (only 1 in the torch backend)."""
+    """Pipeline-parallel degree: layer-range stages over the outermost mesh dimension (torch.distributed.pipelining)."""
+    pp_schedule: str = "1f1b"
+    """Pipeline schedule under pp > 1: `gpipe`, `1f1b` or `interleaved_1f1b` (needs pp_stages_per_rank ≥ 2)."""
+    pp_microbatches: int = 0
+    """Micro-batches per pipelined step (0 = the trainer's own micro-batch count; at least pp keeps every stage busy)."""
+    pp_stages_per_rank: int = 1
+    """Model chunks (virtual stages) per pp rank: 1 for gpipe/1f1b, ≥ 2 for interleaved_1f1b."""
     cp: int = 1
     """Context-parallel degree (only 1 in the torch backend)."""
     activation_checkpointing: bool = False
@@ -541,12 +547,16 @@ _CHOICES = {
     (BenchConfig, "rm_score"): ("mapped", "expected"),
     (ParallelConfig, "mixed_precision"): ("none", "bf16"),
     (ParallelConfig, "fp8"): ("none", "tensorwise", "rowwise"),
+    (ParallelConfig, "pp_schedule"): ("gpipe", "1f1b", "interleaved_1f1b"),
     (KernelsConfig, "impl"): ("auto", "triton", "reference"),
     (RunConfig, "device"): ("auto", "cuda", "cpu"),
 }
 # ---- lower bounds checked at load time -------------------------------------------------------
 _MINIMUM = {
     (KernelsConfig, "logprob_chunk"): 1,
+    (ParallelConfig, "pp"): 1,
+    (ParallelConfig, "pp_microbatches"): 0,
+    (ParallelConfig, "pp_stages_per_rank"): 1,
     (ProfileConfig, "peak_tflops"): 0.0,
     (RolloutConfig, "tensor_parallel_size"): 1,
     (RolloutConfig, "max_model_len"): 0,

@@ -175,8 +175,19 @@ def tensor_state(models: dict, optimizers: dict) -> dict:
     opts = StateDictOptions(full_state_dict=False, cpu_offload=False)
     sd = {model_key(n): get_model_state_dict(m, options=opts) for n, m in models.items()}
     for n, (m, opt) in optimizers.items():
-        sd[optim_key(n)] = get_optimizer_state_dict(m, opt, options=opts)
+        sd[optim_key(n)] = get_optimizer_state_dict(m, opt, options=_optim_options(m, opts))
     return sd
+
+
+def _optim_options(model, opts: StateDictOptions) -> StateDictOptions:
+    """Pipeline stages (engine/pipeline.py sets ``flatten_optimizer_state``) hold different
+    parameters per rank: their optimizer state is keyed per parameter name ("param_groups.<fqn>.lr"),
+    else DCP would keep one rank's ``param_groups`` list for all. Other models keep the nested
+    layout their existing checkpoints have."""
+    if getattr(model, "flatten_optimizer_state", False):
+        return StateDictOptions(full_state_dict=opts.full_state_dict, cpu_offload=opts.cpu_offload,
+                                flatten_optimizer_state_dict=True)
+    return opts
 
 
 def apply_tensor_state(sd: dict, models: dict, optimizers: dict) -> None:
@@ -184,7 +195,7 @@ def apply_tensor_state(sd: dict, models: dict, optimizers: dict) -> None:
     for n, m in models.items():
         set_model_state_dict(m, sd[model_key(n)], options=StateDictOptions(strict=True))
     for n, (m, opt) in optimizers.items():
-        set_optimizer_state_dict(m, opt, sd[optim_key(n)])
+        set_optimizer_state_dict(m, opt, sd[optim_key(n)], options=_optim_options(m, StateDictOptions()))
 
 
 def write_model_assets(ckpt_dir: Path, name: str, kind: str, model, tokenizer, **meta) -> None:

@@ -3,8 +3,9 @@
 A DTensor's squared norm is summed over the mesh dimensions it is *sharded* on (each shard holds
 a different part) and not over the dimensions it is replicated on (each replica holds the same
 numbers). Plain-tensor gradients are replicated on every rank that holds them (TP-replicated norms
-and heads), so they count once. The result is the norm of the full, unsharded gradient — the same
-number a single process computes.
+and heads), so they count once. Under pipeline parallelism the ranks of a ``pp`` group hold
+*different* parameters (their stages), so the squared norm is also summed over ``sum_groups``. The
+result is the norm of the full, unsharded gradient — the same number a single process computes.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ def _local_sq(t: torch.Tensor) -> torch.Tensor:
     return t.detach().float().pow(2).sum()
 
 
-def total_grad_norm(params) -> torch.Tensor:
-    """The L2 norm of all gradients (float32 scalar, identical on every rank)."""
+def total_grad_norm(params, sum_groups=()) -> torch.Tensor:
+    """The L2 norm of all gradients (float32 scalar, identical on every rank). ``sum_groups``:
+    process groups whose ranks hold disjoint parameters (pipeline stages)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return torch.zeros(())
+        if not sum_groups:
+            return torch.zeros(())
+        grads = [torch.zeros(())]  # a stage without gradients still joins the pp all-reduce
     plain = [g for g in grads if not isinstance(g, DTensor)]
     device = grads[0].to_local().device if isinstance(grads[0], DTensor) else grads[0].device
     total = sum((_local_sq(g) for g in plain), torch.zeros((), device=device))
@@ -41,13 +45,15 @@ def total_grad_norm(params) -> torch.Tensor:
         for d in dims:
             dist.all_reduce(acc, group=mesh.get_group(d))
         total = total + acc
+    for group in sum_groups:
+        dist.all_reduce(total, group=group)
     return total.sqrt()
 
 
-def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
+def clip_grad_norm_(params, max_norm: float, sum_groups=()) -> torch.Tensor:
     """Scale all gradients so their global norm is at most ``max_norm``; returns the pre-clip norm."""
     params = [p for p in params if p.grad is not None]
-    norm = total_grad_norm(params)
+    norm = total_grad_norm(params, sum_groups)
     if max_norm != float("inf"):
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # as torch.nn.utils.clip_grad_norm_
         for p in params:

@@ -37,6 +37,15 @@ vocabulary, Vl = ceil(V/tp) this rank's vocabulary rows, C the fused log-prob's 
                  ``rollout_seqs`` sequences of length s, 2·L·kv_heads·head_dim·2 bytes per token / tp;
                  the KV cache is freed while training (hybrid engine), so it competes with the
                  training activations, not with them added.
+  pipeline (``--pp``, parallel/pipeline.py): each pp rank holds its stages' layers; the rank
+                 reported is the one with the most local parameters (the first stage holds the
+                 embedding, the last the norm and head). Activations scale with the layers on that
+                 rank and with the micro-batches in flight there: m for GPipe, min(pp, m) for 1F1B,
+                 min(pp, m)·(1 + (pp − 1)/(pp·v)) for interleaved 1F1B with v stages per rank
+                 (Narayanan et al. 2021, §2.2). The logits term (last stage only) is counted as if on
+                 that rank: conservative. Pipeline bubble: the idle fraction of a step,
+                 ((pp − 1)/v) / (m + (pp − 1)/v) — (pp − 1)/(m + pp − 1) for GPipe and 1F1B, the
+                 warm-up/cool-down shrunk v-fold by interleaving;
 peak = weights + grads + Adam (+ rollout weights) + the largest transient (one model's working
 set + activations + logits, the KV cache, or one optimizer step's temporary).
 A layout fits if the peak is at most 90% of the GPU (CUDA context, NCCL buffers, fragmentation).
@@ -92,6 +101,12 @@ class Plan:
     capacity: float
     fits: bool
     provenance: dict
+    pp: int = 1
+    pp_schedule: str = "1f1b"
+    microbatches: int = 1
+    stages_per_rank: int = 1
+    bubble: float = 0.0
+    """Idle fraction of a pipelined step (0 without pipeline parallelism)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -141,10 +156,33 @@ def _measure(build, apply, mesh, pc, train: bool):
     return total, local, 2 * layer0 + root
 
 
-def _activations(cfg, seq: int, micro_batch: int, tp: int, act_bytes: int) -> float:
-    """Checkpointed decoder activations (module docstring)."""
-    n, h, L = micro_batch * seq, cfg.hidden_size, cfg.num_hidden_layers
-    return (act_bytes * n * h * L + n * h * (10 + 24 / tp) * act_bytes / 2) / GIB
+def pipeline_bubble(pp: int, microbatches: int, stages_per_rank: int = 1) -> float:
+    """Idle fraction of a pipelined step: ((pp − 1)/v) / (m + (pp − 1)/v); (pp − 1)/(m + pp − 1) for
+    GPipe and 1F1B (v = 1), whose warm-up and cool-down interleaving shortens v-fold."""
+    if pp < 1 or microbatches < 1 or stages_per_rank < 1:
+        raise ConfigError(f"pipeline bubble of pp={pp}, micro-batches={microbatches}, stages per rank="
+                          f"{stages_per_rank}: all must be >= 1")
+    idle = (pp - 1) / stages_per_rank
+    return idle / (microbatches + idle)
+
+
+def in_flight(schedule: str, pp: int, microbatches: int, stages_per_rank: int = 1) -> float:
+    """Micro-batches whose activations the busiest pp rank holds at once (module docstring)."""
+    if pp == 1:
+        return 1.0
+    if schedule == "gpipe":
+        return float(microbatches)
+    warm = float(min(pp, microbatches))
+    return warm * (1 + (pp - 1) / (pp * stages_per_rank)) if schedule == "interleaved_1f1b" else warm
+
+
+def _activations(cfg, seq: int, micro_batch: int, tp: int, act_bytes: int, layers: int | None = None,
+                 flight: float = 1.0) -> float:
+    """Checkpointed decoder activations (module docstring): ``layers`` on this rank (all without
+    pp), their layer inputs kept for ``flight`` micro-batches."""
+    n, h = micro_batch * seq, cfg.hidden_size
+    L = cfg.num_hidden_layers if layers is None else layers
+    return (act_bytes * n * h * L * flight + n * h * (10 + 24 / tp) * act_bytes / 2) / GIB
 
 
 def logits_bytes(tokens: int, hidden: int, vocab: int, tp: int, chunk: int, act_bytes: int, sharded: bool) -> int:
@@ -160,7 +198,33 @@ def logits_bytes(tokens: int, hidden: int, vocab: int, tp: int, chunk: int, act_
     return chunk_bytes + rows + head_grad
 
 
-def _part(name, counts, cfg, seq, micro_batch, tp, trained: bool, logits: bool, chunk: int, sharded: bool):
+def _measure_pipeline(build, mesh, pc, train: bool, pp: int, v: int):
+    """As :func:`_measure` for pipeline stages: the counts of the pp rank with the most local
+    parameters (every rank's stages are cut from a meta-device model and parallelised)."""
+    from .pipeline import parallelize_stage, split_model, stage_ids
+
+    with torch.device("meta"):
+        whole = build()
+    total = sum(p.numel() for p in whole.parameters())
+    role = "value" if hasattr(whole, "value_head") else "reward" if hasattr(whole, "heads") else "causal_lm"
+    best = None
+    dp = mesh["dp"].size()
+    for r in range(pp):
+        with torch.device("meta"):
+            stages = split_model(build(), role, stage_ids(r, pp, v), pp * v)
+        for st in stages:
+            parallelize_stage(st, mesh, pc, train)
+        local = sum(_local_numel(p) for st in stages for p in st.parameters())
+        layer_ids = {id(p) for st in stages for p in st.decoder.layers.parameters()}
+        first = next(iter(stages[0].decoder.layers.values()))
+        root = sum(_local_numel(p) for st in stages for p in st.parameters() if id(p) not in layer_ids) * dp
+        counts = (total, local, 2 * sum(_local_numel(p) for p in first.parameters()) * dp + root)
+        best = counts if best is None or local > best[1] else best
+    return best
+
+
+def _part(name, counts, cfg, seq, micro_batch, tp, trained: bool, logits: bool, chunk: int, sharded: bool,
+          layers: int | None = None, flight: float = 1.0):
     total, local, gathered = counts
     act_bytes = 2 if sharded else 4
     working = 2 * gathered / GIB if sharded else 0.0
@@ -169,12 +233,15 @@ def _part(name, counts, cfg, seq, micro_batch, tp, trained: bool, logits: bool, 
                            0.0, 0.0, 0.0)
     lg = logits_bytes(micro_batch * seq, cfg.hidden_size, cfg.vocab_size, tp, chunk, act_bytes, sharded) / GIB
     return ModelMemory(name, total, local, True, 4 * local / GIB, 4 * local / GIB, 8 * local / GIB, working,
-                       _activations(cfg, seq, micro_batch, tp, act_bytes), lg if logits else 0.0, 4 * local / GIB)
+                       _activations(cfg, seq, micro_batch, tp, act_bytes, layers, flight), lg if logits else 0.0,
+                       4 * local / GIB)
 
 
 def plan(model: str, nodes: int, gpus_per_node: int, tp: int, dp: int, stage: str = "rm", seq: int = 2048,
-         micro_batch: int = 1, rollout_seqs: int = 32, gpu_gb: float = 80.0, logprob_chunk: int | None = None) -> Plan:
-    """Build, parallelise and measure; see the module docstring for the memory model."""
+         micro_batch: int = 1, rollout_seqs: int = 32, gpu_gb: float = 80.0, logprob_chunk: int | None = None,
+         pp: int = 1, pp_schedule: str = "1f1b", microbatches: int = 0, stages_per_rank: int = 1) -> Plan:
+    """Build, parallelise and measure; see the module docstring for the memory model. ``pp`` > 1:
+    pipeline stages (``microbatches`` per step, 0 = pp; ``stages_per_rank`` for interleaved_1f1b)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
     from transformers import AutoModel, AutoModelForCausalLM
@@ -191,17 +258,32 @@ def plan(model: str, nodes: int, gpus_per_node: int, tp: int, dp: int, stage: st
     if chunk < 1:
         raise ConfigError(f"--logprob-chunk {chunk}: must be >= 1 (kernels.logprob_chunk)")
     world = nodes * gpus_per_node
-    if dp * tp != world:
-        raise ConfigError(f"--dp {dp} × --tp {tp} = {dp * tp} ≠ nodes × gpus-per-node = {world}")
+    if pp * dp * tp != world:
+        what = f"--dp {dp} × --tp {tp}" if pp == 1 else f"--pp {pp} × --dp {dp} × --tp {tp}"
+        raise ConfigError(f"{what} = {pp * dp * tp} ≠ nodes × gpus-per-node = {world}")
     cfg = load_shape(model)
-    pc = ParallelConfig(dp=dp, tp=tp, activation_checkpointing=True, mixed_precision="bf16")
+    v = stages_per_rank if pp_schedule == "interleaved_1f1b" else 1
+    m = microbatches or pp
+    pc = ParallelConfig(dp=dp, tp=tp, pp=pp, pp_schedule=pp_schedule, pp_stages_per_rank=stages_per_rank,
+                        activation_checkpointing=True, mixed_precision="bf16")
+    if pp > 1:
+        from .mesh import _check_pipeline
+
+        _check_pipeline(pc)
     if dist.is_initialized():
         raise RuntimeError("moslim plan needs a process without a process group (it makes a fake one)")
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
-        mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
+        mesh = init_device_mesh("cpu", (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
         args = (cfg, seq, micro_batch, tp)
         extra = dict(chunk=chunk, sharded=dp > 1)
+        measure = _measure
+        if pp > 1:
+            def measure(build, apply, mesh, pc, train):
+                return _measure_pipeline(build, mesh, pc, train, pp, v)
+
+            layers = -(-cfg.num_hidden_layers // (pp * v)) * v  # the busiest rank's layers
+            extra.update(layers=layers, flight=in_flight(pp_schedule, pp, m, v))
 
         def lm():
             return AutoModelForCausalLM.from_config(cfg)
@@ -211,16 +293,16 @@ def plan(model: str, nodes: int, gpus_per_node: int, tp: int, dp: int, stage: st
 
         parts = []
         if stage == "rm":
-            parts.append(_part("rm", _measure(rm, parallelize_backbone_model, mesh, pc, True), *args, True, False, **extra))
+            parts.append(_part("rm", measure(rm, parallelize_backbone_model, mesh, pc, True), *args, True, False, **extra))
         elif stage == "sft":
-            parts.append(_part("policy", _measure(lm, parallelize_policy, mesh, pc, True), *args, True, True, **extra))
+            parts.append(_part("policy", measure(lm, parallelize_policy, mesh, pc, True), *args, True, True, **extra))
         else:
-            lm_counts = _measure(lm, parallelize_policy, mesh, pc, True)
+            lm_counts = measure(lm, parallelize_policy, mesh, pc, True)
             parts.append(_part("policy", lm_counts, *args, True, True, **extra))
-            parts.append(_part("value", _measure(lambda: ValueModel(AutoModel.from_config(cfg)),
+            parts.append(_part("value", measure(lambda: ValueModel(AutoModel.from_config(cfg)),
                                                  parallelize_backbone_model, mesh, pc, True), *args, True, False, **extra))
             parts.append(_part("reference", lm_counts, *args, False, False, **extra))
-            parts.append(_part("rm", _measure(rm, parallelize_backbone_model, mesh, pc, False), *args, False, False,
+            parts.append(_part("rm", measure(rm, parallelize_backbone_model, mesh, pc, False), *args, False, False,
                                **extra))
     finally:
         dist.destroy_process_group()
@@ -234,12 +316,14 @@ def plan(model: str, nodes: int, gpus_per_node: int, tp: int, dp: int, stage: st
     peak = static + transient
     capacity = gpu_gb * 1e9 / GIB
     return Plan(model, stage, nodes, gpus_per_node, dp, tp, seq, micro_batch, chunk, [asdict(p) for p in parts],
-                rollout_w, kv, peak, capacity, peak <= 0.9 * capacity, PROVENANCE)
+                rollout_w, kv, peak, capacity, peak <= 0.9 * capacity, PROVENANCE, pp, pp_schedule, m, v,
+                pipeline_bubble(pp, m, v))
 
 
 def format_plan(p: Plan) -> str:
     precision = "bf16 (FSDP2) + fp32 master/Adam" if p.dp > 1 else "fp32 (dp=1: no FSDP wrapping) + fp32 Adam"
-    lines = [f"{p.model} stage={p.stage} {p.nodes}×{p.gpus_per_node} GPUs, dp={p.dp} tp={p.tp}, "
+    pipe = "" if p.pp == 1 else f"pp={p.pp} ({p.pp_schedule}, {p.microbatches} micro-batches) "
+    lines = [f"{p.model} stage={p.stage} {p.nodes}×{p.gpus_per_node} GPUs, {pipe}dp={p.dp} tp={p.tp}, "
              f"seq {p.seq}, micro-batch {p.micro_batch}, {precision}, activation checkpointing, "
              f"log-prob chunk {p.logprob_chunk}",
              "MEASURED: params, local (parameter counts of the real model and parallel plan on the meta device)",
@@ -252,6 +336,8 @@ def format_plan(p: Plan) -> str:
                      f"{m['activations']:8.2f} {m['logits']:8.2f} {m['step_temp']:8.2f}")
     if p.stage == "ppo":
         lines.append(f"rollout engine: bf16 weights {p.rollout_weights:.2f} GiB, KV cache {p.kv_cache:.2f} GiB")
+    if p.pp > 1:
+        lines.append(f"pipeline bubble: {100 * p.bubble:.1f}% of each step idle (busiest rank shown)")
     verdict = "fits" if p.fits else "does NOT fit"
     lines.append(f"peak {p.peak:.1f} GiB of {p.capacity:.1f} GiB (90% usable): {verdict}")
     return "\n".join(lines)

@@ -38,6 +38,11 @@ class NullWriter:
 class Stage:
     def __init__(self, pc, device: str = "auto"):
         self.pc = pc
+        if getattr(pc, "pp", 1) > 1:
+            # The pp mesh dimension alone would make every pp rank a silent replica of the whole
+            # model: pipelining needs the pipeline engine (engine/pipeline.py), not yet used here.
+            raise ConfigError(f"parallel.pp={pc.pp}: this trainer does not run the pipeline engine yet "
+                              "(engine/pipeline.py PipelineEngine); use parallel.pp=1")
         pdist.init_distributed()
         self.mesh = build_mesh(pc)
         self.dp_rank, self.dp = dp_rank_size(self.mesh)

@@ -18,7 +18,10 @@ def test_dp_defaults_to_the_remaining_ranks():
 
 
 @pytest.mark.parametrize("overrides,world,match", [
-    (["parallel.pp=2"], 4, "parallel.pp=2: pipeline"),
+    (["parallel.pp=3"], 4, "parallel.pp=3 × parallel.tp=1 does not divide the world size 4"),
+    (["parallel.pp=2", "parallel.dp=4"], 4, "parallel.pp=2 × parallel.dp=4 × parallel.tp=1 = 8 ≠ world size 4"),
+    (["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"], 4, "pp_stages_per_rank >= 2"),
+    (["parallel.pp=2", "parallel.pp_stages_per_rank=2"], 4, "parallel.pp_stages_per_rank=2: only interleaved"),
     (["parallel.cp=2"], 4, "parallel.cp=2"),
     (["parallel.tp=3"], 4, "parallel.tp=3 does not divide the world size 4"),
     (["parallel.dp=3", "parallel.tp=2"], 4, "parallel.dp=3 × parallel.tp=2 = 6 ≠ world size 4"),
@@ -26,6 +29,24 @@ def test_dp_defaults_to_the_remaining_ranks():
 def test_bad_layouts_name_the_key(overrides, world, match):
     with pytest.raises(ConfigError, match=match):
         resolve_shape(load_config(None, overrides).parallel, world)
+
+
+def test_pipeline_shape_takes_the_outermost_dimension():
+    shape = resolve_shape(ParallelConfig(pp=2, tp=2), 8)
+    assert (shape.pp, shape.dp, shape.tp, shape.world) == (2, 2, 2, 8)
+    assert resolve_shape(ParallelConfig(pp=2, pp_schedule="interleaved_1f1b", pp_stages_per_rank=2), 4).dp == 2
+
+
+def test_pipeline_schedule_is_a_checked_choice():
+    with pytest.raises(ConfigError, match="parallel.pp_schedule: 'zb' is not one of gpipe, 1f1b, interleaved_1f1b"):
+        load_config(None, ["parallel.pp_schedule=zb"])
+    with pytest.raises(ConfigError, match="parallel.pp_microbatches: must be >= 0"):
+        load_config(None, ["parallel.pp_microbatches=-1"])
+
+
+def test_stage_refuses_pp_until_the_trainer_runs_the_pipeline_engine():
+    with pytest.raises(ConfigError, match="parallel.pp=2: this trainer does not run the pipeline engine"):
+        Stage(ParallelConfig(pp=2))
 
 
 def test_mixed_precision_is_a_checked_choice():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moslim_mega.config import ConfigError
-from moslim_mega.parallel.planner import GIB, format_plan, logits_bytes, plan
+from moslim_mega.parallel.planner import pipeline_bubble, GIB, format_plan, logits_bytes, plan
 from moslim_mega.parallel.presets import PRESETS
 
 from .test_equivalence import REPO
@@ -72,6 +72,30 @@ def test_bad_layout_is_a_clear_error():
         plan("qwen2-7b", 1, 8, tp=8, dp=1)  # 28 heads cannot split 8 ways
 
 
+def test_pipeline_bubble_is_the_idle_fraction():
+    assert pipeline_bubble(1, 8) == 0.0
+    assert pipeline_bubble(4, 8) == pytest.approx(3 / 11)  # (pp − 1) / (m + pp − 1), GPipe and 1F1B
+    assert pipeline_bubble(4, 8, 2) == pytest.approx(1.5 / 9.5)  # interleaving shrinks the ramps v-fold
+    assert pipeline_bubble(4, 64) < pipeline_bubble(4, 8)  # more micro-batches amortise the ramps
+
+
+def test_pipeline_stages_split_the_parameters_and_report_the_bubble():
+    one = plan("qwen2-7b", 1, 1, tp=1, dp=1, stage="sft")
+    two = plan("qwen2-7b", 1, 2, tp=1, dp=1, stage="sft", pp=2, microbatches=6)
+    m1, m2 = one.parts[0], two.parts[0]
+    assert m2["total_params"] == m1["total_params"]
+    # The busiest stage holds half the layers plus the embedding (the untied head is on the other).
+    assert m1["local_params"] / 2 < m2["local_params"] < 0.75 * m1["local_params"]
+    assert (two.pp, two.microbatches, two.bubble) == (2, 6, pytest.approx(1 / 7))
+    gpipe = plan("qwen2-7b", 1, 2, tp=1, dp=1, stage="sft", pp=2, microbatches=6, pp_schedule="gpipe")
+    assert gpipe.parts[0]["activations"] > m2["activations"]  # GPipe keeps all 6 micro-batches in flight
+    assert "pipeline bubble: 14.3%" in format_plan(two)
+    with pytest.raises(ConfigError, match="--pp 2 × --dp 3 × --tp 1 = 6"):
+        plan("qwen2-0.5b", 1, 4, tp=1, dp=3, pp=2)
+    with pytest.raises(ConfigError, match="ties its input embedding and LM head"):  # Qwen2-0.5B is tied
+        plan("qwen2-0.5b", 1, 2, tp=1, dp=1, stage="sft", pp=2)
+
+
 def test_plan_cli_json(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-m", "moslim_mega.cli", "plan", "--model", "qwen2-7b", "--nodes", "1",
@@ -80,6 +104,12 @@ def test_plan_cli_json(tmp_path):
     assert out.returncode == 0, out.stderr
     p = json.loads(out.stdout)
     assert (p["dp"], p["tp"], p["stage"]) == (8, 1, "rm") and p["fits"]
+    out = subprocess.run([sys.executable, "-m", "moslim_mega.cli", "plan", "--model", "qwen2-7b", "--nodes", "1",
+                          "--gpus-per-node", "8", "--pp", "2", "--microbatches", "8", "--json"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    p = json.loads(out.stdout)
+    assert (p["pp"], p["dp"], p["microbatches"]) == (2, 4, 8) and p["bubble"] == pytest.approx(1 / 9)
 
 
 def test_logits_term_scales_with_the_chunk_not_the_vocabulary():
