@@ -89,8 +89,9 @@ class TrainLoop:
                 self.ckpt.after_step(step + 1, save_state)
             self.prof.mark("checkpoint")
             if step + 1 < lc.total_steps and self._out_of_time():
-                bar.write(f"{lc.desc}: stopping at step {step} of {lc.total_steps} ({lc.max_minutes_key}="
-                          f"{lc.max_minutes} was hit: a safety net, not the plan — the run is shorter than configured)")
+                bar.write(f"{lc.desc}: stopping at step {step} of {lc.total_steps} "
+                          f"({lc.max_minutes_key}={lc.max_minutes} was hit: a safety net, not the plan — "
+                          "the run is shorter than configured)")
                 stopped = True
                 break
         bar.close()
@@ -105,7 +106,8 @@ class TrainLoop:
         return late if self.stage is None else bool(self.stage.broadcast(late))
 
 
-def loop_config(desc: str, total_steps: int, stage_cfg, key: str, show_progress: bool, log_every: int = 10) -> LoopConfig:
+def loop_config(desc: str, total_steps: int, stage_cfg, key: str, show_progress: bool,
+                log_every: int = 10) -> LoopConfig:
     """A LoopConfig from a stage config with a ``max_minutes`` field named ``key``.max_minutes."""
     return LoopConfig(desc, total_steps, stage_cfg.max_minutes, f"{key}.max_minutes", log_every, show_progress)
 
