@@ -372,6 +372,8 @@ class CompareConfig:
 class ParallelConfig:
     """torch.distributed layout of every stage under `torchrun` (issue 6); world size = pp × dp × tp."""
 
+    backend: str = "torch"
+    """Training engine: `torch` (FSDP2 + DTensor tensor parallel) or `megatron` (megatron-core; not built yet: refused)."""
     dp: int = 0
     """FSDP2 data-parallel degree (0 = world size / tp)."""
     tp: int = 1
@@ -545,6 +547,7 @@ _CHOICES = {
     (RolloutConfig, "engine"): ("hf", "vllm"),
     (RolloutConfig, "sleep_level"): (0, 1, 2),
     (BenchConfig, "rm_score"): ("mapped", "expected"),
+    (ParallelConfig, "backend"): ("torch", "megatron"),
     (ParallelConfig, "mixed_precision"): ("none", "bf16"),
     (ParallelConfig, "fp8"): ("none", "tensorwise", "rowwise"),
     (ParallelConfig, "pp_schedule"): ("gpipe", "1f1b", "interleaved_1f1b"),

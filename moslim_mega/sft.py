@@ -12,21 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from .utils.progress import progress
 from .algos.logprob import sequence_logprobs
 from .config import Config, KernelsConfig, save_config
 from .data.template import pad_batch, render_pair, render_prompt
 from .models.build import build_causal_lm, build_tokenizer
 from .prefs import spec_from_config
 from .reward.data import RecordError, check_prompt_response, read_jsonl
-from .algos.core import check_finite
 from .checkpoint.hooks import StageCheckpoints
 from .checkpoint.state import write_model_assets
 from .utils.optim import Updater
@@ -35,6 +33,9 @@ from .utils.seed import seed_everything
 from .parallel.parallelize import parallelize_policy
 from .parallel.stage import Stage
 from .profile import Profiler, model_flops
+from .engine import build_engine
+from .engine.base import LogprobOut
+from .training.loop import TrainLoop, loop_config
 
 IGNORE = -100
 """Label of tokens that carry no loss (prompt and padding); F.cross_entropy's ignore_index."""
@@ -106,6 +107,11 @@ def sft_loss(model, ids_BT: torch.Tensor, mask_BT: torch.Tensor, labels_BT: torc
     """
     kc = kernels or KernelsConfig()
     logp_BT, _ = sequence_logprobs(model, ids_BT, mask_BT, chunk_size=kc.logprob_chunk, impl=kc.impl)
+    return sft_token_loss(logp_BT, mask_BT, labels_BT)
+
+
+def sft_token_loss(logp_BT: torch.Tensor, mask_BT: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+    """−mean log p over the labelled tokens, from the token log-probs (``sequence_logprobs``)."""
     keep_BT = labels_BT != IGNORE
     keep_BT[:, 0] = False  # column 0 is never a target
     # A labelled token needs itself and its context token attended, else its log-prob is the
@@ -167,24 +173,25 @@ def train_sft_loop(cfg: Config, model, data: SFTExamples, pad_id: int, writer: M
     device = next(model.parameters()).device
     steps_per_epoch = math.ceil(len(data) / sc.batch_size)
     total_steps = max(1, math.ceil(sc.epochs * steps_per_epoch))
-    upd = Updater(model.parameters(), sc.lr, sc.weight_decay, sc.warmup_steps, sc.grad_clip, total_steps)
+    engine = build_engine(cfg.parallel, lambda: model, lambda m: Updater(
+        m.parameters(), sc.lr, sc.weight_decay, sc.warmup_steps, sc.grad_clip, total_steps), "causal_lm", "model",
+        label="sft", kernels=cfg.kernels)
     gen = torch.Generator().manual_seed(cfg.run.seed)
     model.train()
-    start = time.time()
     order: list[int] = []
     recent: list[float] = []
-    ckpt = StageCheckpoints(cfg.checkpoint, out, {"model": model}, {"model": (model, upd.opt)}, writer,
+    ckpt = StageCheckpoints(cfg.checkpoint, out, *engine.checkpoint_items(), writer,
                             lambda d: write_model_assets(d, "model", "causal_lm", model, tokenizer)) if out else None
-    first = 0
-    if ckpt is not None and (state := ckpt.restore()) is not None:
-        first, order, recent = state["steps_done"], state["order"], state["recent"]
+    loop = TrainLoop(loop_config("sft", total_steps, sc, "sft", show_progress), stage, writer, ckpt, prof)
+
+    def load_state(state: dict) -> None:
+        nonlocal order, recent
+        order, recent = state["order"], state["recent"]
         gen.set_state(state["gen"])
-        upd.sched.load_state_dict(state["sched"])
-    bar = progress(range(first, total_steps), "sft", show_progress and stage.is_main)
-    step = first - 1
-    prof.mark("setup")
-    for step in bar:
-        prof.step(step)
+        engine.load_scheduler_state(state["sched"])
+
+    def body(step: int) -> dict:
+        nonlocal order, recent
         if step % steps_per_epoch == 0:
             order = torch.randperm(len(data), generator=gen).tolist()
         i0 = (step % steps_per_epoch) * sc.batch_size
@@ -193,28 +200,26 @@ def train_sft_loop(cfg: Config, model, data: SFTExamples, pad_id: int, writer: M
         prof.add_tokens(batch[1].sum())  # counted on the CPU copy: no device sync
         prof.add_flops(batch[1], flops, train=True, label="train")
         prof.mark("data")
-        loss = sft_loss(model, ids_BT, mask_BT, labels_BT, cfg.kernels)
-        check_finite(loss, "sft loss", step)
-        if stage.distributed:
-            # A token mean over this rank's response tokens → its share of the global token mean.
-            loss = loss * stage.dp_loss_scale((labels_BT[:, 1:] != IGNORE).sum().reshape(1))[0]
-        upd.zero_grad()
-        loss.backward()
-        grad_norm = upd.step(step, "sft grad norm")
-        recent = (recent + [stage.sum_dp(loss.item()) / stage.dp if stage.distributed else loss.item()])[-10:]
-        if step % 10 == 0:
-            writer.write(step, {"loss": recent[-1], "lr": upd.lr, "grad_norm": grad_norm})
-            bar.set_postfix(loss=f"{recent[-1]:.3f}")
+        # A token mean over this rank's response tokens → its share of the global token mean.
+        scale = stage.dp_loss_scale((labels_BT[:, 1:] != IGNORE).sum().reshape(1))[0] if stage.distributed else None
+        res = engine.train_step([{"ids_BT": ids_BT, "mask_BT": mask_BT, "labels_BT": labels_BT}],
+                                partial(_sft_micro_loss, scale=scale), step)
+        recent = (recent + [stage.sum_dp(res["loss"]) / stage.dp if stage.distributed else res["loss"]])[-10:]
         prof.mark("forward_backward_step")
-        if ckpt is not None:
-            ckpt.after_step(step + 1, lambda: {"order": order, "recent": recent, "gen": gen.get_state(),
-                                               "sched": upd.sched.state_dict()})
-        prof.mark("checkpoint")
-        if sc.max_minutes and stage.broadcast(time.time() - start > sc.max_minutes * 60):
-            bar.write(f"sft: stopping at step {step} (sft.max_minutes={sc.max_minutes})")
-            break
-    bar.close()
+        return {"loss": recent[-1], "lr": res["lr"], "grad_norm": res["grad_norm"]}
+
+    first = loop.resume(load_state)
+    result = loop.run(first, body, lambda: {"order": order, "recent": recent, "gen": gen.get_state(),
+                                            "sched": engine.scheduler_state()},
+                      postfix=lambda row: {"loss": f"{row['loss']:.3f}"})
     model.eval()
     # Mean of the last (up to) 10 steps: a single mini-batch loss is too noisy to compare runs.
-    return {"final_loss": sum(recent) / len(recent), "steps": step + 1, "planned_steps": total_steps,
-            "stopped_by_max_minutes": step + 1 < total_steps, "train_seconds": time.time() - start}
+    return {"final_loss": sum(recent) / len(recent), **result}
+
+
+def _sft_micro_loss(out: LogprobOut, micro: dict, scale: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+    """The engine's loss function: the token-mean SFT loss (× the dp share under torchrun)."""
+    loss = sft_token_loss(out.logp_BT, micro["mask_BT"], micro["labels_BT"])
+    if scale is not None:
+        loss = loss * scale
+    return loss, {"loss": loss.item()}

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import json
 import math
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
-from ..utils.progress import progress
-from ..algos.core import check_finite
 from ..config import Config, save_config
 from ..data.template import encode_pair, pad_batch
 from ..models.build import build_backbone, build_tokenizer
@@ -28,6 +27,9 @@ from ..prefs import PreferenceSpec, spec_from_config, strip_prefix
 from ..reward.data import load_rm_examples
 from ..reward.model import last_token_index
 from ..utils.optim import Updater
+from ..engine import build_engine
+from ..engine.base import HeadIn
+from ..training.loop import TrainLoop, loop_config
 from ..utils.seed import seed_everything
 
 
@@ -39,10 +41,16 @@ class RegressionRewardModel(nn.Module):
         self.backbone = backbone
         self.head = nn.Linear(backbone.config.hidden_size, num_dims)
 
-    def forward(self, input_ids_BT, attention_mask_BT) -> torch.Tensor:
+    def forward(self, input_ids_BT, attention_mask_BT, head=None) -> torch.Tensor:
+        """scores_BD; ``head(pooled, weight, bias)`` (the last token's hidden state and the read-out's
+        parameters) replaces the read-out when given: the training engine's ``reward`` role computes
+        the loss there, as for the multi-head RM."""
         hidden_BTD = self.backbone(input_ids=input_ids_BT, attention_mask=attention_mask_BT).last_hidden_state
         idx_B = last_token_index(attention_mask_BT)
-        return self.head(hidden_BTD[torch.arange(hidden_BTD.shape[0]), idx_B])  # scores_BD
+        pooled = hidden_BTD[torch.arange(hidden_BTD.shape[0]), idx_B]
+        if head is not None:
+            return head(pooled, self.head.weight, self.head.bias)
+        return self.head(pooled)  # scores_BD
 
 
 def regression_targets(labels_BD: torch.Tensor, num_classes) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,6 +58,12 @@ def regression_targets(labels_BD: torch.Tensor, num_classes) -> tuple[torch.Tens
     k_D = torch.tensor([max(1, k - 1) for k in num_classes], dtype=torch.float32)
     mask_BD = (labels_BD >= 0).float()
     return labels_BD.clamp(min=0).float() / k_D, mask_BD
+
+
+def _regression_micro_loss(out: HeadIn, micro: dict, num_classes) -> tuple[torch.Tensor, dict]:
+    """The engine's loss function: masked MSE of the read-out ``out`` feeds (same linear as ``head``)."""
+    scores_BD = F.linear(out.hidden_BD, out.weight_CD, out.bias_C)
+    return masked_mse(scores_BD, *regression_targets(micro["labels_BD"], num_classes)), {}
 
 
 def masked_mse(pred_BD: torch.Tensor, y_BD: torch.Tensor, mask_BD: torch.Tensor) -> torch.Tensor:
@@ -70,23 +84,27 @@ def train_regression_rm(cfg: Config, data_dir, out_dir, show_progress: bool = Tr
     model = RegressionRewardModel(build_backbone(rc.model, tokenizer, cfg.run.seed), len(spec)).train()
     steps_per_epoch = math.ceil(len(train) / rc.batch_size)
     total = max(1, math.ceil(rc.epochs * steps_per_epoch))
-    upd = Updater(model.parameters(), rc.lr, rc.weight_decay, rc.warmup_steps, rc.grad_clip, total)
+    engine = build_engine(cfg.parallel, lambda: model, lambda m: Updater(
+        m.parameters(), rc.lr, rc.weight_decay, rc.warmup_steps, rc.grad_clip, total), "reward", "regression_rm",
+        label="regression rm")
     gen = torch.Generator().manual_seed(cfg.run.seed)
-    start, order, step = time.time(), [], 0
-    for step in progress(range(total), "regression rm", show_progress):
+    order: list[int] = []
+    loss_fn = partial(_regression_micro_loss, num_classes=spec.num_classes)
+
+    def body(step: int) -> dict:
+        nonlocal order
         if step % steps_per_epoch == 0:
             order = torch.randperm(len(train), generator=gen).tolist()
         i0 = (step % steps_per_epoch) * rc.batch_size
         ids_BT, mask_BT, labels_BD = train.batch(order[i0 : i0 + rc.batch_size], pad)
-        loss = masked_mse(model(ids_BT, mask_BT), *regression_targets(labels_BD, spec.num_classes))
-        check_finite(loss, "regression rm loss", step)
-        upd.zero_grad()
-        loss.backward()
-        upd.step(step, "regression rm grad norm")
-        if rc.max_minutes and time.time() - start > rc.max_minutes * 60:
-            break
+        engine.train_step([{"ids_BT": ids_BT, "mask_BT": mask_BT, "labels_BD": labels_BD}], loss_fn, step)
+        return {}
+
+    # Single process, no metrics file and no checkpoints: the baseline is cheap to rerun.
+    result = TrainLoop(loop_config("regression rm", total, rc, "rm", show_progress)).run(0, body)
     model.eval()
-    report = {"steps": step + 1, "train_seconds": time.time() - start, **evaluate_regression(model, held, spec, pad)}
+    report = {"steps": result["steps"], "train_seconds": result["train_seconds"],
+              **evaluate_regression(model, held, spec, pad)}
     model.backbone.save_pretrained(out / "backbone", safe_serialization=True)
     tokenizer.save_pretrained(out / "backbone")
     save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, out / "head.safetensors")

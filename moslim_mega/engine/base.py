@@ -89,11 +89,27 @@ class TrainEngine(ABC):
         """``({name: model}, {name: (model, optimizer)})`` for ``checkpoint.hooks.StageCheckpoints``."""
 
     @abstractmethod
-    def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def export_weights(self, bucket_bytes: int = 1 << 28) -> Iterator[tuple[str, torch.Tensor]]:
         """Full HF-named tensors, one at a time (collective: every rank iterates); the single source
-        for ``moslim export hf`` and rollout-engine weight pushes."""
+        for ``moslim export hf`` and rollout-engine weight pushes. ``bucket_bytes``: how much is
+        gathered at once (``rollout.push_bucket_mb``)."""
 
     @property
     @abstractmethod
     def lr(self) -> float:
         """The learning rate the next step will use."""
+
+    def scheduler_state(self) -> dict:
+        """The LR scheduler's state: part of the trainer's loop state in a checkpoint (the model and
+        optimizer go through ``checkpoint_items``). Engines without one return ``{}``."""
+        return {}
+
+    def load_scheduler_state(self, state: dict) -> None:
+        """Restore :meth:`scheduler_state` on resume."""
+
+
+def mean_log_rows(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Per key, the mean over the rows that have it (keys sorted): how ``train_step`` reduces its
+    micro-batches' log rows."""
+    keys = {k for row in rows for k in row}
+    return {k: sum(r[k] for r in rows if k in r) / max(1, sum(1 for r in rows if k in r)) for k in sorted(keys)}

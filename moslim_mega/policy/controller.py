@@ -21,12 +21,11 @@ from typing import Callable
 
 import torch
 
-from ..utils.progress import progress
 from ..algos import core, dpo, kl, ppo, rloo
 from ..algos.rollout_correction import tis_weights_BT
 from ..checkpoint.hooks import StageCheckpoints
 from ..checkpoint.state import write_model_assets
-from ..config import Config, ConfigError, KernelsConfig, PolicyConfig, SamplingConfig, save_config
+from ..config import Config, ConfigError, PolicyConfig, SamplingConfig, save_config
 from ..models.value import ValueModel
 from ..prefs import PrefixError, parse_prefix
 from ..reward.data import RecordError, read_jsonl
@@ -36,12 +35,14 @@ from ..rollout import build_rollout_engine, generate_texts, guard
 from ..models.build import load_policy
 from ..utils.logging import MetricsWriter
 from ..utils.seed import seed_everything
-from ..parallel.export import export_hf_weights
 from ..parallel.fp8 import apply_fp8_models
 from ..parallel.policy import (build_policy_models, causal_lm_skeleton, check_policy_layout, mean_metrics,
                                rollout_module, share_within_tp)
 from ..parallel.stage import Stage
 from ..profile import Profiler, model_flops
+from ..engine import build_engine
+from ..engine.base import LogprobOut, MicroBatch, TrainEngine, mean_log_rows
+from ..training.loop import LoopConfig, TrainLoop
 from .workers import LogprobWorker, RewardOutput, RewardWorker, Updater
 
 
@@ -98,87 +99,127 @@ def actor_loss(pc: PolicyConfig, logp_BT, entropy_BT, exp: Experience, kl_coef: 
     return loss, stats
 
 
-def update_actor(actor, updater: Updater, exp: Experience, pc: PolicyConfig, kl_coef: float, gen: torch.Generator,
-                 temperature: float = 1.0, step: int = 0, kernels: KernelsConfig | None = None) -> dict:
-    """Clipped-surrogate updates of the policy (PPO, RLOO) or the DPO loss (Online-DPO)."""
-    worker = LogprobWorker(actor, temperature, kernels)
+def update_actor(engine: TrainEngine, exp: Experience, pc: PolicyConfig, kl_coef: float, gen: torch.Generator,
+                 step: int = 0) -> dict:
+    """Clipped-surrogate updates of the policy (PPO, RLOO) or the DPO loss (Online-DPO), through the
+    actor's ``causal_lm`` engine (its temperature is the sampler's)."""
     if exp.chosen_P is not None:
-        return _update_dpo(worker, updater, exp, pc, gen, step)
+        return _update_dpo(engine, exp, pc, gen, step)
 
-    def micro_loss(mini, rows):
-        part = exp.rows(rows)
-        logp_BT, ent_BT = worker.logprobs(part.ids_BT, part.attn_BT, grad=True)
-        loss, stats = actor_loss(pc, logp_BT, ent_BT, part, kl_coef)
-        core.check_finite(loss, "pg_loss", step)
-        stats.update(pg_loss=float(loss.detach()), entropy=float(core.masked_mean(ent_BT.detach(), part.mask_BT)))
-        return loss * _token_share(exp, rows, mini), stats
+    def mini_loss(mini):
+        share_denom = exp.mask_BT[mini].sum().clamp(min=1)
+
+        def loss_fn(out: LogprobOut, micro: MicroBatch):
+            part = _experience(micro)
+            loss, stats = actor_loss(pc, out.logp_BT, out.entropy_BT, part, kl_coef)
+            core.check_finite(loss, "pg_loss", step)
+            stats.update(pg_loss=float(loss.detach()),
+                         entropy=float(core.masked_mean(out.entropy_BT.detach(), part.mask_BT)))
+            return loss * _token_share(part, share_denom), stats
+
+        return loss_fn
 
     micro = pc.micro_batch_size or pc.mini_batch_size
-    return _accumulate(exp.ids_BT.shape[0], pc.mini_batch_size, micro, pc, gen, updater, step, "policy", micro_loss)
+    return _accumulate(exp.ids_BT.shape[0], pc.mini_batch_size, micro, pc, gen, engine, step, "policy",
+                       lambda rows: _micro_batch(exp.rows(rows)), mini_loss)
 
 
-def _update_dpo(worker: LogprobWorker, updater: Updater, exp: Experience, pc: PolicyConfig, gen, step: int) -> dict:
-    """Mini- and micro-batches count pairs (two rows each); each micro-batch's mean pair loss is
-    weighted by its share of the mini-batch's pairs."""
+def _update_dpo(engine: TrainEngine, exp: Experience, pc: PolicyConfig, gen, step: int) -> dict:
+    """Mini- and micro-batches count pairs (two rows each: the chosen rows, then the rejected
+    ones); each micro-batch's mean pair loss is weighted by its share of the mini-batch's pairs."""
     seq_ref_B = core.masked_sum(exp.ref_logp_BT, exp.mask_BT, dim=1)
 
-    def micro_loss(mini, pairs):
+    def micro_batch(pairs):
         rows = torch.cat([exp.chosen_P[pairs], exp.rejected_P[pairs]])
-        part = exp.rows(rows)
-        logp_BT, _ = worker.logprobs(part.ids_BT, part.attn_BT, grad=True)
-        seq_B = core.masked_sum(logp_BT, part.mask_BT, dim=1)
-        n = len(pairs)
-        loss, stats = dpo.dpo_loss(seq_B[:n], seq_B[n:], seq_ref_B[rows[:n]], seq_ref_B[rows[n:]], pc.dpo_beta, pc.dpo_loss)
-        core.check_finite(loss, "dpo_loss", step)
-        stats["dpo_loss"] = float(loss.detach())
-        return loss * n / len(mini), stats
+        return {**_micro_batch(exp.rows(rows)), "seq_ref_B": seq_ref_B[rows]}
+
+    def mini_loss(mini):
+        def loss_fn(out: LogprobOut, micro: MicroBatch):
+            seq_B = core.masked_sum(out.logp_BT, micro["response_mask_BT"], dim=1)
+            ref_B, n = micro["seq_ref_B"], seq_B.shape[0] // 2
+            loss, stats = dpo.dpo_loss(seq_B[:n], seq_B[n:], ref_B[:n], ref_B[n:], pc.dpo_beta, pc.dpo_loss)
+            core.check_finite(loss, "dpo_loss", step)
+            stats["dpo_loss"] = float(loss.detach())
+            return loss * n / len(mini), stats
+
+        return loss_fn
 
     pairs_per_mini = max(1, pc.mini_batch_size // 2)
     micro = max(1, (pc.micro_batch_size or pc.mini_batch_size) // 2)
-    return _accumulate(exp.chosen_P.shape[0], pairs_per_mini, micro, pc, gen, updater, step, "policy", micro_loss)
+    return _accumulate(exp.chosen_P.shape[0], pairs_per_mini, micro, pc, gen, engine, step, "policy", micro_batch,
+                       mini_loss)
 
 
-def update_critic(critic, updater: Updater, exp: Experience, pc: PolicyConfig, gen, step: int = 0) -> dict:
-    def micro_loss(mini, rows):
-        part = exp.rows(rows)
-        values_BT = critic(part.ids_BT, part.attn_BT)
-        loss, stats = ppo.ppo_value_loss(values_BT, part.old_values_BT, part.returns_BT, part.mask_BT, pc.value_clip_range)
-        core.check_finite(loss, "value_loss", step)
-        stats["value_loss"] = float(loss.detach())
-        return loss * _token_share(exp, rows, mini), stats
+def update_critic(engine: TrainEngine, exp: Experience, pc: PolicyConfig, gen, step: int = 0) -> dict:
+    """Clipped value-loss updates of the PPO critic through its ``value`` engine."""
+
+    def mini_loss(mini):
+        share_denom = exp.mask_BT[mini].sum().clamp(min=1)
+
+        def loss_fn(values_BT: torch.Tensor, micro: MicroBatch):
+            part = _experience(micro)
+            loss, stats = ppo.ppo_value_loss(values_BT, part.old_values_BT, part.returns_BT, part.mask_BT,
+                                             pc.value_clip_range)
+            core.check_finite(loss, "value_loss", step)
+            stats["value_loss"] = float(loss.detach())
+            return loss * _token_share(part, share_denom), stats
+
+        return loss_fn
 
     micro = pc.micro_batch_size or pc.mini_batch_size
-    return _accumulate(exp.ids_BT.shape[0], pc.mini_batch_size, micro, pc, gen, updater, step, "critic", micro_loss)
+    return _accumulate(exp.ids_BT.shape[0], pc.mini_batch_size, micro, pc, gen, engine, step, "critic",
+                       lambda rows: _micro_batch(exp.rows(rows)), mini_loss)
 
 
-def _token_share(exp: Experience, rows, mini):
+def _micro_batch(part: Experience) -> MicroBatch:
+    """The engine's micro-batch of some rows: ``ids_BT``/``mask_BT`` are the tokens and attention
+    mask the engine runs; the response mask and the rest are the loss function's."""
+    micro = {"ids_BT": part.ids_BT, "mask_BT": part.attn_BT, "response_mask_BT": part.mask_BT}
+    for f in Experience._PER_ROW[3:]:
+        if getattr(part, f) is not None:
+            micro[f] = getattr(part, f)
+    return micro
+
+
+def _experience(micro: MicroBatch) -> Experience:
+    """Back from :func:`_micro_batch` (the per-row fields only)."""
+    return Experience(micro["ids_BT"], micro["mask_BT"], micro["response_mask_BT"],
+                      **{f: micro.get(f) for f in Experience._PER_ROW[3:]})
+
+
+def _token_share(part: Experience, mini_tokens: torch.Tensor):
     """A micro-batch's token-mean loss × this = its exact share of the mini-batch's token mean,
     so accumulating 8 micro-batches of 1 equals one batch of 8 (a tested invariant)."""
-    return exp.mask_BT[rows].sum() / exp.mask_BT[mini].sum().clamp(min=1)
+    return part.mask_BT.sum() / mini_tokens
 
 
-def _accumulate(units: int, mini_size: int, micro_size: int, pc: PolicyConfig, gen, updater: Updater, step: int,
-                who: str, micro_loss) -> dict:
-    """update_epochs × shuffled mini-batches (one optimizer step each) × micro-batches (gradient
-    accumulation) over ``units`` rows or pairs; ``micro_loss(mini, micro)`` returns the micro-batch
-    loss already weighted by its share of the mini-batch, and its log row."""
+def _accumulate(units: int, mini_size: int, micro_size: int, pc: PolicyConfig, gen, engine: TrainEngine, step: int,
+                who: str, micro_batch, mini_loss) -> dict:
+    """update_epochs × shuffled mini-batches (one ``engine.train_step`` each) × micro-batches
+    (gradient accumulation in the engine) over ``units`` rows or pairs. ``micro_batch(units)`` is
+    the engine's micro-batch of some units; ``mini_loss(mini)`` the loss function of a mini-batch,
+    returning each micro-batch's loss already weighted by its share of the mini-batch.
+
+    The metrics are the mean over every micro-batch's log row of the whole update (all epochs and
+    mini-batches), and ``{who}_grad_norm`` the mean over its optimizer steps."""
     logs: list[dict] = []
+
+    def logged(loss_fn):
+        def wrapped(out, micro):
+            loss, row = loss_fn(out, micro)
+            logs.append(row)
+            return loss, row
+
+        return wrapped
+
     for _ in range(pc.update_epochs):
         order = torch.randperm(units, generator=gen)
         for m0 in range(0, units, mini_size):
             mini = order[m0 : m0 + mini_size]
-            updater.zero_grad()
-            for u0 in range(0, len(mini), micro_size):
-                loss, log = micro_loss(mini, mini[u0 : u0 + micro_size])
-                loss.backward()
-                logs.append(log)
-            logs[-1][f"{who}_grad_norm"] = updater.step(step, f"{who} gradient norm")
-    return _mean_logs(logs)
-
-
-def _mean_logs(logs: list[dict]) -> dict:
-    keys = {k for row in logs for k in row}
-    return {k: sum(r[k] for r in logs if k in r) / max(1, sum(1 for r in logs if k in r)) for k in sorted(keys)}
+            micros = [micro_batch(mini[u0 : u0 + micro_size]) for u0 in range(0, len(mini), micro_size)]
+            res = engine.train_step(micros, logged(mini_loss(mini)), step)
+            logs[-1][f"{who}_grad_norm"] = res["grad_norm"]
+    return mean_log_rows(logs)
 
 
 # ---- advantages ------------------------------------------------------------------------------
@@ -256,7 +297,7 @@ def train_policy(
         rm = load_reward_model(rm_dir, device=stage.device)  # under torchrun on GPUs: fused RM head on CUDA
         rewarder = RewardWorker(rm, RewardMapper.from_config(rm.stats, cfg.mapping), impl=cfg.kernels.impl)
     prompts = load_policy_prompts(prompts_path, rewarder.spec)
-    critic = critic_upd = None
+    critic = None
     if stage.distributed:
         check_policy_layout(stage, pc)
         actor, reference, critic, tokenizer = build_policy_models(stage, init_dir, pc.algo == "ppo")
@@ -272,10 +313,21 @@ def train_policy(
             critic = ValueModel(copy.deepcopy(getattr(actor, actor.base_model_prefix))).train()
         apply_fp8_models(cfg.parallel, actor, critic)  # parallel.fp8 (the reference, copied above, stays exact)
     ref_worker = LogprobWorker(reference, sc.temperature, cfg.kernels)
-    old_worker = LogprobWorker(actor, sc.temperature, cfg.kernels)
-    actor_upd = Updater(actor.parameters(), pc.lr, pc.weight_decay, pc.warmup_steps, pc.grad_clip)
-    if critic is not None:
-        critic_upd = Updater(critic.parameters(), pc.critic_lr, pc.weight_decay, pc.warmup_steps, pc.grad_clip)
+    # The trained models sit behind training engines: the updates hand them micro-batches and pure
+    # loss functions; log-probs are taken under the sampler's temperature.
+    actor_engine = build_engine(cfg.parallel, lambda: actor, lambda m: Updater(
+        m.parameters(), pc.lr, pc.weight_decay, pc.warmup_steps, pc.grad_clip), "causal_lm", "actor",
+        label="policy", temperature=sc.temperature, kernels=cfg.kernels)
+    critic_engine = None if critic is None else build_engine(cfg.parallel, lambda: critic, lambda m: Updater(
+        m.parameters(), pc.critic_lr, pc.weight_decay, pc.warmup_steps, pc.grad_clip), "value", "critic")
+    engines = [e for e in (actor_engine, critic_engine) if e is not None]
+
+    def old_logprobs(ids_BT, attn_BT):
+        return actor_engine.forward({"ids_BT": ids_BT, "mask_BT": attn_BT}).logp_BT
+
+    def values(ids_BT, attn_BT):
+        return critic_engine.forward({"ids_BT": ids_BT, "mask_BT": attn_BT})
+
     kl_ctl = (kl.AdaptiveKLController(pc.kl_coef, pc.kl_target, pc.kl_horizon) if pc.adaptive_kl
               else kl.FixedKLController(pc.kl_coef))
     writer = stage.writer(lambda: MetricsWriter(out, tensorboard=cfg.run.tensorboard))
@@ -283,29 +335,32 @@ def train_policy(
     names = rewarder.spec.names
     engine = build_rollout_engine(cfg.rollout, model=gen_module, tokenizer=tokenizer, model_dir=init_dir)
     try:  # the engine (vLLM: an in-process engine with its KV cache) is released however the run ends
-        push = _weight_pusher(cfg, engine, actor, tokenizer, prompts[0], old_worker, stage)
+        push = _weight_pusher(cfg, engine, actor_engine, tokenizer, prompts[0], old_logprobs, stage)
 
         def sample_for_eval(batch_prompts: list[str]) -> list[str]:
             sampling = SamplingConfig(temperature=cfg.eval.temperature, max_new_tokens=sc.max_new_tokens)
             return generate_texts(engine, tokenizer, batch_prompts, 1, sampling, seed=cfg.eval.seed).responses
 
-        start, history, step, stopped_early = time.time(), [], -1, False
-        ckpt, first = _checkpoints(cfg, out, actor, tokenizer, actor_upd, critic, critic_upd, writer), 0
-        if (state := ckpt.restore()) is not None:
-            first, history = state["steps_done"], state["history"]
+        history: list[dict] = []
+        ckpt = _checkpoints(cfg, out, engines, actor, critic, tokenizer, writer)
+        loop = TrainLoop(LoopConfig(f"policy {pc.algo}", pc.steps, pc.max_minutes, "policy.max_minutes", 1,
+                                    show_progress), stage, writer, ckpt, prof)
+
+        def load_state(state: dict) -> None:
+            history[:] = state["history"]
             rng.setstate(state["rng"])
             gen.set_state(state["gen"])
             kl_ctl.__dict__.update(state["kl_ctl"])
-            actor_upd.sched.load_state_dict(state["actor_sched"])
-            if critic_upd is not None:
-                critic_upd.sched.load_state_dict(state["critic_sched"])
-            step = first - 1
-        push(first, setup=True)  # fills a torchrun rank's empty copy; after a resume, the checkpoint's weights
-        bar = progress(range(first, pc.steps), f"policy {pc.algo}", show_progress and stage.is_main)
-        flops = _step_flops(prof, actor, critic, rewarder)
-        prof.mark("setup")
-        for step in bar:
-            prof.step(step)
+            actor_engine.load_scheduler_state(state["actor_sched"])
+            if critic_engine is not None:
+                critic_engine.load_scheduler_state(state["critic_sched"])
+
+        def save_state() -> dict:
+            return {"history": history, "rng": rng.getstate(), "gen": gen.get_state(), "kl_ctl": dict(vars(kl_ctl)),
+                    "actor_sched": actor_engine.scheduler_state(),
+                    "critic_sched": critic_engine.scheduler_state() if critic_engine is not None else None}
+
+        def body(step: int) -> dict:
             t0 = time.time()
             batch_prompts = stage.shard([rng.choice(prompts) for _ in range(pc.prompts_per_step)])  # this dp rank's
             with _finite_sampling(f"step {step}"):
@@ -322,20 +377,20 @@ def train_policy(
             ids, attn, mask = rollout.input_ids_BT, rollout.attention_mask_BT, rollout.response_mask_BT.float()
             scored = RewardOutput(*(t.to(ids.device) for t in (scored.reward_B, scored.terms_BH, scored.targets_BH)))
             prof.mark("reward")
-            old_logp, _ = old_worker.logprobs(ids, attn)
+            old_logp = old_logprobs(ids, attn)
             ref_logp, _ = ref_worker.logprobs(ids, attn)
             exp = Experience(ids, attn, mask, old_logp * mask, ref_logp * mask)
             prof.mark("ref_old_logprobs")
             guard_metrics, tis_metrics = _check_rollout(cfg, engine.name, exp, rollout.logprobs_BT, step)
-            metrics = {**compute_advantages(pc, exp, scored.reward_B, kl_ctl.value, K, critic, step), **tis_metrics}
+            metrics = {**compute_advantages(pc, exp, scored.reward_B, kl_ctl.value, K,
+                                            None if critic_engine is None else values, step), **tis_metrics}
             if monitor is not None:
                 metrics.update(monitor(rollout.prompts, rollout.responses, scored, rewarder))
             prof.mark("advantages")
-            metrics.update(update_actor(actor, actor_upd, exp, pc, kl_ctl.value, gen, sc.temperature, step,
-                                        cfg.kernels))
+            metrics.update(update_actor(actor_engine, exp, pc, kl_ctl.value, gen, step))
             prof.mark("actor_update")
-            if critic is not None:
-                metrics.update(update_critic(critic, critic_upd, exp, pc, gen, step))
+            if critic_engine is not None:
+                metrics.update(update_critic(critic_engine, exp, pc, gen, step))
                 prof.mark("critic_update")
             _count_step(prof, flops, pc, exp)
             if stage.distributed:
@@ -351,31 +406,26 @@ def train_policy(
             if not stage.distributed:
                 metrics.update(_reward_metrics(scored, names), response_length=float(mask.sum(1).mean()))
             metrics.update(kl_coef=kl_ctl.value, gen_seconds=t_gen, step_seconds=time.time() - t0)
-            writer.write(step, metrics)
             history.append(metrics)
-            bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}")
+            return metrics
+
+        def after(step: int) -> None:
             prof.mark("metrics")
             if eval_fn is not None and stage.is_main and pc.eval_every and step > 0 and step % pc.eval_every == 0:
                 writer.write(step, eval_fn(step, sample_for_eval), tag="eval")
                 prof.mark("eval")
             if pc.save_every and step > 0 and step % pc.save_every == 0:
                 _save_policy(stage, actor, tokenizer, out / "checkpoints" / f"step_{step}")
-            ckpt.after_step(step + 1, lambda: {
-                "history": history, "rng": rng.getstate(), "gen": gen.get_state(), "kl_ctl": dict(vars(kl_ctl)),
-                "actor_sched": actor_upd.sched.state_dict(),
-                "critic_sched": critic_upd.sched.state_dict() if critic_upd is not None else None})
-            prof.mark("checkpoint")
-            if pc.max_minutes and stage.broadcast(time.time() - start > pc.max_minutes * 60):
-                bar.write(f"policy: stopping at step {step} of {pc.steps} (policy.max_minutes={pc.max_minutes} "
-                          "was hit: a safety net, not the plan — the run is shorter than configured)")
-                stopped_early = True
-                break
-        bar.close()
+
+        first = loop.resume(load_state)
+        push(first, setup=True)  # fills a torchrun rank's empty copy; after a resume, the checkpoint's weights
+        flops = _step_flops(prof, actor, critic, rewarder)
+        result = loop.run(first, body, save_state, after,
+                          postfix=lambda m: {"reward": f"{m['reward']:.3f}", "kl": f"{m['kl']:.3f}"})
         writer.close()
         _save_policy(stage, actor, tokenizer, out / "policy")
-        summary = {"steps": step + 1, "planned_steps": pc.steps, "stopped_by_max_minutes": stopped_early,
-                   "train_seconds": time.time() - start, "algo": pc.algo,
-                   "final": history[-1] if history else {}, "policy_dir": str(out / "policy")}
+        summary = {**result, "algo": pc.algo, "final": history[-1] if history else {},
+                   "policy_dir": str(out / "policy")}
         if monitor is not None:
             from ..eval.overopt import detect_overoptimisation
 
@@ -401,7 +451,7 @@ def _finite_sampling(when: str):
         raise core.NonFiniteError(f"{when}: policy sampling distribution is not finite") from e
 
 
-def _weight_pusher(cfg: Config, engine, actor, tokenizer, probe_prompt: str, old_worker: LogprobWorker, stage: Stage):
+def _weight_pusher(cfg: Config, engine, actor: TrainEngine, tokenizer, probe_prompt: str, old_logprobs, stage: Stage):
     """``push(step) -> metrics``: wake the engine, stream the actor's full HF-named weights into it
     (the one export path), and — with ``rollout.probe`` — check at once that they took (guard)."""
     rc = cfg.rollout
@@ -417,13 +467,13 @@ def _weight_pusher(cfg: Config, engine, actor, tokenizer, probe_prompt: str, old
         if asleep[0]:
             engine.wake_up()
             asleep[0] = False
-        engine.update_weights(export_hf_weights(actor, rc.push_bucket_mb << 20))
+        engine.update_weights(actor.export_weights(rc.push_bucket_mb << 20))
         if not rc.probe:
             return {}
         share = (lambda b: share_within_tp(stage, b)) if stage.distributed else (lambda b: b)
         when = f"before step {step}" if setup else f"step {step}"
         with _finite_sampling(when):
-            m = guard.probe(engine, tokenizer, probe_prompt, cfg.sampling, lambda i, a: old_worker.logprobs(i, a)[0],
+            m = guard.probe(engine, tokenizer, probe_prompt, cfg.sampling, old_logprobs,
                             stage.device, share)
         guard.check_stale(m, rc, engine.name, f"{when} (probe after the weight push)", prefix="rollout/probe_")
         return m
@@ -473,12 +523,14 @@ def _count_step(prof: Profiler, fl: dict, pc: PolicyConfig, exp: Experience) -> 
         prof.add_flops(attn, fl["critic"], True, "critic_update", repeat=pc.update_epochs)
 
 
-def _checkpoints(cfg, out, actor, tokenizer, actor_upd, critic, critic_upd, writer) -> StageCheckpoints:
+def _checkpoints(cfg, out, engines: list[TrainEngine], actor, critic, tokenizer, writer) -> StageCheckpoints:
     """Resumable checkpoints of the policy stage: actor (+ critic) and their optimizers. The
     reference is not saved: it is the initial policy, reloaded from ``policy.init``."""
-    models, optims = {"actor": actor}, {"actor": (actor, actor_upd.opt)}
-    if critic is not None:
-        models["critic"], optims["critic"] = critic, (critic, critic_upd.opt)
+    models, optims = {}, {}
+    for e in engines:
+        m, o = e.checkpoint_items()
+        models.update(m)
+        optims.update(o)
 
     def assets(d):
         write_model_assets(d, "actor", "causal_lm", actor, tokenizer)

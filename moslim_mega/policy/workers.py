@@ -1,5 +1,6 @@
 """Workers the controller calls through narrow interfaces: generate (rollout engine), score
-(reward), logprobs / values (forward passes); updates go through ``utils.optim.Updater``.
+(reward), logprobs (the frozen reference's forward); the actor's and critic's forwards and updates
+go through their training engines (``engine/torch_engine.py``).
 
 Legend: B rows (sequences), T tokens, H reward heads, K samples per prompt.
 """
@@ -15,7 +16,7 @@ from ..config import KernelsConfig
 from ..prefs import parse_prefix, targets_to_tensor
 from ..reward.io import LoadedRewardModel
 from ..reward.mapping import RewardMapper
-from ..utils.optim import Updater  # noqa: F401  (re-exported: the controller's optimizer step)
+from ..utils.optim import Updater  # noqa: F401  (re-exported: what the controller's engines step with)
 
 
 @dataclass

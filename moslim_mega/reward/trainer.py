@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import json
 import math
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from ..utils.progress import progress
 from ..config import Config, save_config
 from ..models.build import build_backbone, build_tokenizer
 from ..prefs import PreferenceSpec, spec_from_config
-from ..algos.core import NonFiniteError, check_finite
+from ..algos.core import NonFiniteError
+from ..engine import build_engine
+from ..engine.base import HeadIn
+from ..training.loop import TrainLoop, loop_config
 from ..checkpoint.hooks import StageCheckpoints
 from ..checkpoint.state import write_reward_assets
 from ..utils.logging import MetricsWriter
@@ -111,27 +114,27 @@ def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = T
     weights = balanced_class_weights(train.labels_NH, spec.num_classes) if rc.class_weights == "balanced" else None
     steps_per_epoch = math.ceil(len(train) / rc.batch_size)
     total_steps = max(1, math.ceil(rc.epochs * steps_per_epoch))
-    upd = Updater(model.parameters(), rc.lr, rc.weight_decay, rc.warmup_steps, rc.grad_clip, total_steps)
+    engine = build_engine(cfg.parallel, lambda: model, lambda m: Updater(
+        m.parameters(), rc.lr, rc.weight_decay, rc.warmup_steps, rc.grad_clip, total_steps), "reward", "rm", label="rm")
     stats = RunningClassStats(spec.num_classes, mode=rc.stats_mode, momentum=rc.stats_momentum)
     mapper = RewardMapper.from_config(stats, cfg.mapping)
     writer = stage.writer(lambda: MetricsWriter(out, tensorboard=cfg.run.tensorboard))
     gen = torch.Generator().manual_seed(cfg.run.seed)
-    start = time.time()
     order: list[int] = []
-    ckpt = StageCheckpoints(cfg.checkpoint, out, {"rm": model}, {"rm": (model, upd.opt)}, writer,
+    ckpt = StageCheckpoints(cfg.checkpoint, out, *engine.checkpoint_items(), writer,
                             lambda d: write_reward_assets(d, "rm", model, tokenizer, spec, stats, rc.max_length))
-    first = 0
-    if (state := ckpt.restore()) is not None:
-        first, order = state["steps_done"], state["order"]
-        gen.set_state(state["gen"])
-        upd.sched.load_state_dict(state["sched"])
-        stats.load_state_dict(state["stats"])
-    bar = progress(range(first, total_steps), "rm train", show_progress and stage.is_main)
-    step = first - 1
+    loop = TrainLoop(loop_config("rm train", total_steps, rc, "rm", show_progress), stage, writer, ckpt, prof)
     flops = model_flops(model)
-    prof.mark("setup")
-    for step in bar:
-        prof.step(step)
+
+    def load_state(state: dict) -> None:
+        nonlocal order
+        order = state["order"]
+        gen.set_state(state["gen"])
+        engine.load_scheduler_state(state["sched"])
+        stats.load_state_dict(state["stats"])
+
+    def body(step: int) -> dict:
+        nonlocal order
         if step % steps_per_epoch == 0:
             order = torch.randperm(len(train), generator=gen).tolist()
             if rc.stats_mode == "welford":
@@ -142,44 +145,39 @@ def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = T
         prof.add_flops(mask_BT, flops, train=True, label="train")
         ids_BT, mask_BT = ids_BT.to(stage.device), mask_BT.to(stage.device)  # labels_BH stays on the CPU
         prof.mark("data")
-        loss, per_head, probs = _head_loss(model, ids_BT, mask_BT, labels_BH, weights, rc.loss, cfg.kernels.impl)
-        if stage.distributed:
-            # Each head's loss is a mean over this rank's labelled rows; rescale so FSDP's gradient
-            # average over dp equals the single-process mean over the global batch.
-            scale_H = stage.dp_loss_scale(_head_denominators(labels_BH, weights, rc.loss))
-            loss = sum(s * h for s, h in zip(scale_H, per_head))
-        check_finite(loss, "rm loss", step)
-        upd.zero_grad()
-        loss.backward()
-        grad_norm = upd.step(step, "rm grad norm")
+        # Each head's loss is a mean over this rank's labelled rows; rescale so FSDP's gradient
+        # average over dp equals the single-process mean over the global batch.
+        scale_H = stage.dp_loss_scale(_head_denominators(labels_BH, weights, rc.loss)) if stage.distributed else None
+        kept: dict = {}  # the step's loss tensors, for the statistics and the metrics row
+        micro = {"ids_BT": ids_BT, "mask_BT": mask_BT, "labels_BH": labels_BH.to(ids_BT.device)}
+        res = engine.train_step([micro], partial(_rm_micro_loss, num_classes=model.num_classes, weights=weights,
+                                                 loss_kind=rc.loss, impl=cfg.kernels.impl, scale_H=scale_H, kept=kept),
+                                step)
         with torch.no_grad():
-            stats.update([stage.gather_dp(p_BK) for p_BK in probs])
-        if step % 10 == 0:
-            row = {"loss": stage.sum_dp(loss.item()) / stage.dp, "grad_norm": grad_norm, "lr": upd.lr}
-            row.update({f"loss_{n}": stage.sum_dp(v.item()) / stage.dp for n, v in zip(spec.names, per_head)})
-            writer.write(step, row)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            stats.update([stage.gather_dp(p_BK) for p_BK in kept["probs"]])
+        row = {}
+        if step % loop.lc.log_every == 0:
+            row = {"loss": stage.sum_dp(kept["loss"].item()) / stage.dp, "grad_norm": res["grad_norm"], "lr": res["lr"]}
+            row.update({f"loss_{n}": stage.sum_dp(v.item()) / stage.dp for n, v in zip(spec.names, kept["per_head"])})
         prof.mark("forward_backward_step")
+        return row
+
+    def evaluate_now(step: int) -> None:
         if rc.eval_every and step > 0 and step % rc.eval_every == 0:
             writer.write(step, evaluate(model, held, spec, pad_id)["mean"], tag="eval")
             prof.mark("eval")
-        ckpt.after_step(step + 1, lambda: {"order": order, "gen": gen.get_state(), "sched": upd.sched.state_dict(),
-                                           "stats": stats.state_dict()})
-        prof.mark("checkpoint")
-        if rc.max_minutes and stage.broadcast(time.time() - start > rc.max_minutes * 60):
-            bar.write(f"rm train: stopping at step {step} (rm.max_minutes={rc.max_minutes})")
-            break
-    bar.close()
-    train_seconds = time.time() - start
+
+    first = loop.resume(load_state)
+    result = loop.run(first, body, lambda: {"order": order, "gen": gen.get_state(), "sched": engine.scheduler_state(),
+                                            "stats": stats.state_dict()},
+                      after=evaluate_now, postfix=lambda row: {"loss": f"{row['loss']:.3f}"})
+    step = result["steps"] - 1
     if rc.calibrate:
         # Eq. 11's avg/std must describe the *final* RM: in-training statistics mix older weights.
         stats.reset()
         stats.update(predict_probs(model, train, pad_id))
     report = evaluate(model, held, spec, pad_id, mapper)
-    report["train_seconds"] = train_seconds
-    report["steps"] = step + 1
-    report["planned_steps"] = total_steps
-    report["stopped_by_max_minutes"] = step + 1 < total_steps
+    report.update(result)
     if eval_path.with_name("rm_eval_ood.jsonl").is_file():  # the world's out-of-distribution slice
         ood = load_rm_examples(eval_path.with_name("rm_eval_ood.jsonl"), spec, tokenizer, rc.max_length)
         report["slices"] = {"ood": evaluate(model, ood, spec, pad_id, mapper)}
@@ -197,18 +195,34 @@ def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = T
 
 
 def _head_loss(model, ids_BT, mask_BT, labels_BH, weights, loss_kind: str, impl: str):
-    """(total loss, per-head losses, per-head probabilities) of one batch. Eq. 6-9 runs the fused
-    head (linear → per-head log-softmax → masked CE in one kernel on CUDA, the eager reference
-    elsewhere, issue 7); the Eq. 10 ablation stays eager."""
+    """(total loss, per-head losses, per-head probabilities) of one batch through ``model``."""
     labels_BH = labels_BH.to(ids_BT.device)
+    return model(ids_BT, mask_BT, head=lambda h, w, b: rm_head_loss(HeadIn(h, w, b), labels_BH, model.num_classes,
+                                                                     weights, loss_kind, impl))
+
+
+def rm_head_loss(out: HeadIn, labels_BH, num_classes, weights, loss_kind: str, impl: str):
+    """(total loss, per-head losses, per-head probabilities) from the pooled hidden states and the
+    stacked heads. Eq. 6-9 runs the fused head (linear → per-head log-softmax → masked CE in one
+    kernel on CUDA, the eager reference elsewhere, issue 7); the Eq. 10 ablation stays eager."""
     if loss_kind == "paper_eq10":
-        logits = model(ids_BT, mask_BT)
+        # The same linear as MultiHeadRewardModel's plain heads (nn.Linear is F.linear).
+        logits = list(torch.split(F.linear(out.hidden_BD, out.weight_CD, out.bias_C), num_classes, dim=-1))
         loss, per_head = paper_eq10_loss(logits, labels_BH)
         return loss, per_head, [torch.softmax(x.detach().float(), -1) for x in logits]
-    nc = model.num_classes
-    loss, per_head_H, probs_BC = model(ids_BT, mask_BT, head=lambda h, w, b: fused_multihead_head(
-        h, w, b, nc, labels_BH, weights, impl=impl, return_probs=True))
-    return loss, list(per_head_H.unbind(0)), [p.contiguous() for p in torch.split(probs_BC, nc, dim=1)]
+    loss, per_head_H, probs_BC = fused_multihead_head(out.hidden_BD, out.weight_CD, out.bias_C, num_classes, labels_BH,
+                                                      weights, impl=impl, return_probs=True)
+    return loss, list(per_head_H.unbind(0)), [p.contiguous() for p in torch.split(probs_BC, num_classes, dim=1)]
+
+
+def _rm_micro_loss(out: HeadIn, micro: dict, num_classes, weights, loss_kind: str, impl: str, scale_H, kept: dict):
+    """The engine's loss function; ``kept`` receives the loss tensors (probabilities for the
+    class statistics, per-head losses for the metrics) without a device sync per step."""
+    loss, per_head, probs = rm_head_loss(out, micro["labels_BH"], num_classes, weights, loss_kind, impl)
+    if scale_H is not None:
+        loss = sum(s * h for s, h in zip(scale_H, per_head))
+    kept.update(loss=loss.detach(), per_head=per_head, probs=probs)
+    return loss, {}
 
 
 def _rm_skeleton(config, num_classes):

@@ -16,6 +16,7 @@ from moslim_mega.config import ModelConfig, PolicyConfig
 from moslim_mega.models.build import build_backbone, build_causal_lm, build_tokenizer
 from moslim_mega.models.value import ValueModel
 from moslim_mega.policy.controller import Experience, actor_loss, compute_advantages, update_actor, update_critic
+from moslim_mega.engine.torch_engine import TorchEngine
 from moslim_mega.policy.workers import LogprobWorker, Updater
 
 TINY = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
@@ -68,11 +69,12 @@ def experience(policy, rollout):
 
 
 # ---- batch 8 == 1 × 8 gradient accumulation ------------------------------------------------
-def _run_update(model, pc: PolicyConfig, fn, lr: float):
-    """Deep copy of ``model``, a fresh Updater and a fresh generator with the same seed; → (copy, stats)."""
+def _run_update(model, pc: PolicyConfig, fn, lr: float, role: str = "causal_lm"):
+    """Deep copy of ``model`` in a training engine with a fresh Updater and a fresh generator with
+    the same seed; → (copy, stats)."""
     m = copy.deepcopy(model)
     upd = Updater(m.parameters(), lr, pc.weight_decay, pc.warmup_steps, pc.grad_clip)
-    return m, fn(m, upd, pc, torch.Generator().manual_seed(0))
+    return m, fn(TorchEngine(m, upd, role, "model"), pc, torch.Generator().manual_seed(0))
 
 
 def _max_abs(tensors) -> float:
@@ -112,8 +114,8 @@ def test_actor_batch_equals_micro_batch_accumulation(policy, experience, mini, e
     """Clipped surrogate + KL loss term + entropy bonus: micro=mini vs micro=1, same update."""
     pc = dataclasses.replace(ACTOR_PC, mini_batch_size=mini, micro_batch_size=mini, update_epochs=epochs)
 
-    def update(m, upd, pc_, gen):
-        return update_actor(m, upd, experience, pc_, KL_COEF, gen)
+    def update(engine, pc_, gen):
+        return update_actor(engine, experience, pc_, KL_COEF, gen)
 
     full, stats = _run_update(policy, pc, update, pc.lr)
     accum, stats_accum = _run_update(policy, dataclasses.replace(pc, micro_batch_size=1), update, pc.lr)
@@ -126,7 +128,7 @@ def test_unequal_lengths_make_the_token_weighting_necessary(policy, experience):
     """Control for the test above: averaging per-row losses with equal weights (the naive
     accumulation) gives a clearly different gradient on this batch, so the invariant is not vacuous."""
     full, _ = _run_update(
-        policy, ACTOR_PC, lambda m, upd, pc, gen: update_actor(m, upd, experience, pc, KL_COEF, gen), ACTOR_PC.lr
+        policy, ACTOR_PC, lambda engine, pc, gen: update_actor(engine, experience, pc, KL_COEF, gen), ACTOR_PC.lr
     )
     naive = copy.deepcopy(policy)
     worker = LogprobWorker(naive)
@@ -145,8 +147,8 @@ def test_online_dpo_pairs_equal_micro_batch_accumulation(policy, experience):
     exp = dataclasses.replace(experience, chosen_P=torch.tensor([0, 3, 4, 7]), rejected_P=torch.tensor([1, 2, 5, 6]))
     pc = dataclasses.replace(ACTOR_PC, dpo_beta=0.5)
 
-    def update(m, upd, pc_, gen):
-        return update_actor(m, upd, exp, pc_, KL_COEF, gen)
+    def update(engine, pc_, gen):
+        return update_actor(engine, exp, pc_, KL_COEF, gen)
 
     full, stats = _run_update(policy, pc, update, pc.lr)
     accum, stats_accum = _run_update(policy, dataclasses.replace(pc, micro_batch_size=2), update, pc.lr)
@@ -170,11 +172,11 @@ def test_critic_batch_equals_micro_batch_accumulation(policy, experience):
     )
     pc = dataclasses.replace(ACTOR_PC, critic_lr=1e-2, value_clip_range=0.2)
 
-    def update(m, upd, pc_, gen):
-        return update_critic(m, upd, exp, pc_, gen)
+    def update(engine, pc_, gen):
+        return update_critic(engine, exp, pc_, gen)
 
-    full, stats = _run_update(critic, pc, update, pc.critic_lr)
-    accum, _ = _run_update(critic, dataclasses.replace(pc, micro_batch_size=1), update, pc.critic_lr)
+    full, stats = _run_update(critic, pc, update, pc.critic_lr, "value")
+    accum, _ = _run_update(critic, dataclasses.replace(pc, micro_batch_size=1), update, pc.critic_lr, "value")
     assert 0 < stats["vf_clipfrac"] < 1  # both branches of the clipped value loss occur
     _assert_same_update(critic, full, accum, min_change=0.5 * pc.critic_lr)
 

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from moslim_mega.algos.core import NonFiniteError
 from moslim_mega.config import load_config
+from moslim_mega.engine import torch_engine
 from moslim_mega.models.value import ValueModel
 from moslim_mega.policy import workers
 from moslim_mega.policy.controller import load_policy_prompts, train_policy
@@ -124,12 +125,14 @@ def test_nan_reward_stops_at_that_step_naming_the_mapped_reward(stage, tmp_path,
 
 
 class StepFaults:
-    """Fault injection into our own workers: counts the frozen reference's log-prob pass (one per
-    step, right after the rollout) to know the step, and fills one quantity with NaN at ``at_step``."""
+    """Fault injection into our own workers and training engines: counts the frozen reference's
+    log-prob pass (one per step, right after the rollout) to know the step, and fills one quantity
+    with NaN at ``at_step``."""
 
     def __init__(self, monkeypatch, what: str, at_step: int = 1):
         self.what, self.at_step, self.ref_rows = what, at_step, []
         real_logprobs, real_values = workers.LogprobWorker.logprobs, ValueModel.forward
+        real_engine_logprobs = torch_engine.sequence_logprobs
         faults = self
 
         def logprobs(worker, ids_BT, mask_BT, grad=False):
@@ -137,7 +140,13 @@ class StepFaults:
             is_reference = not any(p.requires_grad for p in worker.model.parameters())
             if is_reference:
                 faults.ref_rows.append(ids_BT.shape[0])
-            if faults.now and ((is_reference and what == "reference") or (grad and what == "policy_update")):
+            if faults.now and is_reference and what == "reference":
+                logp_BT = logp_BT + float("nan")
+            return logp_BT, ent_BT
+
+        def engine_logprobs(model, ids_BT, mask_BT, **kwargs):  # the actor engine's forward
+            logp_BT, ent_BT = real_engine_logprobs(model, ids_BT, mask_BT, **kwargs)
+            if faults.now and what == "policy_update" and torch.is_grad_enabled():
                 logp_BT = logp_BT + float("nan")  # keeps the autograd graph of the update pass
             return logp_BT, ent_BT
 
@@ -148,6 +157,7 @@ class StepFaults:
             return v_BT
 
         monkeypatch.setattr(workers.LogprobWorker, "logprobs", logprobs)
+        monkeypatch.setattr(torch_engine, "sequence_logprobs", engine_logprobs)
         monkeypatch.setattr(ValueModel, "forward", values)
 
     @property

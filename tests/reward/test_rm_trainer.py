@@ -72,7 +72,7 @@ def test_saved_model_reloads_with_identical_outputs(small_run):
 
 def test_diverging_run_stops_with_the_step_and_quantity_named(tmp_path):
     cfg = load_config(None, SMALL + ["rm.lr=1e30", "rm.grad_clip=0", "rm.warmup_steps=0", "run.tensorboard=false"])
-    with pytest.raises(TrainingError, match=r"step \d+: rm (loss|grad norm) is not finite"):
+    with pytest.raises(TrainingError, match=r"step \d+: rm (loss|gradient norm) is not finite"):
         train_reward_model(cfg, tmp_path, show_progress=False)
 
 

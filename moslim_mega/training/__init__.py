@@ -1,0 +1,1 @@
+"""What every trainer shares: the one training loop (loop.py)."""
