@@ -220,10 +220,14 @@ class MegatronEngine(TrainEngine):
         dtype = torch.float32 if not self.cuda else None  # CPU: fp32 (no bf16 kernels worth having)
         cfg = transformer_config(
             hf_config, self.layout, dims=self.dims, dtype=dtype, use_cpu_initialization=not self.cuda,
-            perform_initialization=False,  # every weight is loaded from the HF checkpoint next
+            # perform_initialization stays True although every weight is loaded next: megatron-core
+            # 0.16 marks a TP-split weight (tensor_model_parallel, partition_dim) only inside its
+            # init, and without the mark the grad norm drops TP rank > 0's shards as "duplicates".
             sequence_parallel=self.settings.sequence_parallel and self.layout.tp > 1,
-            variable_seq_lengths=self.layout.pp > 1,  # micro-batches may differ in T: p2p sends shapes first
         )
+        # Micro-batches may differ in T: p2p sends the shapes first. Set after construction: the
+        # config check refuses it with the allgather MoE dispatcher, which a dense model never builds.
+        cfg.variable_seq_lengths = self.layout.pp > 1
         if self.use_te:
             cfg.bias_activation_fusion, cfg.apply_rope_fusion, cfg.masked_softmax_fusion = True, True, True
         self.cfg = cfg
