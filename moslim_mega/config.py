@@ -390,8 +390,6 @@ class ParallelConfig:
     """Float8 training of the decoder layers' linears (torchao): `none`, `tensorwise` or `rowwise`; emulated on CPU."""
     fp8_auto_filter: bool = False
     """Also skip linears below torchao's H100 size thresholds (too small for fp8 to pay); else only dims % 16 ≠ 0 are skipped."""
-    backend: str = "torch"
-    """Training engine: `torch` (FSDP2/DTensor) or `megatron` (megatron-core GPTModel, engine/megatron/engine.py)."""
 
 
 @dataclass(frozen=True)
@@ -543,7 +541,6 @@ _CHOICES = {
     (BenchConfig, "rm_score"): ("mapped", "expected"),
     (ParallelConfig, "mixed_precision"): ("none", "bf16"),
     (ParallelConfig, "fp8"): ("none", "tensorwise", "rowwise"),
-    (ParallelConfig, "backend"): ("torch", "megatron"),
     (KernelsConfig, "impl"): ("auto", "triton", "reference"),
     (RunConfig, "device"): ("auto", "cuda", "cpu"),
 }

@@ -155,6 +155,9 @@ class MegatronEngine(TrainEngine):
         if layout.vpp != 1 or layout.ep != 1:
             raise MegatronEngineError(f"layout {layout.to_dict()}: the megatron engine supports tp and pp only "
                                       "(vpp, ep: docs/megatron.md)")
+        if settings.sequence_parallel and layout.tp > 1 and not (te_available() if settings.use_te is None else settings.use_te):
+            raise MegatronEngineError("sequence_parallel: needs the Transformer Engine layer spec (megatron-core's "
+                                      "local spec norms refuse it); transformer_engine is not importable")
         if role == "reward" and not num_classes:
             raise MegatronEngineError("num_classes: the reward role needs the heads' class counts")
         if not dist.is_initialized():
@@ -465,6 +468,14 @@ class MegatronEngine(TrainEngine):
             last = next(src for src, c, _ in infos if c.pp == self.layout.pp - 1 and c.tp == 0)
             for name in ("value_head.weight", "value_head.bias"):
                 yield name, _RemoteState({name}, last, group, local if last == dist.get_rank() else None)[name]
+
+
+def build_megatron_engine(parallel, model_path: str | Path, role: str, settings: EngineSettings) -> MegatronEngine:
+    """The engine ``parallel.backend=megatron`` selects: ``parallel`` is the run's ParallelConfig
+    (its ``tp`` and ``pp``; dp = world / (tp·pp)); ``model_path`` an HF (or reward-model) directory."""
+    if getattr(parallel, "cp", 1) != 1:
+        raise MegatronEngineError(f"parallel.cp={parallel.cp}: context parallelism is not in the megatron engine")
+    return MegatronEngine.from_pretrained(model_path, role, Layout(tp=parallel.tp, pp=parallel.pp), settings)
 
 
 def _to_cpu(obj):

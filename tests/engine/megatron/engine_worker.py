@@ -143,6 +143,20 @@ def run_case(case: dict, out_dir: Path) -> dict:
         res["params"] = max(float((exported[k] - ref_names[k]).abs().max()) for k in exported if k in ref_names)
         res["moved"] = max(float((ref_names[k] - hf_state[("backbone." + k) if rm and not k.startswith("heads.") else k])
                                  .abs().max()) for k in ref_names)
+        if case.get("nonfinite"):
+            from moslim_mega.algos.core import NonFiniteError
+
+            def bad(out, m):
+                loss, row = loss_fn(out, m)
+                return loss * float("nan"), row
+
+            try:
+                engine.train_step(micro, bad, step=7)
+                res["nonfinite"] = "not raised"
+            except NonFiniteError as e:
+                res["nonfinite"] = str(e)
+            again = dict(engine.export_weights())
+            res["params_after_nonfinite"] = max(float((again[k] - exported[k]).abs().max()) for k in exported)
         if rm:
             after = [rm_probs(engine.forward(m)) for m in micro]
             ref_after = [torch.softmax(torch.cat(ref(m["ids_BT"], m["mask_BT"]), -1), -1) for m in micro]
