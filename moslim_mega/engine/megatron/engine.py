@@ -424,6 +424,7 @@ class MegatronEngine(TrainEngine):
             group["lr"] = lr
         self.optimizer.step_with_ready_grads()
         self._steps_done += 1
+        # The mean over micro-batches of each key (engine/base.mean_log_rows on the seam branch).
         keys = sorted({k for r in rows for k in r})
         metrics = {k: sum(float(r[k]) for r in rows if k in r) / max(1, sum(k in r for r in rows)) for k in keys}
         metrics = self._from_last_stage(metrics)
@@ -445,12 +446,21 @@ class MegatronEngine(TrainEngine):
             out = _to_device(out, torch.device("cuda") if self.cuda else device)
         return out
 
+    def scheduler_state(self) -> dict:
+        """The schedule is a pure function of the steps done (utils/optim.warmup_decay)."""
+        return {"steps_done": self._steps_done}
+
+    def load_scheduler_state(self, state: dict) -> None:
+        self._steps_done = int(state.get("steps_done", 0))
+
     def checkpoint_items(self) -> tuple[dict, dict]:
         # Rank-local state (this rank's TP shard of its PP stage), as megatron's own
         # non-distributed checkpoints; a dist_checkpointing save is the converter's format.
         return {"model": self.gpt}, {"model": (self.gpt, self.optimizer)}
 
-    def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def export_weights(self, bucket_bytes: int = 1 << 28) -> Iterator[tuple[str, torch.Tensor]]:
+        """``bucket_bytes`` is accepted for the seam's signature; this engine always moves one
+        Megatron tensor (one rank's shards of it) at a time, so its peak is below any bucket."""
         from megatron.core import parallel_state as ps
 
         group = ps.get_model_parallel_group()
