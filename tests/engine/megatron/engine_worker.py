@@ -3,10 +3,12 @@
 For each case (arch, role, layout) both ranks build the same tiny random HF model (tiny_hf.py) and
 a :class:`MegatronEngine` on its weights, then compare with plain torch on the same weights:
 
-* forward: ``LogprobOut`` vs ``algos.logprob.sequence_logprobs`` of the HF model (causal_lm), or
-  the RM heads' softmax probabilities vs ``MultiHeadRewardModel`` (reward);
+* forward: ``LogprobOut`` vs ``algos.logprob.sequence_logprobs`` of the HF model (causal_lm),
+  the RM heads' softmax probabilities vs ``MultiHeadRewardModel`` (reward), or ``values_BT`` vs
+  ``models.value.ValueModel`` on attended positions (value);
 * one train step: an RLOO-style actor step (``algos.ppo.ppo_policy_loss`` on ``LogprobOut``,
-  token-mean over two micro-batches) or an RM cross-entropy step, vs the HF model with the same
+  token-mean over two micro-batches), an RM cross-entropy step or a value-loss step
+  (``ppo_value_loss``), vs the HF model with the same
   loss, backward, clip and AdamW (``utils.optim.Updater``); then every exported HF tensor vs the
   reference's parameters after its step, and the log-probs / probabilities after the step.
 
@@ -60,6 +62,17 @@ def rm_loss(num_classes, num_rows):
     return loss_fn
 
 
+def value_loss(total_tokens):
+    from moslim_mega.algos.ppo import ppo_value_loss
+
+    def loss_fn(values_BT, micro):
+        mask_BT = micro["mask_BT"].float()
+        loss, _ = ppo_value_loss(values_BT, micro["adv_BT"] * 0, micro["adv_BT"], mask_BT, 0.0)
+        return loss * mask_BT.sum() / total_tokens, {"loss": float(loss)}
+
+    return loss_fn
+
+
 def rm_probs(head):
     return torch.softmax(head.hidden_BD @ head.weight_CD.T + head.bias_C, dim=-1)
 
@@ -81,21 +94,35 @@ def run_case(case: dict, out_dir: Path) -> dict:
     config = hf_config(case["arch"], tied=case.get("tied", False))
     torch.manual_seed(0)
     rm = case["role"] == "reward"
+    value = case["role"] == "value"
     num_classes = (5, 2)
     if rm:
         ref = MultiHeadRewardModel(AutoModel.from_config(config), num_classes)
+    elif value:
+        from moslim_mega.models.value import ValueModel
+
+        ref = ValueModel(AutoModel.from_config(config))
     else:
         ref = AutoModelForCausalLM.from_config(config)
     _randomise(ref, seed=1)
     ref.float()
     hf_state = {k: v.detach().clone() for k, v in ref.state_dict().items()}
-    get_hf = (lambda n: hf_state["backbone." + n] if not n.startswith("heads.") else hf_state[n]) if rm else hf_state.__getitem__
+    if rm or value:
+        get_hf = lambda n: hf_state[n] if n.startswith(("heads.", "value_head.")) else hf_state["backbone." + n]  # noqa: E731
+    else:
+        get_hf = hf_state.__getitem__
     engine = MegatronEngine(config.to_dict(), get_hf, case["role"], layout, settings, num_classes if rm else ())
     micro = batches(config.vocab_size, seed=2)
     res = {}
     try:
         # ---- forward
-        if rm:
+        if value:
+            with torch.no_grad():
+                ref_v = [ref(m["ids_BT"], m["mask_BT"]) for m in micro]
+            got = [engine.forward(m) for m in micro]
+            # Only attended positions are defined (padding rows see padding keys differently).
+            res["forward"] = max(float(((g - r) * m["mask_BT"]).abs().max()) for g, r, m in zip(got, ref_v, micro))
+        elif rm:
             ref_out = [torch.cat(ref(m["ids_BT"], m["mask_BT"]), -1) for m in micro]
             ref_probs = [torch.cat([torch.softmax(p, -1) for p in torch.split(o, num_classes, -1)], -1) for o in ref_out]
             got = [engine.forward(m) for m in micro]
@@ -113,6 +140,8 @@ def run_case(case: dict, out_dir: Path) -> dict:
         # ---- one train step, and the reference step
         if rm:
             loss_fn = rm_loss(num_classes, sum(m["ids_BT"].shape[0] for m in micro))
+        elif value:
+            loss_fn = value_loss(sum(float(m["mask_BT"].sum()) for m in micro))
         else:
             total = sum(float((m["mask_BT"][:, 1:] * m["mask_BT"][:, :-1]).sum()) for m in micro)
             loss_fn = actor_loss(total)
@@ -120,7 +149,9 @@ def run_case(case: dict, out_dir: Path) -> dict:
         upd = Updater(ref.parameters(), settings.lr, settings.weight_decay, settings.warmup_steps, settings.grad_clip)
         upd.zero_grad()
         for m in micro:
-            if rm:
+            if value:
+                head = ref(m["ids_BT"], m["mask_BT"])
+            elif rm:
                 hidden = ref.pooled_hidden(m["ids_BT"], m["mask_BT"])
                 from moslim_mega.engine.base import HeadIn
 
@@ -141,8 +172,10 @@ def run_case(case: dict, out_dir: Path) -> dict:
             ref_names.pop("lm_head.weight", None)
         res["names"] = sorted(set(exported) ^ set(ref_names))
         res["params"] = max(float((exported[k] - ref_names[k]).abs().max()) for k in exported if k in ref_names)
-        res["moved"] = max(float((ref_names[k] - hf_state[("backbone." + k) if rm and not k.startswith("heads.") else k])
-                                 .abs().max()) for k in ref_names)
+        def hf_key(k):
+            return "backbone." + k if (rm or value) and not k.startswith(("heads.", "value_head.")) else k
+
+        res["moved"] = max(float((ref_names[k] - hf_state[hf_key(k)]).abs().max()) for k in ref_names)
         if case.get("nonfinite"):
             from moslim_mega.algos.core import NonFiniteError
 
@@ -157,7 +190,11 @@ def run_case(case: dict, out_dir: Path) -> dict:
                 res["nonfinite"] = str(e)
             again = dict(engine.export_weights())
             res["params_after_nonfinite"] = max(float((again[k] - exported[k]).abs().max()) for k in exported)
-        if rm:
+        if value:
+            with torch.no_grad():
+                res["after"] = max(float(((engine.forward(m) - ref(m["ids_BT"], m["mask_BT"])) * m["mask_BT"]).abs().max())
+                                   for m in micro)
+        elif rm:
             after = [rm_probs(engine.forward(m)) for m in micro]
             ref_after = [torch.softmax(torch.cat(ref(m["ids_BT"], m["mask_BT"]), -1), -1) for m in micro]
             res["after"] = max(float((a - b).abs().max()) for a, b in zip(after, ref_after))

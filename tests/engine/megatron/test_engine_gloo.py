@@ -2,8 +2,9 @@
 
 Through the test-only CPU shim (cpu_shim.py, pinned to megatron-core 0.16.1) megatron's own
 GPTModel, DDP, optimizer and pipeline schedule run on CPU; engine_worker.py compares, per case,
-the forward head output with the HF model's (log-probs and entropies, or RM probabilities) and one
-train step (an RLOO-style PPO actor step, or an RM cross-entropy step) with the same loss,
+the forward head output with the HF model's (log-probs and entropies, RM probabilities, or the
+critic's values) and one train step (an RLOO-style PPO actor step, an RM cross-entropy step, or a
+value-loss step) with the same loss,
 backward, clip and AdamW in plain torch (utils/optim.Updater): gradient norm, every exported HF
 tensor after the step, and the head output after the step."""
 
@@ -30,6 +31,7 @@ CASES = [
     {"name": "qwen2_tied_pp2", "arch": "qwen2", "role": "causal_lm", "tied": True, "layout": {"pp": 2}},
     {"name": "rm_qwen2_tp2", "arch": "qwen2", "role": "reward", "layout": {"tp": 2}},
     {"name": "rm_qwen2_pp2", "arch": "qwen2", "role": "reward", "layout": {"pp": 2}},
+    {"name": "value_qwen2_tp2", "arch": "qwen2", "role": "value", "layout": {"tp": 2}},
 ]
 FORWARD_TOL = 1e-5  # fp32 log-probs / probabilities: measured ≤ 1e-6
 GRAD_NORM_RTOL = 1e-5
