@@ -81,6 +81,9 @@ class EngineSettings:
     seed: int = 0
     use_te: bool | None = None
     """None = the TE spec when transformer_engine imports; False = always the local spec."""
+    moe_aux_loss_coeff: float | None = None
+    """MoE load-balancing loss coefficient; None = the HF config's ``router_aux_loss_coef``. The torch
+    engine adds no aux loss (HF's is only in ``labels`` losses), so 0 trains the same objective."""
 
 
 def te_available() -> bool:
@@ -94,9 +97,11 @@ def te_available() -> bool:
 def _layer_spec(dims, use_te: bool):
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
+    # SequentialMLP experts (moe_grouped_gemm=False): one linear_fc1/fc2 per expert, mapping.py's layout.
+    experts = dims.num_experts or None
     if use_te:
-        return specs.get_gpt_layer_with_transformer_engine_spec(num_experts=None, moe_grouped_gemm=False)
-    return specs.get_gpt_layer_local_spec(num_experts=None, normalization="RMSNorm")
+        return specs.get_gpt_layer_with_transformer_engine_spec(num_experts=experts, moe_grouped_gemm=False)
+    return specs.get_gpt_layer_local_spec(num_experts=experts, normalization="RMSNorm")
 
 
 class _Identity(nn.Module):
@@ -152,9 +157,9 @@ class MegatronEngine(TrainEngine):
                  settings: EngineSettings, num_classes: tuple[int, ...] = ()):
         if role not in ROLES:
             raise MegatronEngineError(f"role={role!r}: expected one of {', '.join(ROLES)}")
-        if layout.vpp != 1 or layout.ep != 1:
-            raise MegatronEngineError(f"layout {layout.to_dict()}: the megatron engine supports tp and pp only "
-                                      "(vpp, ep: docs/megatron.md)")
+        if layout.vpp != 1:
+            raise MegatronEngineError(f"layout {layout.to_dict()}: virtual pipeline stages are not in the megatron "
+                                      "engine (docs/megatron.md)")
         if settings.sequence_parallel and layout.tp > 1 and not (te_available() if settings.use_te is None else settings.use_te):
             raise MegatronEngineError("sequence_parallel: needs the Transformer Engine layer spec (megatron-core's "
                                       "local spec norms refuse it); transformer_engine is not importable")
@@ -169,13 +174,15 @@ class MegatronEngine(TrainEngine):
         self.role, self.layout, self.settings = role, layout, settings
         self.num_classes = tuple(int(k) for k in num_classes)
         self.dims = model_dims(hf_config, tp=layout.tp, backbone=role != "causal_lm")
-        if self.dims.is_moe:
-            raise MegatronEngineError(f"{self.dims.arch}: MoE training is not in the megatron engine yet "
-                                      "(conversion only; docs/megatron.md)")
+        if self.dims.is_moe and layout.pp > 1:
+            raise MegatronEngineError(f"pp={layout.pp}: MoE under pipeline parallelism is not in the megatron engine "
+                                      "(its allgather dispatcher refuses the variable sequence lengths the schedule uses)")
         check_layout(self.dims, layout)
         if not ps.model_parallel_is_initialized():
-            ps.initialize_model_parallel(layout.tp, layout.pp)
-        elif (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()) != (layout.tp, layout.pp):
+            ps.initialize_model_parallel(layout.tp, layout.pp, expert_model_parallel_size=layout.ep,
+                                         expert_tensor_parallel_size=layout.expert_tp)
+        elif (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+              ps.get_expert_model_parallel_world_size()) != (layout.tp, layout.pp, layout.ep):
             raise MegatronEngineError(f"layout {layout.to_dict()}: megatron's parallel state is already set up "
                                       "for another tp/pp")
         self.cuda = torch.cuda.is_available()
@@ -186,7 +193,8 @@ class MegatronEngine(TrainEngine):
             warnings.warn(TE_OFF_MESSAGE, stacklevel=2)
         self.first, self.last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
         self.tp_group, self.tp_rank = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_rank()
-        self.coords = RankCoords(tp=self.tp_rank, pp=ps.get_pipeline_model_parallel_rank())
+        self.coords = RankCoords(tp=self.tp_rank, pp=ps.get_pipeline_model_parallel_rank(),
+                                 ep=ps.get_expert_model_parallel_rank(), etp=ps.get_expert_tensor_parallel_rank())
         self._schedule = lambda: warmup_decay(settings.warmup_steps, settings.total_steps)
         self._steps_done = 0
         self.gpt = self._build(hf_config)
@@ -220,9 +228,21 @@ class MegatronEngine(TrainEngine):
     def _build(self, hf_config: dict):
         from megatron.core.models.gpt import GPTModel
 
+        if self.dims.is_moe:
+            from megatron.core.transformer.moe import moe_utils
+
+            if not hasattr(moe_utils, "te_general_gemm"):
+                # megatron-core 0.16.1 bug: without TE the router tests ``te_general_gemm is not
+                # None`` on a name its failed TE import never bound (NameError); None is what that
+                # test means — the plain-torch gating matmul.
+                moe_utils.te_general_gemm = None
+
         dtype = torch.float32 if not self.cuda else None  # CPU: fp32 (no bf16 kernels worth having)
+        moe = {}
+        if self.dims.is_moe and self.settings.moe_aux_loss_coeff is not None:
+            moe["moe_aux_loss_coeff"] = self.settings.moe_aux_loss_coeff
         cfg = transformer_config(
-            hf_config, self.layout, dims=self.dims, dtype=dtype, use_cpu_initialization=not self.cuda,
+            hf_config, self.layout, dims=self.dims, dtype=dtype, use_cpu_initialization=not self.cuda, **moe,
             # perform_initialization stays True although every weight is loaded next: megatron-core
             # 0.16 marks a TP-split weight (tensor_model_parallel, partition_dim) only inside its
             # init, and without the mark the grad norm drops TP rank > 0's shards as "duplicates".
@@ -463,7 +483,9 @@ class MegatronEngine(TrainEngine):
         Megatron tensor (one rank's shards of it) at a time, so its peak is below any bucket."""
         from megatron.core import parallel_state as ps
 
-        group = ps.get_model_parallel_group()
+        # Expert-parallel ranks are data-parallel for the dense weights, so under ep > 1 the shards
+        # of one model span the whole world, not megatron's (tp × pp) model-parallel group.
+        group = ps.get_model_parallel_group() if self.layout.ep == 1 else dist.group.WORLD
         local = {k: v for k, v in self.gpt.state_dict().items() if not k.endswith("_extra_state")}
         if self.use_te:
             back = {te: loc for loc, te in _TE_NAMES.items()}

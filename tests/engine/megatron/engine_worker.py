@@ -39,6 +39,24 @@ def batches(vocab: int, seed: int, num_micro: int = 2, B: int = 2, T: int = 10):
     return out
 
 
+def per_expert(state: dict) -> dict:
+    """transformers 5 keeps a Qwen2-MoE layer's experts fused in memory (``experts.gate_up_proj``
+    [E, 2F, D] = [gate; up] per expert, ``experts.down_proj`` [E, D, F]); its checkpoints (and the
+    mapping) name them one by one, as ``save_pretrained`` writes them."""
+    out = {}
+    for name, t in state.items():
+        if name.endswith("experts.gate_up_proj"):
+            base = name[: -len("gate_up_proj")]
+            for e, (gate, up) in enumerate(x.chunk(2, dim=0) for x in t):
+                out[f"{base}{e}.gate_proj.weight"], out[f"{base}{e}.up_proj.weight"] = gate, up
+        elif name.endswith("experts.down_proj"):
+            base = name[: -len("down_proj")]
+            out.update({f"{base}{e}.down_proj.weight": x for e, x in enumerate(t)})
+        else:
+            out[name] = t
+    return out
+
+
 def actor_loss(total_tokens):
     from moslim_mega.algos.ppo import ppo_policy_loss
 
@@ -89,7 +107,8 @@ def run_case(case: dict, out_dir: Path) -> dict:
     from transformers import AutoModel, AutoModelForCausalLM
 
     settings = EngineSettings(lr=1e-2, weight_decay=0.1, warmup_steps=2, grad_clip=case.get("clip", 1.0),
-                              sequence_parallel=case.get("sp", False), use_te=False)
+                              sequence_parallel=case.get("sp", False), use_te=False,
+                              moe_aux_loss_coeff=0.0)  # the HF reference adds no aux loss
     layout = Layout(**case["layout"])
     config = hf_config(case["arch"], tied=case.get("tied", False))
     torch.manual_seed(0)
@@ -106,7 +125,7 @@ def run_case(case: dict, out_dir: Path) -> dict:
         ref = AutoModelForCausalLM.from_config(config)
     _randomise(ref, seed=1)
     ref.float()
-    hf_state = {k: v.detach().clone() for k, v in ref.state_dict().items()}
+    hf_state = per_expert({k: v.detach().clone() for k, v in ref.state_dict().items()})
     if rm or value:
         get_hf = lambda n: hf_state[n] if n.startswith(("heads.", "value_head.")) else hf_state["backbone." + n]  # noqa: E731
     else:
@@ -167,7 +186,7 @@ def run_case(case: dict, out_dir: Path) -> dict:
         res["lr"] = abs(metrics["lr"] - settings.lr * 0.5)
         exported = dict(engine.export_weights())
         ref_names = {(k[len("backbone."):] if k.startswith("backbone.") else k): v
-                     for k, v in ref.state_dict().items()}
+                     for k, v in per_expert(ref.state_dict()).items()}
         if config.tie_word_embeddings and not rm:
             ref_names.pop("lm_head.weight", None)
         res["names"] = sorted(set(exported) ^ set(ref_names))
