@@ -174,6 +174,9 @@ class MegatronEngine(TrainEngine):
         self.role, self.layout, self.settings = role, layout, settings
         self.num_classes = tuple(int(k) for k in num_classes)
         self.dims = model_dims(hf_config, tp=layout.tp, backbone=role != "causal_lm")
+        if self.dims.is_moe and layout.tp > 1 and not settings.sequence_parallel:
+            raise MegatronEngineError(f"tp={layout.tp}: megatron-core trains MoE layers under tensor parallelism only "
+                                      "with sequence_parallel (which needs Transformer Engine); use ep instead")
         if self.dims.is_moe and layout.pp > 1:
             raise MegatronEngineError(f"pp={layout.pp}: MoE under pipeline parallelism is not in the megatron engine "
                                       "(its allgather dispatcher refuses the variable sequence lengths the schedule uses)")

@@ -32,6 +32,7 @@ CASES = [
     {"name": "rm_qwen2_tp2", "arch": "qwen2", "role": "reward", "layout": {"tp": 2}},
     {"name": "rm_qwen2_pp2", "arch": "qwen2", "role": "reward", "layout": {"pp": 2}},
     {"name": "value_qwen2_tp2", "arch": "qwen2", "role": "value", "layout": {"tp": 2}},
+    {"name": "moe_ep2", "arch": "qwen2_moe", "role": "causal_lm", "layout": {"ep": 2}},
 ]
 FORWARD_TOL = 1e-5  # fp32 log-probs / probabilities: measured ≤ 1e-6
 GRAD_NORM_RTOL = 1e-5
