@@ -130,7 +130,26 @@ def run_case(case: dict, out_dir: Path) -> dict:
         get_hf = lambda n: hf_state[n] if n.startswith(("heads.", "value_head.")) else hf_state["backbone." + n]  # noqa: E731
     else:
         get_hf = hf_state.__getitem__
-    engine = MegatronEngine(config.to_dict(), get_hf, case["role"], layout, settings, num_classes if rm else ())
+    if case.get("from_pretrained"):
+        # Through the files: an HF directory, or a reward-model directory (reward/io.py).
+        path = out_dir / case["name"]
+        if dist.get_rank() == 0:
+            if rm:
+                from moslim_mega.prefs import PreferenceSpec
+                from moslim_mega.reward.io import save_reward_model
+                from moslim_mega.reward.mapping import RunningClassStats
+                from moslim_mega.world.tokenizer import build_world_tokenizer
+
+                spec = PreferenceSpec.from_names(["helpfulness", "harmlessness"], list(num_classes))
+                stats = RunningClassStats(num_classes)
+                stats.update([torch.full((1, k), 1.0 / k) for k in num_classes])
+                save_reward_model(ref, build_world_tokenizer(), spec, stats, path, max_length=32)
+            else:
+                ref.save_pretrained(path)
+        dist.barrier()
+        engine = MegatronEngine.from_pretrained(path, case["role"], layout, settings)
+    else:
+        engine = MegatronEngine(config.to_dict(), get_hf, case["role"], layout, settings, num_classes if rm else ())
     micro = batches(config.vocab_size, seed=2)
     res = {}
     try:
