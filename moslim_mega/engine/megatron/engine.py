@@ -24,8 +24,8 @@ runs on the last stage from the final-norm hidden states:
 Rows must be right-padded: megatron's RoPE uses positions 0..T−1 whatever the mask, so a
 left-padded row would get other positions than the torch engine gives it.
 
-Not here (docs/megatron.md): virtual pipeline stages, expert parallelism / Qwen2-MoE training,
-context parallelism.
+Qwen2-MoE trains under expert parallelism (``ep``; not with pp > 1, nor tp > 1 without sequence
+parallelism). Not here (docs/megatron.md): virtual pipeline stages, context parallelism.
 """
 
 from __future__ import annotations
