@@ -122,6 +122,19 @@ class _Identity(nn.Module):
         return hidden_TBD, None
 
 
+class _NoDcpCheckpoint(nn.Module):
+    """What ``checkpoint_items`` hands ``StageCheckpoints``: raises on the first save or load."""
+
+    def state_dict(self, *args, **kwargs):
+        raise MegatronEngineError(
+            "checkpoint.every / checkpoint.resume: the megatron engine cannot be checkpointed through "
+            "StageCheckpoints (torch DCP would merge different TP/PP shards that share a name); set "
+            "checkpoint.every=0, or export the weights (export_weights / moslim convert)")
+
+    def load_state_dict(self, *args, **kwargs):
+        self.state_dict()
+
+
 class _RemoteState(Mapping):
     """One model chunk's state dict as seen from every rank of the model-parallel group: a lookup
     broadcasts the tensor from the rank that holds it. Every rank looks tensors up in the same
@@ -477,9 +490,13 @@ class MegatronEngine(TrainEngine):
         self._steps_done = int(state.get("steps_done", 0))
 
     def checkpoint_items(self) -> tuple[dict, dict]:
-        # Rank-local state (this rank's TP shard of its PP stage), as megatron's own
-        # non-distributed checkpoints; a dist_checkpointing save is the converter's format.
-        return {"model": self.gpt}, {"model": (self.gpt, self.optimizer)}
+        """A stand-in that refuses when a checkpoint is actually saved or loaded (trainers build
+        ``StageCheckpoints`` unconditionally). ``StageCheckpoints`` saves with torch DCP, which
+        would take every rank's ``decoder.layers.0…`` — different TP shards and different PP
+        stages under one name — for replicas and keep one, and cannot read megatron's optimizer.
+        The right path is megatron's ``dist_checkpointing`` of the model's and optimizer's
+        sharded state dicts (not built yet)."""
+        return {"model": _NoDcpCheckpoint()}, {}
 
     def export_weights(self, bucket_bytes: int = 1 << 28) -> Iterator[tuple[str, torch.Tensor]]:
         """``bucket_bytes`` is accepted for the seam's signature; this engine always moves one
