@@ -26,10 +26,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # tests/ on the path: engine.megatron.*
 
 
-def batches(vocab: int, seed: int, num_micro: int = 2, B: int = 2, T: int = 10):
+def batches(vocab: int, seed: int, num_micro: int = 2, B: int = 2, T: int = 10, vary_T: bool = False):
+    """Right-padded micro-batches; ``vary_T``: each one 3 tokens shorter than the previous."""
     gen = torch.Generator().manual_seed(seed)
     out = []
-    for _ in range(num_micro):
+    for i in range(num_micro):
+        T = T - 3 * i if vary_T else T
         ids = torch.randint(0, vocab, (B, T), generator=gen)
         lengths = torch.randint(T // 2, T + 1, (B,), generator=gen)
         mask = (torch.arange(T)[None] < lengths[:, None]).long()  # right-padded
@@ -150,7 +152,7 @@ def run_case(case: dict, out_dir: Path) -> dict:
         engine = MegatronEngine.from_pretrained(path, case["role"], layout, settings)
     else:
         engine = MegatronEngine(config.to_dict(), get_hf, case["role"], layout, settings, num_classes if rm else ())
-    micro = batches(config.vocab_size, seed=2)
+    micro = batches(config.vocab_size, seed=2, vary_T=case.get("vary_T", False))
     res = {}
     try:
         # ---- forward

@@ -28,7 +28,8 @@ CASES = [
     {"name": "qwen2_tp2", "arch": "qwen2", "role": "causal_lm", "layout": {"tp": 2}},
     {"name": "llama_tp2", "arch": "llama", "role": "causal_lm", "layout": {"tp": 2}, "from_pretrained": True},
     {"name": "qwen2_tied_tp2", "arch": "qwen2", "role": "causal_lm", "tied": True, "layout": {"tp": 2}},
-    {"name": "llama_pp2", "arch": "llama", "role": "causal_lm", "layout": {"pp": 2}},
+    # The two micro-batches differ in T (10, 7): megatron's p2p sends the shapes first.
+    {"name": "llama_pp2", "arch": "llama", "role": "causal_lm", "layout": {"pp": 2}, "vary_T": True},
     {"name": "qwen2_tied_pp2", "arch": "qwen2", "role": "causal_lm", "tied": True, "layout": {"pp": 2}},
     {"name": "rm_qwen2_tp2", "arch": "qwen2", "role": "reward", "layout": {"tp": 2}},
     {"name": "rm_qwen2_pp2", "arch": "qwen2", "role": "reward", "layout": {"pp": 2}, "from_pretrained": True},
