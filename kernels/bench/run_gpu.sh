@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks of issue 7, for a session lent the H100/H200 machine. From the repo root:
-#     bash kernels/bench/run_gpu.sh [all|tests|head|logprob|fp8]     # default all
+#     bash kernels/bench/run_gpu.sh [all|tests|head|logprob|fp8|megatron]     # default all
 # Writes into $OUT (the device tool's folder), else ./bench_out: summary.txt (one line per step
 # with exit code and wall time), each step's log, and the JSON of each benchmark.
 # Step limits sum to 540 s so that `all` fits one 600 s device command: tests 170 s (kernels, and
@@ -8,7 +8,9 @@
 # torch.compile warm-up are the slow parts);
 # rerun a single step if one is cut off. `fp8` (issue 16: bf16 vs float8 training step of a ~1B
 # Qwen2-shaped model, 300 s) is its own command and not part of `all`, which would then overrun
-# one device command; it needs torchao (carried by fetch_wheels.sh).
+# one device command; it needs torchao (carried by fetch_wheels.sh). `megatron` (issue 17: the
+# megatron engine's GPU tests, 120 s, then the torch path vs the megatron engine on a ~1B Qwen2-shaped
+# model, 360 s) is its own command too; it needs megatron-core (pip install -e '.[megatron]').
 set -u
 WHAT="${1:-all}"
 OUT="${OUT:-bench_out}"
@@ -45,5 +47,9 @@ if [[ "$WHAT" == all || "$WHAT" == logprob ]]; then
 fi
 if [[ "$WHAT" == fp8 ]]; then
   step bench_fp8 300 "$PY" kernels/bench/bench_fp8.py --out "$OUT/bench_fp8.json"
+fi
+if [[ "$WHAT" == megatron ]]; then
+  step megatron_gpu_tests 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/engine/megatron/test_engine_gpu.py
+  step bench_megatron 360 "$PY" kernels/bench/bench_megatron.py --out "$OUT/bench_megatron.json"
 fi
 cat "$summary"

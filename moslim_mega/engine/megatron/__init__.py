@@ -1,9 +1,10 @@
 """megatron-core behind a wall: the only sub-package that imports ``megatron.core``.
 
-Today: HF ⇄ Megatron ``GPTModel`` checkpoint conversion for Llama, Qwen2, Qwen2-MoE and the
-multi-head RM (``convert.py``), the HF config → ``TransformerConfig`` translation (``config.py``)
-and the tensor-by-tensor name/shape mapping for any TP/PP/EP layout (``mapping.py``). The
-training engine (``parallel.backend=megatron``) is not built yet (docs/megatron.md).
+HF ⇄ Megatron ``GPTModel`` checkpoint conversion for Llama, Qwen2, Qwen2-MoE and the multi-head
+RM (``convert.py``), the HF config → ``TransformerConfig`` translation (``config.py``), the
+tensor-by-tensor name/shape mapping for any TP/PP/EP layout (``mapping.py``), and the training
+engine of ``parallel.backend=megatron`` for dense models under TP × PP (``engine.py``,
+docs/megatron.md).
 
 ``megatron.core`` is imported lazily, inside the functions that need it, so that this package —
 and everything else in moslim_mega — imports without megatron-core installed.

@@ -1,0 +1,547 @@
+"""``parallel.backend=megatron``: a :class:`TrainEngine` on megatron-core's ``GPTModel``.
+
+Legend: B rows, T tokens, D hidden, V real vocabulary, Vs this TP rank's rows of the (padded)
+output layer, N tokens with a target, C = ΣK_i reward classes.
+
+The model is megatron-core's ``GPTModel`` (Transformer Engine layer spec when ``transformer_engine``
+imports, else the local spec) built for one TP × PP layout, loaded tensor by tensor from the HF
+weights through ``mapping.rank_state_dict`` — the same mapping as ``moslim convert`` — and wrapped
+in megatron's ``DistributedDataParallel`` with megatron's optimizer. ``train_step`` drives
+megatron's ``get_forward_backward_func()`` (no pipelining, or 1F1B under pp > 1); the role's head
+runs on the last stage from the final-norm hidden states:
+
+* ``causal_lm``: the output layer never makes logits. Its ``forward`` is replaced by the identity,
+  and its weight (this rank's Vs vocabulary rows) feeds the project's fused linear → log-prob
+  kernel (vocab-parallel under tp > 1: two all-reduces of per-row softmax states, never the N×V
+  logits). Not megatron's ``vocab_parallel_cross_entropy``: that one needs this rank's N×Vs logits
+  in memory and gives no entropy; the kernel gives both from the weight, as the torch engine does.
+* ``reward``: the output layer is dropped; ``reward_heads`` ([C, D] + [C]) sits on the last stage
+  and the loss gets :class:`HeadIn` of the last attended token's hidden state (reward/model.py's
+  pooling).
+* ``value``: the output layer is dropped; ``value_head`` ([1, D] + [1]) gives ``values_BT``,
+  shifted one token right like models/value.py.
+
+Rows must be right-padded: megatron's RoPE uses positions 0..T−1 whatever the mask, so a
+left-padded row would get other positions than the torch engine gives it.
+
+Qwen2-MoE trains under expert parallelism (``ep``; not with pp > 1, nor tp > 1 without sequence
+parallelism). Not here (docs/megatron.md): virtual pipeline stages, context parallelism.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ...algos.core import NonFiniteError
+from ...reward.model import last_token_index
+from ...utils.optim import warmup_decay
+from ..base import ROLES, HeadIn, LogprobOut, LossFn, MicroBatch, TrainEngine
+from . import require_megatron_core
+from .config import gpt_model_args, transformer_config
+from .dims import ConversionError, Layout, check_layout, model_dims
+from .mapping import RankCoords, iter_hf_tensors, rank_state_dict, rules, to_megatron
+
+# Local spec name → Transformer Engine spec name: TE fuses each pre-norm into the next linear.
+_TE_NAMES = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+             "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+TE_OFF_MESSAGE = (
+    "transformer_engine is not importable: the megatron engine uses megatron-core's local layer spec — "
+    "unfused softmax attention (no flash/cuDNN attention), RMSNorm not fused into the following linear, "
+    "no FP8, and torch's AdamW instead of TE's fused Adam. Numbers are the same; speed and memory are not.")
+
+
+class MegatronEngineError(ConversionError):
+    """A setting, role or batch the megatron engine cannot handle; names the field."""
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What the engine takes from the trainer's config (the torch engine's Updater knobs)."""
+
+    lr: float
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    total_steps: int = 0
+    """0 = constant after warm-up; else linear decay to 0.1 × lr (utils/optim.warmup_decay)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 = none."""
+    temperature: float = 1.0
+    logprob_chunk: int = 8192
+    sequence_parallel: bool = False
+    seed: int = 0
+    use_te: bool | None = None
+    """None = the TE spec when transformer_engine imports; False = always the local spec."""
+    moe_aux_loss_coeff: float | None = None
+    """MoE load-balancing loss coefficient; None = the HF config's ``router_aux_loss_coef``. The torch
+    engine adds no aux loss (HF's is only in ``labels`` losses), so 0 trains the same objective."""
+
+
+def te_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _layer_spec(dims, use_te: bool):
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    # SequentialMLP experts (moe_grouped_gemm=False): one linear_fc1/fc2 per expert, mapping.py's layout.
+    experts = dims.num_experts or None
+    if use_te:
+        return specs.get_gpt_layer_with_transformer_engine_spec(num_experts=experts, moe_grouped_gemm=False)
+    return specs.get_gpt_layer_local_spec(num_experts=experts, normalization="RMSNorm")
+
+
+class _Identity(nn.Module):
+    """Stands where ``GPTModel`` calls its output layer: returns the hidden states as the 'logits'."""
+
+    def __init__(self, sequence_parallel: bool):
+        super().__init__()
+        self.sequence_parallel = sequence_parallel
+
+    def forward(self, hidden_TBD, weight=None, runtime_gather_output=None):
+        if self.sequence_parallel:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            # Backward is a plain split, not a reduce-scatter: every head below already hands each
+            # TP rank the whole gradient of the whole sequence (the replicated heads compute the
+            # same loss on every rank; the vocab-parallel kernel all-reduces its hidden gradient).
+            hidden_TBD = gather_from_sequence_parallel_region(hidden_TBD, tensor_parallel_output_grad=False)
+        return hidden_TBD, None
+
+
+class _NoDcpCheckpoint(nn.Module):
+    """What ``checkpoint_items`` hands ``StageCheckpoints``: raises on the first save or load."""
+
+    def state_dict(self, *args, **kwargs):
+        raise MegatronEngineError(
+            "checkpoint.every / checkpoint.resume: the megatron engine cannot be checkpointed through "
+            "StageCheckpoints (torch DCP would merge different TP/PP shards that share a name); set "
+            "checkpoint.every=0, or export the weights (export_weights / moslim convert)")
+
+    def load_state_dict(self, *args, **kwargs):
+        self.state_dict()
+
+
+class _RemoteState(Mapping):
+    """One model chunk's state dict as seen from every rank of the model-parallel group: a lookup
+    broadcasts the tensor from the rank that holds it. Every rank looks tensors up in the same
+    order (``merge_rank_state_dicts``), so the broadcasts pair up."""
+
+    def __init__(self, names: set[str], src: int, group, local: dict | None):
+        self.names, self.src, self.group, self.local = names, src, group, local
+
+    def __getitem__(self, name):
+        box = [self.local[name].detach().cpu() if self.local is not None else None]
+        dist.broadcast_object_list(box, src=self.src, group=self.group)
+        return box[0]
+
+    def __contains__(self, name):
+        return name in self.names
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self):
+        return len(self.names)
+
+
+class MegatronEngine(TrainEngine):
+    """One model (policy, RM or critic) as megatron-core ``GPTModel`` chunks and megatron's optimizer.
+
+    Needs ``torch.distributed`` initialised; initialises megatron's parallel state for ``layout``
+    (tp × pp; dp = world / (tp·pp)) unless it already is. ``get_hf(name)`` returns one HF tensor by
+    its HF name — a safetensors reader (:meth:`from_pretrained`) or a state dict.
+    """
+
+    def __init__(self, hf_config: dict, get_hf: Callable[[str], torch.Tensor], role: str, layout: Layout,
+                 settings: EngineSettings, num_classes: tuple[int, ...] = ()):
+        if role not in ROLES:
+            raise MegatronEngineError(f"role={role!r}: expected one of {', '.join(ROLES)}")
+        if layout.vpp != 1:
+            raise MegatronEngineError(f"layout {layout.to_dict()}: virtual pipeline stages are not in the megatron "
+                                      "engine (docs/megatron.md)")
+        if settings.sequence_parallel and layout.tp > 1 and not (te_available() if settings.use_te is None else settings.use_te):
+            raise MegatronEngineError("sequence_parallel: needs the Transformer Engine layer spec (megatron-core's "
+                                      "local spec norms refuse it); transformer_engine is not importable")
+        if role == "reward" and not num_classes:
+            raise MegatronEngineError("num_classes: the reward role needs the heads' class counts")
+        if not dist.is_initialized():
+            raise MegatronEngineError("torch.distributed is not initialised (run under torchrun)")
+        require_megatron_core()
+        from megatron.core import parallel_state as ps
+        from megatron.core import tensor_parallel
+
+        self.role, self.layout, self.settings = role, layout, settings
+        self.num_classes = tuple(int(k) for k in num_classes)
+        self.dims = model_dims(hf_config, tp=layout.tp, backbone=role != "causal_lm")
+        if self.dims.is_moe and layout.tp > 1 and not settings.sequence_parallel:
+            raise MegatronEngineError(f"tp={layout.tp}: megatron-core trains MoE layers under tensor parallelism only "
+                                      "with sequence_parallel (which needs Transformer Engine); use ep instead")
+        if self.dims.is_moe and layout.pp > 1:
+            raise MegatronEngineError(f"pp={layout.pp}: MoE under pipeline parallelism is not in the megatron engine "
+                                      "(its allgather dispatcher refuses the variable sequence lengths the schedule uses)")
+        check_layout(self.dims, layout)
+        if not ps.model_parallel_is_initialized():
+            ps.initialize_model_parallel(layout.tp, layout.pp, expert_model_parallel_size=layout.ep,
+                                         expert_tensor_parallel_size=layout.expert_tp)
+        elif (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+              ps.get_expert_model_parallel_world_size()) != (layout.tp, layout.pp, layout.ep):
+            raise MegatronEngineError(f"layout {layout.to_dict()}: megatron's parallel state is already set up "
+                                      "for another tp/pp")
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            tensor_parallel.model_parallel_cuda_manual_seed(settings.seed)
+        self.use_te = te_available() if settings.use_te is None else settings.use_te
+        if not self.use_te and settings.use_te is None:
+            warnings.warn(TE_OFF_MESSAGE, stacklevel=2)
+        self.first, self.last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+        self.tp_group, self.tp_rank = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_rank()
+        self.coords = RankCoords(tp=self.tp_rank, pp=ps.get_pipeline_model_parallel_rank(),
+                                 ep=ps.get_expert_model_parallel_rank(), etp=ps.get_expert_tensor_parallel_rank())
+        self._schedule = lambda: warmup_decay(settings.warmup_steps, settings.total_steps)
+        self._steps_done = 0
+        self.gpt = self._build(hf_config)
+        self._load(get_hf)
+        self.model, self.optimizer = self._wrap()
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, role: str, layout: Layout, settings: EngineSettings) -> "MegatronEngine":
+        """From an HF model directory (causal_lm, value) or a reward-model directory (reward)."""
+        import json
+
+        from .convert import HFTensorSource
+
+        path = Path(path)
+        num_classes: tuple[int, ...] = ()
+        if role == "reward":
+            rm = json.loads((path / "rm.json").read_text())
+            num_classes = tuple(rm["num_classes"])
+            source = HFTensorSource(path / "backbone", {"heads.": path / "heads.safetensors"})
+            config = json.loads((path / "backbone" / "config.json").read_text())
+            return cls(config, source.get, role, layout, settings, num_classes)
+        source = HFTensorSource(path)
+        config = json.loads((path / "config.json").read_text())
+        get = source.get
+        if role == "value" and "model.embed_tokens.weight" in source.files:
+            get = lambda name: source.get(name if name.startswith("value_head.") else "model." + name)  # noqa: E731
+        return cls(config, get, role, layout, settings)
+
+    def _build(self, hf_config: dict):
+        from megatron.core.models.gpt import GPTModel
+
+        if self.dims.is_moe:
+            from megatron.core.transformer.moe import moe_utils
+
+            if not hasattr(moe_utils, "te_general_gemm"):
+                # megatron-core 0.16.1 bug: without TE the router tests ``te_general_gemm is not
+                # None`` on a name its failed TE import never bound (NameError); None is what that
+                # test means — the plain-torch gating matmul.
+                moe_utils.te_general_gemm = None
+
+        dtype = torch.float32 if not self.cuda else None  # CPU: fp32 (no bf16 kernels worth having)
+        moe = {}
+        if self.dims.is_moe and self.settings.moe_aux_loss_coeff is not None:
+            moe["moe_aux_loss_coeff"] = self.settings.moe_aux_loss_coeff
+        cfg = transformer_config(
+            hf_config, self.layout, dims=self.dims, dtype=dtype, use_cpu_initialization=not self.cuda, **moe,
+            # perform_initialization stays True although every weight is loaded next: megatron-core
+            # 0.16 marks a TP-split weight (tensor_model_parallel, partition_dim) only inside its
+            # init, and without the mark the grad norm drops TP rank > 0's shards as "duplicates".
+            sequence_parallel=self.settings.sequence_parallel and self.layout.tp > 1,
+        )
+        # Micro-batches may differ in T: p2p sends the shapes first. Set after construction: the
+        # config check refuses it with the allgather MoE dispatcher, which a dense model never builds.
+        cfg.variable_seq_lengths = self.layout.pp > 1
+        if self.use_te:
+            cfg.bias_activation_fusion, cfg.apply_rope_fusion, cfg.masked_softmax_fusion = True, True, True
+        self.cfg = cfg
+        args = gpt_model_args(hf_config, self.layout, dims=self.dims)
+        gpt = GPTModel(cfg, _layer_spec(self.dims, self.use_te), **args.kwargs(),
+                       pre_process=self.first, post_process=self.last)
+        if self.last:
+            if self.role == "causal_lm":
+                # Keep the weight (state-dict name, TP sharding, tied-embedding sync); skip the logits.
+                gpt.output_layer.forward = _Identity(cfg.sequence_parallel).forward
+            else:
+                gpt.output_layer = _Identity(cfg.sequence_parallel)
+                if self.role == "reward":
+                    gpt.reward_heads = nn.Linear(self.dims.hidden_size, sum(self.num_classes), dtype=cfg.params_dtype)
+                else:
+                    gpt.value_head = nn.Linear(self.dims.hidden_size, 1, dtype=cfg.params_dtype)
+        return gpt.cuda() if self.cuda else gpt
+
+    def _load(self, get_hf: Callable[[str], torch.Tensor]) -> None:
+        dims = self.dims
+
+        def get_whole(rule, layer, expert):
+            names = rule.hf_names(dims, layer, expert)
+            return to_megatron(rule, dims, [get_hf(n) for n in names], names)
+
+        self.rules = rules(dims, sum(self.num_classes) if self.role == "reward" else 0)
+        state = rank_state_dict(dims, self.layout, self.coords, self.rules, get_whole)
+        if self.use_te:
+            state = {self._te_name(k): v for k, v in state.items()}
+        if self.role == "value" and self.last:
+            for name in ("value_head.weight", "value_head.bias"):
+                try:
+                    state[name] = get_hf(name)
+                except (KeyError, ConversionError):
+                    state[name] = torch.zeros_like(self.gpt.state_dict()[name])  # V ≡ 0, as models/value.py
+        own = self.gpt.state_dict()
+        extra = {k for k in own if k.endswith("_extra_state")}
+        missing = set(own) - set(state) - extra
+        unexpected = set(state) - set(own) - {k for k in state if k.endswith("_extra_state")}
+        if missing or unexpected:
+            raise ConversionError(f"megatron engine load: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                if tensor is not None and name in own:
+                    own[name].copy_(tensor)
+
+    @staticmethod
+    def _te_name(name: str) -> str:
+        for local, te in _TE_NAMES.items():
+            if name.endswith(local):
+                return name[: -len(local)] + te
+        return name
+
+    def _wrap(self):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        s = self.settings
+        ddp = DistributedDataParallel(self.cfg, DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=self.cuda), module=self.gpt)
+        self.cfg.finalize_model_grads_func = finalize_model_grads
+        self.cfg.no_sync_func = ddp.no_sync
+        opt_cfg = OptimizerConfig(
+            optimizer="adam", lr=s.lr, weight_decay=s.weight_decay, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8,
+            clip_grad=0.0,  # clipped in train_step, after the finite check (utils/optim.Updater's order)
+            bf16=self.cfg.bf16, params_dtype=self.cfg.params_dtype, use_distributed_optimizer=self.cuda)
+        # config_overrides={}: weight decay on every parameter, as torch's AdamW in the torch engine
+        # (megatron's default exempts biases and norms).
+        optimizer = get_megatron_optimizer(opt_cfg, [ddp], config_overrides={})
+        return ddp, optimizer
+
+    # ------------------------------------------------------------------ heads
+
+    def _head(self, out_BTD: torch.Tensor, micro: MicroBatch):
+        mask_BT = micro["mask_BT"]
+        if self.role == "reward":
+            idx_B = last_token_index(mask_BT)
+            hidden_BD = out_BTD[torch.arange(out_BTD.shape[0], device=out_BTD.device), idx_B]
+            return HeadIn(hidden_BD, self.gpt.reward_heads.weight, self.gpt.reward_heads.bias)
+        if self.role == "value":
+            v_BT = self.gpt.value_head(out_BTD).squeeze(-1).float()
+            return torch.cat([torch.zeros_like(v_BT[:, :1]), v_BT[:, :-1]], dim=1)
+        return self._logprobs(out_BTD, micro["ids_BT"], mask_BT)
+
+    def _logprobs(self, hidden_BTD, ids_BT, mask_BT) -> LogprobOut:
+        from ...kernels.linear_logprob import fused_linear_logprob, vocab_parallel_linear_logprob
+
+        s, V = self.settings, self.dims.vocab_size
+        mask_BT = mask_BT.long()
+        valid_BT = torch.zeros_like(mask_BT, dtype=torch.bool)
+        valid_BT[:, 1:] = (mask_BT[:, 1:] != 0) & (mask_BT[:, :-1] != 0)  # as algos/logprob.sequence_logprobs
+        hidden_NH = hidden_BTD[:, :-1][valid_BT[:, 1:]]
+        targets_N = ids_BT[:, 1:][valid_BT[:, 1:]]
+        weight_VsH = (self.gpt.shared_embedding_or_output_weight() if self.gpt.share_embeddings_and_output_weights
+                      else self.gpt.output_layer.weight)
+        # The padded vocabulary's zero rows are not tokens: cut them off, or their logit 0 would
+        # take probability mass (Megatron-LM masks them the same way).
+        start = self.tp_rank * weight_VsH.shape[0]
+        rows = max(0, min(weight_VsH.shape[0], V - start))
+        weight_VsH = weight_VsH[:rows].to(hidden_NH.dtype)
+        if self.layout.tp == 1:
+            logp_N, entropy_N = fused_linear_logprob(hidden_NH, weight_VsH, targets_N, s.temperature,
+                                                     chunk_size=s.logprob_chunk)
+        else:
+            logp_N, entropy_N = vocab_parallel_linear_logprob(hidden_NH, weight_VsH, targets_N, self.tp_group,
+                                                              start, V, s.temperature, chunk_size=s.logprob_chunk)
+        zeros_BT = torch.zeros(mask_BT.shape, dtype=logp_N.dtype, device=logp_N.device)
+        return LogprobOut(zeros_BT.index_put((valid_BT,), logp_N), zeros_BT.index_put((valid_BT,), entropy_N))
+
+    # ------------------------------------------------------------------ schedule
+
+    @staticmethod
+    def _check_micro(micro: MicroBatch) -> None:
+        mask_BT = micro["mask_BT"]
+        if mask_BT.shape != micro["ids_BT"].shape or mask_BT.dim() != 2:
+            raise MegatronEngineError(f"mask_BT: shape {tuple(mask_BT.shape)} != ids_BT {tuple(micro['ids_BT'].shape)}")
+        if bool((mask_BT[:, 1:] > mask_BT[:, :-1]).any()):
+            raise MegatronEngineError("mask_BT: rows must be right-padded for the megatron engine "
+                                      "(its RoPE positions are 0..T-1 whatever the mask)")
+
+    def _forward_step(self, loss_fn, num_micro, rows, data_iterator, model):
+        micro = next(data_iterator)
+        ids_BT = micro["ids_BT"]
+        T = ids_BT.shape[1]
+        position_ids_BT = torch.arange(T, device=ids_BT.device).expand_as(ids_BT)
+        # Causal only: with right padding no attended query sees a padding key (True = masked out).
+        causal_11TT = torch.triu(torch.ones(T, T, dtype=torch.bool, device=ids_BT.device), diagonal=1)[None, None]
+        out = model(ids_BT, position_ids_BT, causal_11TT)
+
+        def loss_func(out_BTD):
+            head = self._head(out_BTD, micro)
+            loss, row = loss_fn(head, micro)
+            rows.append(row)
+            # megatron divides a (loss, dict) pair by the number of micro-batches; the seam's loss
+            # is already weighted by its share of the step, so undo it.
+            return loss * num_micro, {}
+
+        return out, loss_func
+
+    def _run(self, micro_batches: list[MicroBatch], loss_fn, forward_only: bool) -> list[dict]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        for micro in micro_batches:
+            self._check_micro(micro)
+        if self.cuda:
+            micro_batches = [{k: v.cuda(non_blocking=True) for k, v in m.items()} for m in micro_batches]
+        rows: list[dict] = []
+        B, T = micro_batches[0]["ids_BT"].shape
+        get_forward_backward_func()(
+            forward_step_func=partial(self._forward_step, loss_fn, len(micro_batches), rows),
+            data_iterator=iter(micro_batches), model=[self.model], num_microbatches=len(micro_batches),
+            seq_length=T, micro_batch_size=B, forward_only=forward_only)
+        return rows
+
+    def _from_last_stage(self, obj):
+        """``obj`` from the last pipeline stage, on every stage."""
+        if self.layout.pp == 1:
+            return obj
+        from megatron.core import parallel_state as ps
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
+                                   group=ps.get_pipeline_model_parallel_group())
+        return box[0]
+
+    # ------------------------------------------------------------------ the seam
+
+    @property
+    def lr(self) -> float:
+        return self.settings.lr * self._schedule()(self._steps_done)
+
+    def train_step(self, micro_batches: list[MicroBatch], loss_fn: LossFn, step: int) -> dict[str, float]:
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        rows = self._run(micro_batches, loss_fn, forward_only=False)
+        # Same order as utils/optim.Updater: norm, finite check (before any parameter changes), clip, step.
+        self.optimizer.prepare_grads()
+        clip = self.settings.grad_clip
+        norm = float(self.optimizer.get_grad_norm())
+        if not math.isfinite(norm):
+            raise NonFiniteError(f"step {step}: gradient norm is not finite")
+        if clip > 0 and clip / (norm + 1e-6) < 1.0:
+            # megatron's clip_grad_by_total_norm_fp32 without a second norm pass (and the same
+            # coefficient as torch's clip_grad_norm_): scale the grads the optimizer will apply.
+            grads = [p.grad for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+                     for p in opt.get_parameters() if p.grad is not None]
+            torch._foreach_mul_(grads, clip / (norm + 1e-6))
+        lr = self.lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step_with_ready_grads()
+        self._steps_done += 1
+        # The mean over micro-batches of each key (engine/base.mean_log_rows on the seam branch).
+        keys = sorted({k for r in rows for k in r})
+        metrics = {k: sum(float(r[k]) for r in rows if k in r) / max(1, sum(k in r for r in rows)) for k in keys}
+        metrics = self._from_last_stage(metrics)
+        return {**metrics, "grad_norm": norm, "lr": lr}
+
+    @torch.no_grad()
+    def forward(self, micro: MicroBatch):
+        outs: list = []
+
+        def keep(head, _micro):
+            outs.append(head)
+            return torch.zeros((), device=micro["ids_BT"].device), {}
+
+        self._run([micro], keep, forward_only=True)
+        out = outs[0] if outs else None
+        if self.layout.pp > 1:
+            out = self._from_last_stage(_to_cpu(out))
+            device = micro["ids_BT"].device
+            out = _to_device(out, torch.device("cuda") if self.cuda else device)
+        return out
+
+    def scheduler_state(self) -> dict:
+        """The schedule is a pure function of the steps done (utils/optim.warmup_decay)."""
+        return {"steps_done": self._steps_done}
+
+    def load_scheduler_state(self, state: dict) -> None:
+        self._steps_done = int(state.get("steps_done", 0))
+
+    def checkpoint_items(self) -> tuple[dict, dict]:
+        """A stand-in that refuses when a checkpoint is actually saved or loaded (trainers build
+        ``StageCheckpoints`` unconditionally). ``StageCheckpoints`` saves with torch DCP, which
+        would take every rank's ``decoder.layers.0…`` — different TP shards and different PP
+        stages under one name — for replicas and keep one, and cannot read megatron's optimizer.
+        The right path is megatron's ``dist_checkpointing`` of the model's and optimizer's
+        sharded state dicts (not built yet)."""
+        return {"model": _NoDcpCheckpoint()}, {}
+
+    def export_weights(self, bucket_bytes: int = 1 << 28) -> Iterator[tuple[str, torch.Tensor]]:
+        """``bucket_bytes`` is accepted for the seam's signature; this engine always moves one
+        Megatron tensor (one rank's shards of it) at a time, so its peak is below any bucket."""
+        from megatron.core import parallel_state as ps
+
+        # Expert-parallel ranks are data-parallel for the dense weights, so under ep > 1 the shards
+        # of one model span the whole world, not megatron's (tp × pp) model-parallel group.
+        group = ps.get_model_parallel_group() if self.layout.ep == 1 else dist.group.WORLD
+        local = {k: v for k, v in self.gpt.state_dict().items() if not k.endswith("_extra_state")}
+        if self.use_te:
+            back = {te: loc for loc, te in _TE_NAMES.items()}
+            local = {next((k[: -len(t)] + loc for t, loc in back.items() if k.endswith(t)), k): v for k, v in local.items()}
+        # Every model-parallel rank's coordinates and tensor names, then tensors one at a time.
+        infos = [None] * dist.get_world_size(group)
+        dist.all_gather_object(infos, (dist.get_rank(), self.coords, sorted(local)), group=group)
+        shards = {c: _RemoteState(set(names), src, group, local if src == dist.get_rank() else None)
+                  for src, c, names in infos}
+        yield from iter_hf_tensors(self.dims, self.layout, self.rules, shards)
+        if self.role == "value":
+            last = next(src for src, c, _ in infos if c.pp == self.layout.pp - 1 and c.tp == 0)
+            for name in ("value_head.weight", "value_head.bias"):
+                yield name, _RemoteState({name}, last, group, local if last == dist.get_rank() else None)[name]
+
+
+def build_megatron_engine(parallel, model_path: str | Path, role: str, settings: EngineSettings) -> MegatronEngine:
+    """The engine ``parallel.backend=megatron`` selects: ``parallel`` is the run's ParallelConfig
+    (its ``tp`` and ``pp``; dp = world / (tp·pp)); ``model_path`` an HF (or reward-model) directory."""
+    if getattr(parallel, "cp", 1) != 1:
+        raise MegatronEngineError(f"parallel.cp={parallel.cp}: context parallelism is not in the megatron engine")
+    return MegatronEngine.from_pretrained(model_path, role, Layout(tp=parallel.tp, pp=parallel.pp), settings)
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, (LogprobOut, HeadIn)):
+        return type(obj)(*(_to_cpu(getattr(obj, f)) for f in obj.__dataclass_fields__))
+    return obj
+
+
+def _to_device(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (LogprobOut, HeadIn)):
+        return type(obj)(*(_to_device(getattr(obj, f), device) for f in obj.__dataclass_fields__))
+    return obj
+

@@ -1,0 +1,40 @@
+"""The megatron engine refuses what it cannot do before building anything, naming the field."""
+
+import pytest
+
+from moslim_mega.engine.megatron.dims import Layout
+from moslim_mega.engine.megatron.engine import EngineSettings, MegatronEngine, MegatronEngineError
+
+from .tiny_hf import hf_config
+
+
+@pytest.mark.parametrize("role, layout, classes, message", [
+    ("policy", Layout(), (), "role='policy': expected one of causal_lm, reward, value"),
+    ("causal_lm", Layout(pp=2, vpp=2), (), "virtual pipeline stages are not in the megatron engine"),
+    ("reward", Layout(), (), "num_classes: the reward role needs"),
+    ("causal_lm", Layout(), (), "torch.distributed is not initialised"),
+])
+def test_engine_refuses(role, layout, classes, message):
+    config = hf_config("qwen2").to_dict()
+    with pytest.raises(MegatronEngineError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        MegatronEngine(config, lambda name: None, role, layout, EngineSettings(lr=1e-3), classes)
+
+
+def test_engine_refuses_left_padded_rows():
+    import torch
+
+    ids = torch.ones(2, 4, dtype=torch.long)
+    MegatronEngine._check_micro({"ids_BT": ids, "mask_BT": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])})
+    with pytest.raises(MegatronEngineError, match="mask_BT: rows must be right-padded"):
+        MegatronEngine._check_micro({"ids_BT": ids, "mask_BT": torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])})
+
+
+def test_checkpoint_stand_in_refuses_a_dcp_save_or_load():
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from moslim_mega.engine.megatron.engine import _NoDcpCheckpoint
+
+    with pytest.raises(MegatronEngineError, match="cannot be checkpointed through StageCheckpoints"):
+        get_model_state_dict(_NoDcpCheckpoint())
+    with pytest.raises(MegatronEngineError, match="set checkpoint.every=0"):
+        _NoDcpCheckpoint().load_state_dict({})
