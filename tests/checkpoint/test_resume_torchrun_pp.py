@@ -7,6 +7,7 @@ hf``, one process) to the same weights, whose HF logits equal the trainer's save
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -39,6 +40,9 @@ def test_killed_pp2_sft_resumes_bitwise_and_exports(stage, tmp_path):
     # Both pp ranks wrote their stage's shard of the last checkpoint; export joins them in one process.
     last = sorted((resumed / "ckpt").glob("step_*"), key=lambda p: int(p.name[5:]))[-1]
     assert len(list(last.glob("*.distcp"))) == 2
+    files = {i.fqn: info.relative_path for i, info in dcp.FileSystemReader(str(last)).read_metadata().storage_data.items()}
+    q = "model_model.model.layers.{}.self_attn.q_proj.weight"
+    assert files[q.format(0)] != files[q.format(1)]  # each stage's layer in its own rank's file: a real split
     export_hf(last, tmp_path / "hf", None)
     c = load_file(tmp_path / "hf" / "model.safetensors")
     assert c.keys() == b.keys() and all(torch.equal(b[k], c[k]) for k in b)
