@@ -161,6 +161,15 @@ class Stage:
     def broadcast(self, obj):
         return pdist.broadcast_object(obj)
 
+    def from_last_stage(self, obj):
+        """``obj`` of the last pipeline stage's rank (where the loss functions ran), on every pp
+        rank of this dp index; ``obj`` itself when pp = 1."""
+        if self.pp == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, group=self.mesh["pp"].get_group(), group_src=self.pp - 1)
+        return box[0]
+
     def barrier(self) -> None:
         pdist.barrier()
 
