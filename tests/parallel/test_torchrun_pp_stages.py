@@ -2,7 +2,8 @@
 parallel.pp=2 (gloo; one decoder layer per stage) equal the single-process runs of the same config:
 final weights, last loss and — for the RM, whose calibration pass and final evaluation run through
 the pipeline's forward — the Eq. 11 mapping statistics. SFT with 4 micro-batches per step (1F1B),
-the RM with the default pp of them (GPipe): each micro loss is weighted by its share of the batch."""
+the RM with the default pp of them (GPipe), also on pp=2 × dp=2: each micro loss is weighted by its
+share of the batch."""
 
 import json
 
@@ -41,6 +42,10 @@ def runs(tmp_path_factory):
     ]
     (tmp / "jobs.json").write_text(json.dumps(jobs))
     torchrun([str(REPO / "tests/parallel/run_stages.py"), str(tmp / "jobs.json")], tmp, timeout=600)
+    # 2-D mesh: pp=2 × dp=2 (4 processes): each dp index pipelines its own shard of the batch.
+    (tmp / "jobs4.json").write_text(json.dumps([["rm", "train", "--out", str(tmp / "rm_pp2dp2"), *base, *RM, *LAYERS,
+                                                 *pp, "parallel.dp=2"]]))
+    torchrun([str(REPO / "tests/parallel/run_stages.py"), str(tmp / "jobs4.json")], tmp, nproc=4, timeout=600)
     return tmp
 
 
@@ -51,8 +56,9 @@ def test_sft_under_pp2_equals_single_process(runs):
     assert m1["step"] == m2["step"] and abs(m1["loss"] - m2["loss"]) < 1e-5
 
 
-def test_rm_train_under_pp2_equals_single_process(runs):
-    single, par = runs / "rm_1", runs / "rm_pp2"
+@pytest.mark.parametrize("layout", ["pp2", "pp2dp2"])
+def test_rm_train_under_pp2_equals_single_process(runs, layout):
+    single, par = runs / "rm_1", runs / f"rm_{layout}"
     assert _max_diff(single / "heads.safetensors", par / "heads.safetensors") < 1e-5
     assert _max_diff(single / "backbone" / "model.safetensors", par / "backbone" / "model.safetensors") < 1e-5
     s1, s2 = (json.loads((d / "mapping_stats.json").read_text()) for d in (single, par))
