@@ -33,7 +33,7 @@ from .utils.seed import seed_everything
 from .parallel.parallelize import parallelize_policy
 from .parallel.stage import Stage
 from .profile import Profiler, model_flops
-from .engine import build_engine
+from .engine import build_engine, micro_batch_count, split_rows
 from .engine.base import LogprobOut
 from .training.loop import TrainLoop, loop_config
 
@@ -112,6 +112,15 @@ def sft_loss(model, ids_BT: torch.Tensor, mask_BT: torch.Tensor, labels_BT: torc
 
 def sft_token_loss(logp_BT: torch.Tensor, mask_BT: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
     """−mean log p over the labelled tokens, from the token log-probs (``sequence_logprobs``)."""
+    return -logp_BT[_scored_labels(mask_BT, labels_BT)].mean()
+
+
+def sft_token_loss_sum(logp_BT: torch.Tensor, mask_BT: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+    """−Σ log p over the labelled tokens (0 for no rows): one micro-batch's part of a token mean."""
+    return -logp_BT[_scored_labels(mask_BT, labels_BT)].sum()
+
+
+def _scored_labels(mask_BT: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
     keep_BT = labels_BT != IGNORE
     keep_BT[:, 0] = False  # column 0 is never a target
     # A labelled token needs itself and its context token attended, else its log-prob is the
@@ -121,7 +130,7 @@ def sft_token_loss(logp_BT: torch.Tensor, mask_BT: torch.Tensor, labels_BT: torc
     if bool((keep_BT & ~scored_BT).any()):
         b, t = (keep_BT & ~scored_BT).nonzero()[0].tolist()
         raise ValueError(f"labels_BT[{b}, {t}]: a labelled token without an attended predecessor (mask_BT)")
-    return -logp_BT[keep_BT].mean()
+    return keep_BT
 
 
 def train_sft(cfg: Config, data_path, out_dir, show_progress: bool = True) -> dict:
@@ -170,12 +179,15 @@ def train_sft_loop(cfg: Config, model, data: SFTExamples, pad_id: int, writer: M
     prof = prof or Profiler(dataclasses.replace(cfg.profile, enabled=False), "sft")  # callers that write none
     flops = model_flops(model)
     sc = cfg.sft
-    device = next(model.parameters()).device
+    # Under pp the model is a skeleton whose stages the engine places: batches go to the stage's device.
+    device = stage.device if stage.pp > 1 else next(model.parameters()).device
     steps_per_epoch = math.ceil(len(data) / sc.batch_size)
     total_steps = max(1, math.ceil(sc.epochs * steps_per_epoch))
-    engine = build_engine(cfg.parallel, lambda: model, lambda m: Updater(
-        m.parameters(), sc.lr, sc.weight_decay, sc.warmup_steps, sc.grad_clip, total_steps), "causal_lm", "model",
-        label="sft", kernels=cfg.kernels)
+    optim = dict(lr=sc.lr, weight_decay=sc.weight_decay, warmup_steps=sc.warmup_steps, grad_clip=sc.grad_clip,
+                 total_steps=total_steps)
+    engine = build_engine(cfg.parallel, lambda: model, lambda m: Updater(m.parameters(), **optim), "causal_lm", "model",
+                          stage=stage, optim=optim, label="sft", kernels=cfg.kernels)
+    n_micro = micro_batch_count(cfg.parallel)
     gen = torch.Generator().manual_seed(cfg.run.seed)
     model.train()
     order: list[int] = []
@@ -201,9 +213,11 @@ def train_sft_loop(cfg: Config, model, data: SFTExamples, pad_id: int, writer: M
         prof.add_flops(batch[1], flops, train=True, label="train")
         prof.mark("data")
         # A token mean over this rank's response tokens → its share of the global token mean.
-        scale = stage.dp_loss_scale((labels_BT[:, 1:] != IGNORE).sum().reshape(1))[0] if stage.distributed else None
-        res = engine.train_step([{"ids_BT": ids_BT, "mask_BT": mask_BT, "labels_BT": labels_BT}],
-                                partial(_sft_micro_loss, scale=scale), step)
+        tokens = (labels_BT[:, 1:] != IGNORE).sum()
+        scale = stage.dp_loss_scale(tokens.reshape(1))[0] if stage.distributed else None
+        micro = split_rows({"ids_BT": ids_BT, "mask_BT": mask_BT, "labels_BT": labels_BT}, n_micro)
+        res = engine.train_step(micro, partial(_sft_micro_loss, scale=scale, shard_tokens=tokens, n_micro=n_micro),
+                                step)
         recent = (recent + [stage.sum_dp(res["loss"]) / stage.dp if stage.distributed else res["loss"]])[-10:]
         prof.mark("forward_backward_step")
         return {"loss": recent[-1], "lr": res["lr"], "grad_norm": res["grad_norm"]}
@@ -217,9 +231,18 @@ def train_sft_loop(cfg: Config, model, data: SFTExamples, pad_id: int, writer: M
     return {"final_loss": sum(recent) / len(recent), **result}
 
 
-def _sft_micro_loss(out: LogprobOut, micro: dict, scale: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
-    """The engine's loss function: the token-mean SFT loss (× the dp share under torchrun)."""
-    loss = sft_token_loss(out.logp_BT, micro["mask_BT"], micro["labels_BT"])
+def _sft_micro_loss(out: LogprobOut, micro: dict, scale: torch.Tensor | None, shard_tokens: torch.Tensor,
+                    n_micro: int) -> tuple[torch.Tensor, dict]:
+    """The engine's loss function: the token-mean SFT loss (× the dp share under torchrun).
+
+    With several micro-batches (pipeline) each one's loss is its tokens' sum over the dp shard's
+    tokens, so the micro losses add up to the shard's token mean (an empty micro-batch adds 0); its
+    log row is × ``n_micro``, as the engine logs the mean of the rows."""
+    if n_micro == 1:
+        loss = sft_token_loss(out.logp_BT, micro["mask_BT"], micro["labels_BT"])
+    else:
+        loss = sft_token_loss_sum(out.logp_BT, micro["mask_BT"], micro["labels_BT"]) / shard_tokens.clamp(min=1)
+    logged = loss.item() * n_micro
     if scale is not None:
         loss = loss * scale
-    return loss, {"loss": loss.item()}
+    return loss, {"loss": logged if n_micro > 1 else loss.item()}

@@ -70,12 +70,13 @@ class PipelineEngine(TrainEngine):
 
     def __init__(self, model, role: str, mesh, pc, optim: dict | None = None, name: str = "model",
                  temperature: float = 1.0, logprob_chunk: int = 8192, kernels_impl: str | None = None,
-                 train: bool = True, _rank0_model=None):
+                 train: bool = True, _rank0_model=None, label: str | None = None):
         if role not in ROLES:
             raise ConfigError(f"engine role {role!r}: one of {', '.join(ROLES)}")
         if mesh is None or "pp" not in (mesh.mesh_dim_names or ()):
             raise ConfigError("parallel.pp: the pipeline engine needs a (pp, dp, tp) DeviceMesh (parallel/mesh.py)")
         self.role, self.pc, self.mesh, self.name = role, pc, mesh, name
+        self.label = label or name
         self.pp_rank, self.pp = pp_rank_size(mesh)
         self.pp_group = mesh["pp"].get_group()
         v = pc.pp_stages_per_rank if pc.pp_schedule == "interleaved_1f1b" else 1
@@ -166,7 +167,7 @@ class PipelineEngine(TrainEngine):
         schedule.step(*args, target=target, return_outputs=False, mask_BT=mask_BT.to(self.device),
                       ids_BT=ids_BT.to(self.device))
         self._step_state = {}
-        grad_norm = self.updater.step(step)
+        grad_norm = self.updater.step(step, f"{self.label} gradient norm")
         logged = self._from_last([rows[i] for i in sorted(rows)] if self.is_last else None)
         out = {k: sum(r[k] for r in logged) / len(logged) for k in logged[0]} if logged else {}
         return {**out, "grad_norm": grad_norm, "lr": self.lr}
@@ -199,9 +200,17 @@ class PipelineEngine(TrainEngine):
         view.flatten_optimizer_state = True  # per-name optimizer keys: see checkpoint/state.py
         return {self.name: view}, ({self.name: (view, self.updater.opt)} if self.updater is not None else {})
 
-    def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def scheduler_state(self) -> dict:
+        return self.updater.sched.state_dict() if self.updater is not None else {}
+
+    def load_scheduler_state(self, state: dict) -> None:
+        if self.updater is not None:
+            self.updater.sched.load_state_dict(state)
+
+    def export_weights(self, bucket_bytes: int = 1 << 28) -> Iterator[tuple[str, torch.Tensor]]:
         """Every parameter in the whole model's order: its stage's ranks gather it over dp, the
-        owner pp rank broadcasts it to the pp group — so every rank sees the full stream."""
+        owner pp rank broadcasts it to the pp group — so every rank sees the full stream. One tensor
+        at a time (``bucket_bytes`` is the seam's; a tensor is the bucket here)."""
         mine = {n: p for s in self.stages for n, p in s.named_parameters()}
         for name, shape, dtype in self._export_plan:
             owner = self._owner[name]

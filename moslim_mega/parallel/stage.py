@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from ..config import ConfigError
 from . import dist as pdist
-from .mesh import build_mesh, dp_rank_size
+from .mesh import build_mesh, dp_rank_size, pp_rank_size
 from .parallelize import build_sharded
 
 
@@ -38,14 +38,14 @@ class NullWriter:
 class Stage:
     def __init__(self, pc, device: str = "auto"):
         self.pc = pc
-        if getattr(pc, "pp", 1) > 1:
-            # The pp mesh dimension alone would make every pp rank a silent replica of the whole
-            # model: pipelining needs the pipeline engine (engine/pipeline.py), not yet used here.
-            raise ConfigError(f"parallel.pp={pc.pp}: this trainer does not run the pipeline engine yet "
-                              "(engine/pipeline.py PipelineEngine); use parallel.pp=1")
         pdist.init_distributed()
         self.mesh = build_mesh(pc)
         self.dp_rank, self.dp = dp_rank_size(self.mesh)
+        self.pp = pp_rank_size(self.mesh)[1]
+        """Pipeline stages: > 1 means ``build`` gives a skeleton for ``engine.build_engine``'s
+        PipelineEngine (a trainer that does not pass ``stage`` there is refused)."""
+        self._rank0: dict[int, object] = {}  # id(skeleton) → rank 0's real model, until its engine takes it
+        self._engines: dict[int, object] = {}  # id(skeleton) → its pipeline engine
         self.is_main = pdist.is_main()
         self._dp_group = None if self.mesh is None else self.mesh["dp"].get_group()
         self.device = _comm_device() if self.distributed else _single_device(device)
@@ -98,8 +98,37 @@ class Stage:
 
     # ---- models --------------------------------------------------------------------------
     def build(self, build_full, build_skeleton, apply):
+        """This rank's model: sharded by ``apply`` over the mesh (rank 0 builds the real weights).
+        Under pp > 1: the whole model as a meta-device skeleton on every rank (its config and
+        parameter names), which ``engine.build_engine`` cuts into this rank's stages and fills from
+        rank 0's real model (``rank0_model``) — no rank ever holds an unsplit trained copy."""
+        if self.pp > 1:
+            return self._pipeline_skeleton(build_full, build_skeleton)
         model = build_sharded(build_full, build_skeleton, apply, self.mesh, self.pc)
         return model if self.distributed else model.to(self.device)
+
+    def _pipeline_skeleton(self, build_full, build_skeleton):
+        from .pipeline import model_config
+
+        full = build_full() if self.is_main else None
+        role = "reward" if hasattr(full, "backbone") else "causal_lm"  # model_config: where the HF config is
+        config, dtype, training = pdist.broadcast_object(
+            (model_config(full, role), next(full.parameters()).dtype, full.training) if full is not None else None)
+        with torch.device("meta"):
+            skeleton = build_skeleton(config).to(dtype)
+        skeleton.train(training)
+        if full is not None:
+            self._rank0[id(skeleton)] = full
+        return skeleton
+
+    def rank0_model(self, skeleton):
+        """Rank 0's real model behind ``skeleton`` (from ``build`` under pp), handed over once;
+        None on other ranks."""
+        return self._rank0.pop(id(skeleton), None)
+
+    def adopt(self, skeleton, engine) -> None:
+        """``engine`` now owns ``skeleton``'s stages: ``full_model(skeleton)`` exports through it."""
+        self._engines[id(skeleton)] = engine
 
     def full_state_dict(self, model) -> dict:
         """Every rank calls this (collectives); rank 0 gets the full CPU state dict, others {}."""
@@ -111,9 +140,16 @@ class Stage:
 
     def full_model(self, model, build_skeleton):
         """An unsharded copy of ``model`` on rank 0 (for HF saving / generation); None elsewhere.
-        Every rank must call it. Single process: the model itself."""
+        Every rank must call it. Single process: the model itself. Under pp > 1 the weights come
+        from its pipeline engine's ``export_weights()`` (each pp rank holds only its stages)."""
         if self.mesh is None:
             return model
+        if self.pp > 1:
+            sd = {}
+            for name, t in self._engines[id(model)].export_weights():
+                if self.is_main:
+                    sd[name] = t.detach().cpu().clone()
+            return plain_copy(model, sd, build_skeleton) if self.is_main else None
         sd = self.full_state_dict(model)
         if not self.is_main:
             return None
@@ -124,6 +160,15 @@ class Stage:
 
     def broadcast(self, obj):
         return pdist.broadcast_object(obj)
+
+    def from_last_stage(self, obj):
+        """``obj`` of the last pipeline stage's rank (where the loss functions ran), on every pp
+        rank of this dp index; ``obj`` itself when pp = 1."""
+        if self.pp == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, group=self.mesh["pp"].get_group(), group_src=self.pp - 1)
+        return box[0]
 
     def barrier(self) -> None:
         pdist.barrier()
@@ -146,7 +191,13 @@ def plain_copy(model, full_sd: dict, build_skeleton):
     config = model.config if hasattr(model, "config") else model.backbone.config
     with torch.device("meta"):
         plain = build_skeleton(config)
-    plain.load_state_dict(full_sd, assign=True)
+    missing, unexpected = plain.load_state_dict(full_sd, strict=False, assign=True)
+    if missing and hasattr(plain, "tie_weights"):
+        # Pipeline exports name each parameter once: a tied LM head is in no export stream.
+        plain.tie_weights()
+        missing = [n for n in missing if plain.get_parameter(n).is_meta]
+    if missing or unexpected:
+        raise RuntimeError(f"full model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     buffers = dict(model.named_buffers())  # buffers are never sharded: copy them as they are
     for name, buf in plain.named_buffers():
         if name in buffers:

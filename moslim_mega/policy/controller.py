@@ -275,6 +275,12 @@ def train_policy(
     carries ``overoptimisation`` (:func:`~moslim_mega.eval.overopt.detect_overoptimisation`).
     """
     pc, sc = cfg.policy, cfg.sampling
+    if cfg.parallel.pp > 1:
+        # Refused before any process group or model: rollouts need the whole actor on each rank and
+        # the reference, critic and rollout weight pushes are not cut into pipeline stages yet —
+        # each pp rank would otherwise train a full copy.
+        raise ConfigError(f"parallel.pp={cfg.parallel.pp}: moslim policy train does not run the pipeline engine "
+                          "yet (sft train and rm train do); use parallel.pp=1 with parallel.dp / parallel.tp")
     out = Path(out_dir)
     stage = Stage(cfg.parallel, cfg.run.device)  # inert in one process; the mesh and dp shard under torchrun
     prof = Profiler(cfg.profile, "policy", stage, out)

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import Config, save_config
+from ..config import Config, ConfigError, save_config
 from ..models.build import build_backbone, build_tokenizer
 from ..prefs import PreferenceSpec, spec_from_config
 from ..algos.core import NonFiniteError
-from ..engine import build_engine
+from ..engine import build_engine, micro_batch_count, split_rows
 from ..engine.base import HeadIn
 from ..training.loop import TrainLoop, loop_config
 from ..checkpoint.hooks import StageCheckpoints
@@ -114,8 +114,13 @@ def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = T
     weights = balanced_class_weights(train.labels_NH, spec.num_classes) if rc.class_weights == "balanced" else None
     steps_per_epoch = math.ceil(len(train) / rc.batch_size)
     total_steps = max(1, math.ceil(rc.epochs * steps_per_epoch))
-    engine = build_engine(cfg.parallel, lambda: model, lambda m: Updater(
-        m.parameters(), rc.lr, rc.weight_decay, rc.warmup_steps, rc.grad_clip, total_steps), "reward", "rm", label="rm")
+    optim = dict(lr=rc.lr, weight_decay=rc.weight_decay, warmup_steps=rc.warmup_steps, grad_clip=rc.grad_clip,
+                 total_steps=total_steps)
+    engine = build_engine(cfg.parallel, lambda: model, lambda m: Updater(m.parameters(), **optim), "reward", "rm",
+                          stage=stage, optim=optim, label="rm")
+    n_micro = micro_batch_count(cfg.parallel)
+    # Evaluation and calibration: the whole model in one process, the pipeline's forward under pp.
+    scorer = model if stage.pp == 1 else PipelineScorer(engine, model.num_classes)
     stats = RunningClassStats(spec.num_classes, mode=rc.stats_mode, momentum=rc.stats_momentum)
     mapper = RewardMapper.from_config(stats, cfg.mapping)
     writer = stage.writer(lambda: MetricsWriter(out, tensorboard=cfg.run.tensorboard))
@@ -147,12 +152,19 @@ def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = T
         prof.mark("data")
         # Each head's loss is a mean over this rank's labelled rows; rescale so FSDP's gradient
         # average over dp equals the single-process mean over the global batch.
-        scale_H = stage.dp_loss_scale(_head_denominators(labels_BH, weights, rc.loss)) if stage.distributed else None
+        denoms_H = _head_denominators(labels_BH, weights, rc.loss)
+        scale_H = stage.dp_loss_scale(denoms_H) if stage.distributed else None
         kept: dict = {}  # the step's loss tensors, for the statistics and the metrics row
         micro = {"ids_BT": ids_BT, "mask_BT": mask_BT, "labels_BH": labels_BH.to(ids_BT.device)}
-        res = engine.train_step([micro], partial(_rm_micro_loss, num_classes=model.num_classes, weights=weights,
-                                                 loss_kind=rc.loss, impl=cfg.kernels.impl, scale_H=scale_H, kept=kept),
-                                step)
+        if n_micro > len(labels_BH):
+            raise ConfigError(f"rm.batch_size={rc.batch_size}: {len(labels_BH)} rows on this dp rank, fewer than the "
+                              f"{n_micro} pipeline micro-batches (parallel.pp_microbatches / parallel.pp)")
+        loss_fn = partial(_rm_micro_loss, num_classes=model.num_classes, weights=weights, loss_kind=rc.loss,
+                          impl=cfg.kernels.impl, scale_H=scale_H, kept=kept,
+                          shard_denoms_H=denoms_H if n_micro > 1 else None)
+        res = engine.train_step(split_rows(micro, n_micro), loss_fn, step)
+        if stage.pp > 1:
+            kept = stage.from_last_stage(_detached(kept))  # only the last stage ran the loss
         with torch.no_grad():
             stats.update([stage.gather_dp(p_BK) for p_BK in kept["probs"]])
         row = {}
@@ -164,7 +176,7 @@ def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = T
 
     def evaluate_now(step: int) -> None:
         if rc.eval_every and step > 0 and step % rc.eval_every == 0:
-            writer.write(step, evaluate(model, held, spec, pad_id)["mean"], tag="eval")
+            writer.write(step, evaluate(scorer, held, spec, pad_id)["mean"], tag="eval")
             prof.mark("eval")
 
     first = loop.resume(load_state)
@@ -175,12 +187,12 @@ def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = T
     if rc.calibrate:
         # Eq. 11's avg/std must describe the *final* RM: in-training statistics mix older weights.
         stats.reset()
-        stats.update(predict_probs(model, train, pad_id))
-    report = evaluate(model, held, spec, pad_id, mapper)
+        stats.update(predict_probs(scorer, train, pad_id))
+    report = evaluate(scorer, held, spec, pad_id, mapper)
     report.update(result)
     if eval_path.with_name("rm_eval_ood.jsonl").is_file():  # the world's out-of-distribution slice
         ood = load_rm_examples(eval_path.with_name("rm_eval_ood.jsonl"), spec, tokenizer, rc.max_length)
-        report["slices"] = {"ood": evaluate(model, ood, spec, pad_id, mapper)}
+        report["slices"] = {"ood": evaluate(scorer, ood, spec, pad_id, mapper)}
     writer.write(step + 1, {"mean": report["mean"], "heads": {n: _scalars(h) for n, h in report["heads"].items()}}, tag="final")
     writer.close()
     prof.mark("eval")  # calibration + final evaluation
@@ -215,14 +227,56 @@ def rm_head_loss(out: HeadIn, labels_BH, num_classes, weights, loss_kind: str, i
     return loss, list(per_head_H.unbind(0)), [p.contiguous() for p in torch.split(probs_BC, num_classes, dim=1)]
 
 
-def _rm_micro_loss(out: HeadIn, micro: dict, num_classes, weights, loss_kind: str, impl: str, scale_H, kept: dict):
+def _rm_micro_loss(out: HeadIn, micro: dict, num_classes, weights, loss_kind: str, impl: str, scale_H, kept: dict,
+                   shard_denoms_H: torch.Tensor | None = None):
     """The engine's loss function; ``kept`` receives the loss tensors (probabilities for the
-    class statistics, per-head losses for the metrics) without a device sync per step."""
+    class statistics, per-head losses for the metrics) without a device sync per step.
+
+    With several micro-batches (``shard_denoms_H``: the dp shard's per-head denominators) each
+    head's mean is weighted by the micro-batch's share of its denominator, so the micro losses add
+    up to the shard's; ``kept`` then sums the losses and per-head terms and concatenates the
+    probabilities in row order (= the shard's)."""
     loss, per_head, probs = rm_head_loss(out, micro["labels_BH"], num_classes, weights, loss_kind, impl)
+    if shard_denoms_H is not None:
+        share_H = _head_denominators(micro["labels_BH"].cpu(), weights, loss_kind) / shard_denoms_H.clamp(min=1e-30)
+        per_head = [f * h for f, h in zip(share_H.tolist(), per_head)]  # an empty head's loss is 0 already
+        loss = sum(per_head)
     if scale_H is not None:
         loss = sum(s * h for s, h in zip(scale_H, per_head))
-    kept.update(loss=loss.detach(), per_head=per_head, probs=probs)
+    if shard_denoms_H is not None and kept:
+        kept.update(loss=kept["loss"] + loss.detach(), per_head=[a + b for a, b in zip(kept["per_head"], per_head)],
+                    probs=[torch.cat([a, b]) for a, b in zip(kept["probs"], probs)])
+    else:
+        kept.update(loss=loss.detach(), per_head=per_head, probs=probs)
     return loss, {}
+
+
+def _detached(kept: dict) -> dict:
+    return {"loss": kept["loss"], "per_head": [h.detach() for h in kept["per_head"]], "probs": kept["probs"]} if kept else {}
+
+
+class PipelineScorer:
+    """What ``predict_probs`` / ``evaluate`` use of a MultiHeadRewardModel, through a pipeline
+    engine's forward (every pp rank gets the last stage's head input): per-head logits from the
+    stacked heads' linear, as the model's own forward computes them. No rank holds the whole model."""
+
+    training = False  # the engine's forward runs its stages in eval mode itself
+
+    def __init__(self, engine, num_classes):
+        self.engine, self.num_classes = engine, list(num_classes)
+
+    def eval(self) -> "PipelineScorer":
+        return self
+
+    def train(self, mode: bool = True) -> "PipelineScorer":
+        return self
+
+    def parameters(self):
+        yield torch.empty(0, device=self.engine.device)  # where the batches go
+
+    def __call__(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor) -> list[torch.Tensor]:
+        out: HeadIn = self.engine.forward({"ids_BT": ids_BT, "mask_BT": mask_BT})
+        return list(torch.split(F.linear(out.hidden_BD, out.weight_CD, out.bias_C), self.num_classes, dim=-1))
 
 
 def _rm_skeleton(config, num_classes):

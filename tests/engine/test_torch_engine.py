@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from moslim_mega.algos.core import NonFiniteError
 from moslim_mega.algos.logprob import sequence_logprobs
 from moslim_mega.config import ConfigError, ModelConfig, ParallelConfig
-from moslim_mega.engine import build_engine
+from moslim_mega.engine import build_engine, micro_batch_count, split_rows
 from moslim_mega.engine.base import HeadIn, LogprobOut
 from moslim_mega.engine.torch_engine import TorchEngine
 from moslim_mega.models.build import build_backbone, build_causal_lm, build_tokenizer
@@ -172,3 +172,20 @@ def test_build_engine_picks_the_backend(tok):
     with pytest.raises(ConfigError, match="parallel.backend=megatron"):
         build_engine(ParallelConfig(backend="megatron"), lambda: built.append(2), lambda m: None, "value", "critic")
     assert built == [1]  # refused before any model is built
+    # Under pp a trainer must hand over its Stage and optimizer keywords, else it is refused rather
+    # than train a whole copy of the model on every pp rank.
+    with pytest.raises(ConfigError, match="parallel.pp=2: the critic trainer does not run the pipeline engine"):
+        build_engine(ParallelConfig(pp=2), lambda: built.append(3), lambda m: None, "value", "critic")
+    assert built == [1]
+
+
+def test_micro_batches_under_pp_cover_the_rows_once():
+    assert micro_batch_count(ParallelConfig()) == 1
+    assert micro_batch_count(ParallelConfig(pp=2)) == 2
+    assert micro_batch_count(ParallelConfig(pp=2, pp_microbatches=4)) == 4
+    micro = {"ids_BT": torch.arange(10).reshape(5, 2), "mask_BT": torch.ones(5, 2)}
+    parts = split_rows(micro, 4)
+    assert [p["ids_BT"].shape[0] for p in parts] == [2, 1, 1, 1]
+    assert torch.equal(torch.cat([p["ids_BT"] for p in parts]), micro["ids_BT"])
+    assert [p["ids_BT"].shape[0] for p in split_rows(micro, 8)].count(0) == 3  # fewer rows than micro-batches
+    assert split_rows(micro, 1) == [micro]

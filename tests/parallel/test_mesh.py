@@ -44,8 +44,10 @@ def test_pipeline_schedule_is_a_checked_choice():
         load_config(None, ["parallel.pp_microbatches=-1"])
 
 
-def test_stage_refuses_pp_until_the_trainer_runs_the_pipeline_engine():
-    with pytest.raises(ConfigError, match="parallel.pp=2: this trainer does not run the pipeline engine"):
+def test_stage_with_pp_needs_that_many_processes():
+    # pp > 1 is run by the trainers through the pipeline engine (engine.build_engine); one process
+    # cannot hold two stages' ranks.
+    with pytest.raises(ConfigError, match=r"parallel.pp=2 × parallel.tp=1 does not divide the world size 1"):
         Stage(ParallelConfig(pp=2))
 
 
