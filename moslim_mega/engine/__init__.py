@@ -5,9 +5,11 @@
 :class:`~moslim_mega.engine.pipeline.PipelineEngine`. ``engine/megatron/`` is the only place that
 imports ``megatron.core``: the HF ⇄ Megatron checkpoint conversion and
 :class:`~moslim_mega.engine.megatron.engine.MegatronEngine` (``build_megatron_engine``), which
-implements this seam and is tested against plain torch (docs/megatron.md). The trainers do not run
-it yet — it builds its own model from an HF directory and its checkpoints need megatron's
-``dist_checkpointing`` — so ``megatron`` is refused here, before any model is built.
+implements this seam. ``parallel.backend=megatron`` runs it for the trainers that pass ``init_dir``
+(``moslim sft train``, ``moslim rm train``): their model, built as for the torch backend on rank 0,
+is written there as an HF (RM) directory that every rank's engine loads its shards from; the
+engine checkpoints through megatron's ``dist_checkpointing`` (``MegatronCheckpoint``). Other
+trainers (the policy controller, DPA's SFT iterations) are refused before any model is built.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from .base import MicroBatch, TrainEngine
 
 
 def build_engine(parallel: ParallelConfig, build_model: Callable[[], object], make_updater: Callable[[object], object],
-                 role: str, name: str, stage=None, optim: dict | None = None, **kwargs) -> TrainEngine:
+                 role: str, name: str, stage=None, optim: dict | None = None, init_dir=None,
+                 **kwargs) -> TrainEngine:
     """The training engine of ``parallel.backend`` for one model: ``build_model()`` builds (and
     shards) it, ``make_updater(model)`` gives its optimizer; ``kwargs`` go to the engine
     (``label``, ``temperature``, ``kernels``).
@@ -30,11 +33,12 @@ def build_engine(parallel: ParallelConfig, build_model: Callable[[], object], ma
     skeleton, the real weights on rank 0) and ``optim`` holds the ``Updater`` keywords (lr,
     weight_decay, warmup_steps, grad_clip, total_steps): the pipeline engine makes its own updater
     over this rank's stages, whose gradient norm spans the pp group. A trainer that passes neither
-    does not run the pipeline engine and is refused here rather than train a full copy per rank."""
+    does not run the pipeline engine and is refused here rather than train a full copy per rank.
+
+    ``parallel.backend=megatron`` needs ``stage``, ``optim`` and ``init_dir`` (a directory in the
+    run's output where rank 0 writes the starting model for the engine to load)."""
     if parallel.backend == "megatron":
-        raise ConfigError("parallel.backend=megatron: the trainers cannot run the megatron engine yet (it is "
-                          "usable through engine.megatron.engine.build_megatron_engine; trainer wiring and its "
-                          "dist_checkpointing resume are missing, docs/megatron.md); use parallel.backend=torch")
+        return _megatron_engine(parallel, build_model, role, name, stage, optim, init_dir, **kwargs)
     if parallel.backend != "torch":
         raise ConfigError(f"parallel.backend={parallel.backend}: expected torch or megatron")
     if parallel.pp > 1:
@@ -59,6 +63,88 @@ def _pipeline_engine(parallel, build_model, role: str, name: str, stage, optim, 
                             kernels_impl=kc.impl, _rank0_model=stage.rank0_model(model))
     stage.adopt(model, engine)
     return engine
+
+
+def _megatron_engine(parallel, build_model, role: str, name: str, stage, optim, init_dir, label: str | None = None,
+                     temperature: float = 1.0, kernels: KernelsConfig | None = None) -> TrainEngine:
+    if stage is None or optim is None or init_dir is None:
+        raise ConfigError(f"parallel.backend=megatron: the {label or name} trainer does not run the megatron engine "
+                          "(moslim sft train and moslim rm train do); use parallel.backend=torch")
+    if not stage.distributed:
+        raise ConfigError("parallel.backend=megatron: needs torchrun (megatron-core sets up its tensor/pipeline groups "
+                          "on torch.distributed), e.g. torchrun --nproc_per_node=2 -m moslim_mega.cli ...")
+    if role == "value":
+        raise ConfigError(f"parallel.backend=megatron: the {label or name} trainer's value model is not wired to the "
+                          "megatron engine; use parallel.backend=torch")
+    from pathlib import Path
+
+    from .megatron.engine import EngineSettings, build_megatron_engine
+
+    init_dir = Path(init_dir)
+    skeleton = build_model()  # Stage.build under megatron: a meta skeleton; rank 0 also holds the real model
+    full = stage.rank0_model(skeleton)
+    if full is not None:
+        # The engine loads from files (the converter's mapping, tensor by tensor); the trainer's
+        # model may be a random tiny one, or a checkpoint whose vocabulary build_* resized, so what
+        # is written is the model as the torch backend would start training it, not its source.
+        _write_init(full, role, init_dir)
+        _copy_buffers(full, skeleton)  # rank 0 saves the final model from the skeleton (Stage.full_model)
+        del full
+    stage.barrier()
+    kc = kernels or KernelsConfig()
+    settings = EngineSettings(lr=optim["lr"], weight_decay=optim["weight_decay"], warmup_steps=optim["warmup_steps"],
+                              total_steps=optim["total_steps"], grad_clip=optim["grad_clip"],
+                              temperature=temperature if temperature > 0 else 1.0, logprob_chunk=kc.logprob_chunk)
+    engine = build_megatron_engine(parallel, init_dir, role, settings, name=name)
+    ours = {"dp": (stage.dp_rank, stage.dp), "pp": (stage.pp_rank(), stage.pp)}
+    if engine.parallel_ranks() != ours:
+        # The trainer shards data by its mesh and gathers the loss over its mesh's dp group; both
+        # lay ranks out tp-fastest, dp, then pp, so they agree — checked, since a mismatch would
+        # silently train on the wrong rows.
+        raise ConfigError(f"parallel.backend=megatron: megatron's ranks {engine.parallel_ranks()} differ from the "
+                          f"trainer's mesh {ours}")
+    stage.adopt(skeleton, _ModuleNames(engine) if role == "reward" else engine)
+    return engine
+
+
+def _write_init(full, role: str, path) -> None:
+    """The engine's input format: an HF directory (causal_lm), or the parts of a reward-model
+    directory ``MegatronEngine.from_pretrained`` reads (``rm.json``'s class counts,
+    ``backbone/``, ``heads.safetensors``; not a complete RM directory for ``load_reward_model``)."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    if path.exists():
+        shutil.rmtree(path)  # a resumed run writes it again: the engine loads it, then the checkpoint
+    if role == "causal_lm":
+        full.save_pretrained(path, safe_serialization=True)
+        return
+    full.backbone.save_pretrained(path / "backbone", safe_serialization=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in full.heads.state_dict().items()}, path / "heads.safetensors")
+    (path / "rm.json").write_text(json.dumps({"num_classes": list(full.num_classes)}))
+
+
+def _copy_buffers(full, skeleton) -> None:
+    """Buffers (RoPE's inverse frequencies) are no parameters the engine exports; the meta
+    skeleton gets rank 0's real ones so ``Stage.full_model`` can copy them."""
+    for name, buf in full.named_buffers():
+        owner_name, _, attr = name.rpartition(".")
+        owner = skeleton.get_submodule(owner_name) if owner_name else skeleton
+        owner._buffers[attr] = buf.detach().clone().cpu()
+
+
+class _ModuleNames:
+    """The reward engine's ``export_weights`` under ``MultiHeadRewardModel``'s parameter names, which
+    ``Stage.full_model`` loads into the RM: the engine's HF backbone names get ``backbone.``."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def export_weights(self, bucket_bytes: int = 1 << 28):
+        for name, tensor in self.engine.export_weights(bucket_bytes):
+            yield (name if name.startswith("heads.") else "backbone." + name), tensor
 
 
 def micro_batch_count(parallel: ParallelConfig) -> int:

@@ -30,6 +30,7 @@ parallelism). Not here (docs/megatron.md): virtual pipeline stages, context para
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from collections.abc import Mapping
@@ -58,6 +59,10 @@ TE_OFF_MESSAGE = (
     "transformer_engine is not importable: the megatron engine uses megatron-core's local layer spec — "
     "unfused softmax attention (no flash/cuDNN attention), RMSNorm not fused into the following linear, "
     "no FP8, and torch's AdamW instead of TE's fused Adam. Numbers are the same; speed and memory are not.")
+
+
+LAYOUT_FILE = "moslim_layout.json"
+"""In a checkpoint's engine directory: the tp/pp/ep layout it was written under."""
 
 
 class MegatronEngineError(ConversionError):
@@ -122,17 +127,53 @@ class _Identity(nn.Module):
         return hidden_TBD, None
 
 
-class _NoDcpCheckpoint(nn.Module):
-    """What ``checkpoint_items`` hands ``StageCheckpoints``: raises on the first save or load."""
+class MegatronCheckpoint:
+    """What ``checkpoint_items`` hands ``StageCheckpoints`` for the megatron engine: an item that
+    saves and loads itself (checkpoint/manager.py calls ``save_checkpoint`` / ``load_checkpoint``
+    with a directory of its own instead of putting it into the trainer's torch DCP state).
 
-    def state_dict(self, *args, **kwargs):
-        raise MegatronEngineError(
-            "checkpoint.every / checkpoint.resume: the megatron engine cannot be checkpointed through "
-            "StageCheckpoints (torch DCP would merge different TP/PP shards that share a name); set "
-            "checkpoint.every=0, or export the weights (export_weights / moslim convert)")
+    Torch DCP cannot take this model: every rank's ``decoder.layers.0…`` — different TP shards and
+    different PP stages under one name — would look like replicas, and megatron's optimizer has no
+    ``get_optimizer_state_dict``. megatron's own ``dist_checkpointing`` of the model's and the
+    optimizer's *sharded* state dicts names each shard by its global key and offset (the layer
+    index a leading axis, so PP stages do not collide) — megatron's native format (torch_dist)."""
 
-    def load_state_dict(self, *args, **kwargs):
-        self.state_dict()
+    def __init__(self, engine: "MegatronEngine"):
+        self.engine = engine
+
+    def _sharded(self, loading: bool) -> dict:
+        model_sd = self.engine.gpt.sharded_state_dict()
+        # is_loading: the optimizer creates its (still empty) Adam state so every key has a tensor to load into.
+        return {"model": model_sd, "optimizer": self.engine.optimizer.sharded_state_dict(model_sd, is_loading=loading)}
+
+    def save_checkpoint(self, path: Path) -> None:
+        """Collective. ``path`` is created here (rank 0) and must not exist."""
+        from megatron.core import dist_checkpointing
+
+        if dist.get_rank() == 0:
+            path.mkdir(parents=True)
+            (path / LAYOUT_FILE).write_text(json.dumps(self.engine.layout.to_dict(), indent=1))
+        dist.barrier()
+        dist_checkpointing.save(self._sharded(loading=False), str(path))
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Collective; strict: every model and optimizer tensor of this rank must be in ``path``."""
+        from megatron.core import dist_checkpointing
+
+        saved = json.loads((path / LAYOUT_FILE).read_text())
+        now = self.engine.layout.to_dict()
+        if saved != now:
+            # dist_checkpointing could reshard the model; resuming into another layout is not
+            # tested here (the optimizer's state and the data order per dp rank would change).
+            raise MegatronEngineError(f"{path}: written under the megatron layout {saved}, this run has {now}; "
+                                      "resume needs the same parallel.tp / parallel.pp (export the weights with "
+                                      "`moslim convert` to change layout)")
+        state = dist_checkpointing.load(self._sharded(loading=True), str(path))
+        result = self.engine.gpt.load_state_dict(state["model"], strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing or result.unexpected_keys:
+            raise MegatronEngineError(f"{path}: model keys missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+        self.engine.optimizer.load_state_dict(state["optimizer"])
 
 
 class _RemoteState(Mapping):
@@ -213,6 +254,10 @@ class MegatronEngine(TrainEngine):
                                  ep=ps.get_expert_model_parallel_rank(), etp=ps.get_expert_tensor_parallel_rank())
         self._schedule = lambda: warmup_decay(settings.warmup_steps, settings.total_steps)
         self._steps_done = 0
+        self.name = "model"
+        """The checkpoint item's name (``checkpoint_items``); the trainer's (build_engine's ``name``)."""
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
+        """Where batches go (and where ``forward``'s head output is)."""
         self.gpt = self._build(hf_config)
         self._load(get_hf)
         self.model, self.optimizer = self._wrap()
@@ -432,6 +477,13 @@ class MegatronEngine(TrainEngine):
                                    group=ps.get_pipeline_model_parallel_group())
         return box[0]
 
+    def parallel_ranks(self) -> dict:
+        """This rank's (index, size) in megatron's data-parallel and pipeline groups."""
+        from megatron.core import parallel_state as ps
+
+        return {"dp": (ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()),
+                "pp": (ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size())}
+
     # ------------------------------------------------------------------ the seam
 
     @property
@@ -464,7 +516,8 @@ class MegatronEngine(TrainEngine):
         keys = sorted({k for r in rows for k in r})
         metrics = {k: sum(float(r[k]) for r in rows if k in r) / max(1, sum(k in r for r in rows)) for k in keys}
         metrics = self._from_last_stage(metrics)
-        return {**metrics, "grad_norm": norm, "lr": lr}
+        # "lr": the one the next step uses, as the torch engines report it (Updater.lr after its step).
+        return {**metrics, "grad_norm": norm, "lr": self.lr}
 
     @torch.no_grad()
     def forward(self, micro: MicroBatch):
@@ -490,13 +543,9 @@ class MegatronEngine(TrainEngine):
         self._steps_done = int(state.get("steps_done", 0))
 
     def checkpoint_items(self) -> tuple[dict, dict]:
-        """A stand-in that refuses when a checkpoint is actually saved or loaded (trainers build
-        ``StageCheckpoints`` unconditionally). ``StageCheckpoints`` saves with torch DCP, which
-        would take every rank's ``decoder.layers.0…`` — different TP shards and different PP
-        stages under one name — for replicas and keep one, and cannot read megatron's optimizer.
-        The right path is megatron's ``dist_checkpointing`` of the model's and optimizer's
-        sharded state dicts (not built yet)."""
-        return {"model": _NoDcpCheckpoint()}, {}
+        """``{name: MegatronCheckpoint}``: the model and its optimizer state in one self-saving
+        item (megatron's ``dist_checkpointing``); no torch-DCP optimizer entry."""
+        return {self.name: MegatronCheckpoint(self)}, {}
 
     def export_weights(self, bucket_bytes: int = 1 << 28) -> Iterator[tuple[str, torch.Tensor]]:
         """``bucket_bytes`` is accepted for the seam's signature; this engine always moves one
@@ -522,12 +571,16 @@ class MegatronEngine(TrainEngine):
                 yield name, _RemoteState({name}, last, group, local if last == dist.get_rank() else None)[name]
 
 
-def build_megatron_engine(parallel, model_path: str | Path, role: str, settings: EngineSettings) -> MegatronEngine:
+def build_megatron_engine(parallel, model_path: str | Path, role: str, settings: EngineSettings,
+                          name: str = "model") -> MegatronEngine:
     """The engine ``parallel.backend=megatron`` selects: ``parallel`` is the run's ParallelConfig
-    (its ``tp`` and ``pp``; dp = world / (tp·pp)); ``model_path`` an HF (or reward-model) directory."""
+    (its ``tp`` and ``pp``; dp = world / (tp·pp)); ``model_path`` an HF (or reward-model) directory;
+    ``name`` the checkpoint item's name."""
     if getattr(parallel, "cp", 1) != 1:
         raise MegatronEngineError(f"parallel.cp={parallel.cp}: context parallelism is not in the megatron engine")
-    return MegatronEngine.from_pretrained(model_path, role, Layout(tp=parallel.tp, pp=parallel.pp), settings)
+    engine = MegatronEngine.from_pretrained(model_path, role, Layout(tp=parallel.tp, pp=parallel.pp), settings)
+    engine.name = name
+    return engine
 
 
 def _to_cpu(obj):
