@@ -141,8 +141,22 @@ class MegatronCheckpoint:
     def __init__(self, engine: "MegatronEngine"):
         self.engine = engine
 
+    def _model_sharded(self) -> dict:
+        gpt = self.engine.gpt
+        if self.engine.role == "causal_lm" or not gpt.post_process:
+            return gpt.sharded_state_dict()
+        # The reward / value roles dropped the output layer, but megatron-core 0.16's
+        # LanguageModule.sharded_state_dict marks ``output_layer.weight`` on every last stage
+        # (KeyError); post_process only selects that marking there (the decoder's final norm is
+        # the decoder's own flag), so the last stage is described without it.
+        gpt.post_process = False
+        try:
+            return gpt.sharded_state_dict()
+        finally:
+            gpt.post_process = True
+
     def _sharded(self, loading: bool) -> dict:
-        model_sd = self.engine.gpt.sharded_state_dict()
+        model_sd = self._model_sharded()
         # is_loading: the optimizer creates its (still empty) Adam state so every key has a tensor to load into.
         return {"model": model_sd, "optimizer": self.engine.optimizer.sharded_state_dict(model_sd, is_loading=loading)}
 
@@ -155,6 +169,7 @@ class MegatronCheckpoint:
             (path / LAYOUT_FILE).write_text(json.dumps(self.engine.layout.to_dict(), indent=1))
         dist.barrier()
         dist_checkpointing.save(self._sharded(loading=False), str(path))
+        _stop_writer_manager()
 
     def load_checkpoint(self, path: Path) -> None:
         """Collective; strict: every model and optimizer tensor of this rank must be in ``path``."""
@@ -174,6 +189,21 @@ class MegatronCheckpoint:
         if missing or result.unexpected_keys:
             raise MegatronEngineError(f"{path}: model keys missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
         self.engine.optimizer.load_state_dict(state["optimizer"])
+
+
+def _stop_writer_manager() -> None:
+    """megatron-core 0.16's torch_dist writer (``FileSystemWriterAsync``) forks its writer processes
+    and collects their results through a queue of a *spawned* ``multiprocessing`` Manager that it
+    keeps in a module global for the life of the process. The CLI leaves with ``os._exit``
+    (parallel/dist.exit_process), which runs no finaliser, so that server process would outlive the
+    run as an orphan; shut it down after each save (the next save spawns another)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    queue = getattr(filesystem_async, "_results_queue", None)
+    manager = getattr(queue, "_manager", None)
+    if manager is not None:
+        manager.shutdown()
+        filesystem_async._results_queue = None
 
 
 class _RemoteState(Mapping):

@@ -27,14 +27,3 @@ def test_engine_refuses_left_padded_rows():
     MegatronEngine._check_micro({"ids_BT": ids, "mask_BT": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])})
     with pytest.raises(MegatronEngineError, match="mask_BT: rows must be right-padded"):
         MegatronEngine._check_micro({"ids_BT": ids, "mask_BT": torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])})
-
-
-def test_checkpoint_stand_in_refuses_a_dcp_save_or_load():
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    from moslim_mega.engine.megatron.engine import _NoDcpCheckpoint
-
-    with pytest.raises(MegatronEngineError, match="cannot be checkpointed through StageCheckpoints"):
-        get_model_state_dict(_NoDcpCheckpoint())
-    with pytest.raises(MegatronEngineError, match="set checkpoint.every=0"):
-        _NoDcpCheckpoint().load_state_dict({})
