@@ -8,8 +8,9 @@ inside the test-only CPU shim (run_cli_shim.py; no product code imports it).
 * resume through megatron's ``dist_checkpointing`` (``ckpt/step_N/engine/<name>``): an SFT run
   at pp=2 SIGKILLed after step 3 and restarted (``checkpoint.resume=auto``) from its step-2
   checkpoint, and an RM run at tp=2 started from another run's step-2 checkpoint, end with the
-  uninterrupted run's weights and rows bit for bit; a checkpoint of the other backend, or of
-  another tp/pp layout, is refused naming what differs."""
+  uninterrupted run's weights and rows bit for bit; a checkpoint of another tp/pp layout is
+  refused naming both layouts; ``moslim export hf`` of the last checkpoints (one process, megatron's
+  loader) gives the trainers' final weights bit for bit."""
 
 from __future__ import annotations
 
@@ -120,6 +121,9 @@ def runs(tmp_path_factory):
         _rm(tmp, "rm_pp2", *MG, "parallel.pp=2"),
         # Another run started from rm_tp2's step-2 checkpoint (its steps 3-4 and evaluations only).
         _rm(tmp, "rm_tp2_from2", *MG, "parallel.tp=2", f"checkpoint.resume={tmp / 'rm_tp2' / 'ckpt' / 'step_2'}"),
+        # sft_pp2's checkpoint under another layout: refused (the CLI's status 2 and one line).
+        {"argv": _sft(tmp, "sft_relayout", *MG, "parallel.tp=2", f"checkpoint.resume={tmp / 'sft_pp2' / 'ckpt'}"),
+         "rc": 2},
     ], tmp, "main")
     marker = tmp / "killed"
     killed = _sft(tmp, "sft_pp2_killed", *MG, "parallel.pp=2", *EVERY2)
@@ -194,3 +198,21 @@ def test_rm_run_from_another_runs_checkpoint_ends_where_it_does(runs):
     rows_full, rows_other = _rows(full), _rows(other)
     assert rows_other == [r for r in rows_full if r["step"] >= 2]
     assert json.loads((other / "mapping_stats.json").read_text()) == json.loads((full / "mapping_stats.json").read_text())
+
+
+def test_resume_under_another_layout_is_refused(runs):
+    log = (runs / "main.log").read_text()
+    assert "moslim: error: " in log and "written under the megatron layout {'tp': 1, 'pp': 2" in log
+    assert "this run has {'tp': 2, 'pp': 1" in log
+
+
+@pytest.mark.parametrize("kind, ckpt, final", [("sft", "sft_pp2_killed/ckpt", "sft_pp2_killed"),
+                                               ("rm", "rm_tp2/ckpt/step_4", "rm_tp2")])
+def test_export_hf_of_a_megatron_checkpoint_gives_the_final_weights(runs, tmp_path, kind, ckpt, final):
+    from moslim_mega.checkpoint.export import export_hf
+
+    export_hf(runs / ckpt, tmp_path / "hf")
+    files = [f.removeprefix("model/") for f in FILES[kind]]
+    a = _weights(runs / final, kind)
+    b = {f"{f}:{k}": v for f, g in zip(FILES[kind], files) for k, v in load_file(tmp_path / "hf" / g).items()}
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
