@@ -282,6 +282,10 @@ def train_policy(
         raise ConfigError(f"parallel.pp={cfg.parallel.pp}: moslim policy train does not run the pipeline engine "
                           "yet (sft train and rm train do); use parallel.pp=1 with parallel.dp / parallel.tp")
     out = Path(out_dir)
+    if cfg.parallel.backend == "megatron":
+        # Refused before any model, RM or rollout engine is built (build_engine would refuse too, later).
+        raise ConfigError("parallel.backend=megatron: the policy trainer does not run the megatron engine yet "
+                          "(moslim sft train and moslim rm train do, docs/megatron.md); use parallel.backend=torch")
     stage = Stage(cfg.parallel, cfg.run.device)  # inert in one process; the mesh and dp shard under torchrun
     prof = Profiler(cfg.profile, "policy", stage, out)
     out.mkdir(parents=True, exist_ok=True)
