@@ -41,6 +41,9 @@ FORMAT_VERSION = 1
 META_FILE = "moslim_megatron.json"
 TRACKER = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
+LAYOUT_FILE = "moslim_layout.json"
+"""In a megatron engine's training checkpoint (``engine.MegatronCheckpoint``): the tp/pp/ep layout
+it was written under."""
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # Non-persistent HF buffers that some checkpoints still carry; they have no Megatron tensor.
 IGNORED_HF = ("rotary_emb.inv_freq",)
@@ -252,8 +255,6 @@ def engine_checkpoint_tensors(ckpt_dir: str | Path, hf_config: dict, role: str,
     """{HF name: tensor} of the model in a megatron engine's checkpoint directory
     (``ckpt/step_N/engine/<name>``; ``hf_config`` from the checkpoint's assets): what ``moslim
     export hf`` writes. Its layout file gives the vocabulary padding the engine used."""
-    from .engine import LAYOUT_FILE
-
     ckpt_dir = Path(ckpt_dir)
     layout = json.loads((ckpt_dir / LAYOUT_FILE).read_text())
     dims = model_dims(hf_config, tp=int(layout["tp"]), backbone=role != "causal_lm")

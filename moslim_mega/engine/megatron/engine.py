@@ -49,6 +49,7 @@ from ...utils.optim import warmup_decay
 from ..base import ROLES, HeadIn, LogprobOut, LossFn, MicroBatch, TrainEngine
 from . import require_megatron_core
 from .config import gpt_model_args, transformer_config
+from .convert import LAYOUT_FILE
 from .dims import ConversionError, Layout, check_layout, model_dims
 from .mapping import RankCoords, iter_hf_tensors, rank_state_dict, rules, to_megatron
 
@@ -59,10 +60,6 @@ TE_OFF_MESSAGE = (
     "transformer_engine is not importable: the megatron engine uses megatron-core's local layer spec — "
     "unfused softmax attention (no flash/cuDNN attention), RMSNorm not fused into the following linear, "
     "no FP8, and torch's AdamW instead of TE's fused Adam. Numbers are the same; speed and memory are not.")
-
-
-LAYOUT_FILE = "moslim_layout.json"
-"""In a checkpoint's engine directory: the tp/pp/ep layout it was written under."""
 
 
 class MegatronEngineError(ConversionError):

@@ -27,3 +27,23 @@ def test_engine_refuses_left_padded_rows():
     MegatronEngine._check_micro({"ids_BT": ids, "mask_BT": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])})
     with pytest.raises(MegatronEngineError, match="mask_BT: rows must be right-padded"):
         MegatronEngine._check_micro({"ids_BT": ids, "mask_BT": torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])})
+
+
+class _OneProcessStage:
+    distributed = False
+
+
+@pytest.mark.parametrize("role, stage, init_dir, message", [
+    ("causal_lm", None, None, "parallel.backend=megatron: the sft trainer does not run the megatron engine"),
+    ("causal_lm", _OneProcessStage(), "init", "parallel.backend=megatron: needs torchrun"),
+])
+def test_build_engine_refuses_megatron_before_building_a_model(role, stage, init_dir, message):
+    from moslim_mega.config import ConfigError, ParallelConfig
+    from moslim_mega.engine import build_engine
+
+    def build():
+        raise AssertionError("no model may be built")
+
+    with pytest.raises(ConfigError, match=message):
+        build_engine(ParallelConfig(backend="megatron"), build, lambda m: None, role, "model", stage=stage, optim={},
+                     init_dir=init_dir, label="sft")

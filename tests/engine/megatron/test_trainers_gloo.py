@@ -2,7 +2,7 @@
 backend's single-process run: 2 gloo processes on CPU (fp32) through the real CLI entry point,
 inside the test-only CPU shim (run_cli_shim.py; no product code imports it).
 
-* SFT at tp=2 and pp=2, the RM at tp=2 and pp=2: every exported tensor (the final HF / RM
+* SFT at dp=2, tp=2 and pp=2, the RM at tp=2 and pp=2: every exported tensor (the final HF / RM
   directory, written from ``engine.export_weights()``) and every metrics row (loss, gradient norm,
   lr; the RM's evaluations through the engine's forward) within 1e-5;
 * resume through megatron's ``dist_checkpointing`` (``ckpt/step_N/engine/<name>``): an SFT run
@@ -115,6 +115,7 @@ def runs(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     _launch([
+        _sft(tmp, "sft_dp2", *MG),  # tp = pp = 1: megatron's data parallelism (its DDP averages over dp)
         _sft(tmp, "sft_tp2", *MG, "parallel.tp=2"),
         _sft(tmp, "sft_pp2", *MG, "parallel.pp=2", *EVERY2),
         _rm(tmp, "rm_tp2", *MG, "parallel.tp=2", *EVERY2),
@@ -157,7 +158,8 @@ def _row_diff(a: list[dict], b: list[dict]) -> float:
     return worst
 
 
-@pytest.mark.parametrize("kind, run", [("sft", "sft_tp2"), ("sft", "sft_pp2"), ("rm", "rm_tp2"), ("rm", "rm_pp2")])
+@pytest.mark.parametrize("kind, run", [("sft", "sft_dp2"), ("sft", "sft_tp2"), ("sft", "sft_pp2"), ("rm", "rm_tp2"),
+                                       ("rm", "rm_pp2")])
 def test_megatron_backend_equals_the_torch_backend(runs, kind, run):
     ref, got = _weights(runs / f"{kind}_torch", kind), _weights(runs / run, kind)
     assert ref.keys() == got.keys()
