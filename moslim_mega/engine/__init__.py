@@ -81,7 +81,9 @@ def _megatron_engine(parallel, build_model, role: str, name: str, stage, optim, 
     from .megatron.engine import EngineSettings, build_megatron_engine
 
     init_dir = Path(init_dir)
-    skeleton = build_model()  # Stage.build under megatron: a meta skeleton; rank 0 also holds the real model
+    # SFT / RM: Stage.build's meta skeleton, rank 0 also holding the real model, which is written to
+    # init_dir. The policy: a skeleton of the HF directory init_dir, which the engine loads as it is.
+    skeleton = build_model()
     full = stage.rank0_model(skeleton)
     if full is not None:
         # The engine loads from files (the converter's mapping, tensor by tensor); the trainer's
@@ -117,13 +119,21 @@ def _write_init(full, role: str, path) -> None:
     from safetensors.torch import save_file
 
     if path.exists():
+        if not (path / _INIT_MARK).is_file():
+            raise ConfigError(f"{path}: exists and was not written by the megatron backend (no {_INIT_MARK}); "
+                              "refusing to replace it")
         shutil.rmtree(path)  # a resumed run writes it again: the engine loads it, then the checkpoint
     if role == "causal_lm":
         full.save_pretrained(path, safe_serialization=True)
-        return
-    full.backbone.save_pretrained(path / "backbone", safe_serialization=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in full.heads.state_dict().items()}, path / "heads.safetensors")
-    (path / "rm.json").write_text(json.dumps({"num_classes": list(full.num_classes)}))
+    else:
+        full.backbone.save_pretrained(path / "backbone", safe_serialization=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in full.heads.state_dict().items()},
+                  path / "heads.safetensors")
+        (path / "rm.json").write_text(json.dumps({"num_classes": list(full.num_classes)}))
+    (path / _INIT_MARK).write_text("the starting model of a parallel.backend=megatron run (engine/__init__.py)\n")
+
+
+_INIT_MARK = ".moslim_megatron_init"
 
 
 def _copy_buffers(full, skeleton) -> None:

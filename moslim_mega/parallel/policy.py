@@ -70,6 +70,27 @@ def build_policy_models(stage: Stage, init_dir, with_critic: bool):
 
 
 @torch.no_grad()
+def megatron_policy_models(stage: Stage, init_dir):
+    """(actor skeleton, reference, rollout module, tokenizer) under ``parallel.backend=megatron``.
+
+    The actor's megatron engine loads ``init_dir`` itself, shard by shard (``engine.build_engine``
+    with ``init_dir``); the actor here is a meta skeleton — its config for the checkpoint assets and
+    the FLOPs, and the module ``Stage.full_model`` fills from the engine's export — holding the real
+    buffers (rotary ``inv_freq``: not in the export). The reference is each rank's own plain,
+    frozen copy of the initial policy, and so is the ``hf`` engine's generation module (refreshed
+    by the weight pushes, as under the torch backend): two full models per rank — the vLLM engine
+    (``rollout.engine=vllm``) saves the second."""
+    from ..models.build import load_policy
+
+    reference = load_policy(init_dir)[0].to(stage.device).requires_grad_(False).eval()
+    with torch.device("meta"):
+        actor = causal_lm_skeleton(reference.config).to(next(reference.parameters()).dtype)
+    for name, buf in reference.named_buffers():
+        owner_name, _, attr = name.rpartition(".")
+        (actor.get_submodule(owner_name) if owner_name else actor)._buffers[attr] = buf.detach().clone().cpu()
+    return actor.train(), reference, rollout_module(stage, actor), load_tokenizer(init_dir)
+
+
 def rollout_module(stage: Stage, actor):
     """An empty plain module of the actor's architecture on this rank's device, for the ``hf``
     engine: its parameters are filled by the engine's first ``update_weights`` (the one export

@@ -37,7 +37,7 @@ from ..utils.logging import MetricsWriter
 from ..utils.seed import seed_everything
 from ..parallel.fp8 import apply_fp8_models
 from ..parallel.policy import (build_policy_models, causal_lm_skeleton, check_policy_layout, mean_metrics,
-                               rollout_module, share_within_tp)
+                               megatron_policy_models, rollout_module, share_within_tp)
 from ..parallel.stage import Stage
 from ..profile import Profiler, model_flops
 from ..engine import build_engine
@@ -282,10 +282,11 @@ def train_policy(
         raise ConfigError(f"parallel.pp={cfg.parallel.pp}: moslim policy train does not run the pipeline engine "
                           "yet (sft train and rm train do); use parallel.pp=1 with parallel.dp / parallel.tp")
     out = Path(out_dir)
-    if cfg.parallel.backend == "megatron":
-        # Refused before any model, RM or rollout engine is built (build_engine would refuse too, later).
-        raise ConfigError("parallel.backend=megatron: the policy trainer does not run the megatron engine yet "
-                          "(moslim sft train and moslim rm train do, docs/megatron.md); use parallel.backend=torch")
+    megatron = cfg.parallel.backend == "megatron"
+    if megatron and pc.algo == "ppo":
+        # Refused before any model, RM or rollout engine is built.
+        raise ConfigError("parallel.backend=megatron with policy.algo=ppo: the critic (a value model) is not wired to "
+                          "the megatron engine; use policy.algo=rloo or online_dpo, or parallel.backend=torch")
     stage = Stage(cfg.parallel, cfg.run.device)  # inert in one process; the mesh and dp shard under torchrun
     prof = Profiler(cfg.profile, "policy", stage, out)
     out.mkdir(parents=True, exist_ok=True)
@@ -308,7 +309,11 @@ def train_policy(
         rewarder = RewardWorker(rm, RewardMapper.from_config(rm.stats, cfg.mapping), impl=cfg.kernels.impl)
     prompts = load_policy_prompts(prompts_path, rewarder.spec)
     critic = None
-    if stage.distributed:
+    if stage.distributed and megatron:
+        check_policy_layout(stage, pc)
+        actor, reference, gen_module, tokenizer = megatron_policy_models(stage, init_dir)
+        gen_module = gen_module if cfg.rollout.engine == "hf" else None
+    elif stage.distributed:
         check_policy_layout(stage, pc)
         actor, reference, critic, tokenizer = build_policy_models(stage, init_dir, pc.algo == "ppo")
         # hf: each rank's plain copy, filled by the first push below (see parallel/policy.py)
@@ -325,9 +330,13 @@ def train_policy(
     ref_worker = LogprobWorker(reference, sc.temperature, cfg.kernels)
     # The trained models sit behind training engines: the updates hand them micro-batches and pure
     # loss functions; log-probs are taken under the sampler's temperature.
+    # stage / optim / init_dir matter to the megatron backend only: its engine loads the actor from
+    # init_dir itself (the torch backend's policy refuses pp, where the other two would matter).
     actor_engine = build_engine(cfg.parallel, lambda: actor, lambda m: Updater(
         m.parameters(), pc.lr, pc.weight_decay, pc.warmup_steps, pc.grad_clip), "causal_lm", "actor",
-        label="policy", temperature=sc.temperature, kernels=cfg.kernels)
+        label="policy", temperature=sc.temperature, kernels=cfg.kernels, stage=stage,
+        optim=dict(lr=pc.lr, weight_decay=pc.weight_decay, warmup_steps=pc.warmup_steps, grad_clip=pc.grad_clip,
+                   total_steps=0), init_dir=init_dir)
     critic_engine = None if critic is None else build_engine(cfg.parallel, lambda: critic, lambda m: Updater(
         m.parameters(), pc.critic_lr, pc.weight_decay, pc.warmup_steps, pc.grad_clip), "value", "critic")
     engines = [e for e in (actor_engine, critic_engine) if e is not None]

@@ -21,8 +21,10 @@ runs on the last stage from the final-norm hidden states:
 * ``value``: the output layer is dropped; ``value_head`` ([1, D] + [1]) gives ``values_BT``,
   shifted one token right like models/value.py.
 
-Rows must be right-padded: megatron's RoPE uses positions 0..T−1 whatever the mask, so a
-left-padded row would get other positions than the torch engine gives it.
+Padding: megatron's RoPE uses positions 0..T−1 whatever the mask, while the torch engines count
+positions over the attended tokens (``cumsum(mask) − 1``). A row's attended tokens must therefore
+be contiguous; rows with left padding (the policy's rollouts) are rolled to the front of their row
+for the model and rolled back (``_front_aligned``), which gives the torch engines' positions.
 
 Qwen2-MoE trains under expert parallelism (``ep``; not with pp > 1, nor tp > 1 without sequence
 parallelism). Not here (docs/megatron.md): virtual pipeline stages, context parallelism.
@@ -345,6 +347,9 @@ class MegatronEngine(TrainEngine):
         args = gpt_model_args(hf_config, self.layout, dims=self.dims)
         gpt = GPTModel(cfg, _layer_spec(self.dims, self.use_te), **args.kwargs(),
                        pre_process=self.first, post_process=self.last)
+        pad_id = hf_config.get("pad_token_id")
+        if self.first and isinstance(pad_id, int) and 0 <= pad_id < self.dims.vocab_size:
+            gpt.embedding.word_embeddings.register_forward_hook(partial(_no_pad_row_gradient, pad_id))
         if self.last:
             if self.role == "causal_lm":
                 # Keep the weight (state-dict name, TP sharding, tied-embedding sync); skip the logits.
@@ -459,6 +464,31 @@ class MegatronEngine(TrainEngine):
             raise MegatronEngineError("mask_BT: rows must be right-padded for the megatron engine "
                                       "(its RoPE positions are 0..T-1 whatever the mask)")
 
+    @classmethod
+    def _front_aligned(cls, micro: MicroBatch) -> tuple[MicroBatch, torch.Tensor | None]:
+        """``micro`` with each row's attended tokens at the front of the row — every ``*_BT``
+        tensor (the shape-suffix convention: each per-token tensor a loss reads) rolled left by the
+        row's leading padding — and that padding per row (None when no row has any: ``micro``
+        itself). Positions 0..n−1 of the rolled row are the torch engines' ``cumsum(mask) − 1``.
+        Every head output and loss is per token of its own row, so the loss function sees the
+        rolled micro-batch consistently; :meth:`forward` rolls its output back. Refuses a row whose
+        attended tokens are not contiguous."""
+        mask_BT = micro["mask_BT"]
+        lead_B = (mask_BT.cumsum(-1) == 0).sum(-1)
+        if bool(lead_B.any()):
+            idx_BT = _roll_index(lead_B, mask_BT.shape[1])
+            micro = {k: (v.gather(1, idx_BT.to(v.device)) if k.endswith("_BT") and v.dim() == 2 else v)
+                     for k, v in micro.items()}
+        else:
+            lead_B = None
+        try:
+            cls._check_micro(micro)
+        except MegatronEngineError:
+            raise MegatronEngineError("mask_BT: each row's attended tokens must be contiguous (padding before "
+                                      "and/or after them only) for the megatron engine (its RoPE positions are "
+                                      "0..T-1 whatever the mask)") from None
+        return micro, lead_B
+
     def _forward_step(self, loss_fn, num_micro, rows, data_iterator, model):
         micro = next(data_iterator)
         ids_BT = micro["ids_BT"]
@@ -481,8 +511,6 @@ class MegatronEngine(TrainEngine):
     def _run(self, micro_batches: list[MicroBatch], loss_fn, forward_only: bool) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        for micro in micro_batches:
-            self._check_micro(micro)
         if self.cuda:
             micro_batches = [{k: v.cuda(non_blocking=True) for k, v in m.items()} for m in micro_batches]
         rows: list[dict] = []
@@ -521,7 +549,7 @@ class MegatronEngine(TrainEngine):
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        rows = self._run(micro_batches, loss_fn, forward_only=False)
+        rows = self._run([self._front_aligned(m)[0] for m in micro_batches], loss_fn, forward_only=False)
         # Same order as utils/optim.Updater: norm, finite check (before any parameter changes), clip, step.
         self.optimizer.prepare_grads()
         clip = self.settings.grad_clip
@@ -554,13 +582,14 @@ class MegatronEngine(TrainEngine):
             outs.append(head)
             return torch.zeros((), device=micro["ids_BT"].device), {}
 
-        self._run([micro], keep, forward_only=True)
+        aligned, lead_B = self._front_aligned(micro)
+        self._run([aligned], keep, forward_only=True)
         out = outs[0] if outs else None
         if self.layout.pp > 1:
             out = self._from_last_stage(_to_cpu(out))
             device = micro["ids_BT"].device
             out = _to_device(out, torch.device("cuda") if self.cuda else device)
-        return out
+        return out if lead_B is None else _roll_back(out, lead_B)
 
     def scheduler_state(self) -> dict:
         """The schedule is a pure function of the steps done (utils/optim.warmup_decay)."""
@@ -608,6 +637,30 @@ def build_megatron_engine(parallel, model_path: str | Path, role: str, settings:
     engine = MegatronEngine.from_pretrained(model_path, role, Layout(tp=parallel.tp, pp=parallel.pp), settings)
     engine.name = name
     return engine
+
+
+def _no_pad_row_gradient(pad_id: int, module, inputs, out_BTD):
+    """Forward hook of the word embeddings: the HF models build ``nn.Embedding(..., padding_idx=
+    pad_token_id)``, whose lookup never sends gradient to the pad token's row; megatron's
+    VocabParallelEmbedding has no padding index. Same values, no gradient where the input is the pad
+    token — which matters where it is *attended* (a policy that sampled it; a tokenizer whose pad is
+    its EOS). Only the lookup: a tied output layer still trains that row, as in HF."""
+    pad_BT = inputs[0] == pad_id
+    return torch.where(pad_BT[..., None], out_BTD.detach(), out_BTD) if bool(pad_BT.any()) else out_BTD
+
+
+def _roll_index(shift_B: torch.Tensor, T: int) -> torch.Tensor:
+    """[B, T] gather index that rolls each row left by ``shift_B`` (right when negative)."""
+    return (torch.arange(T, device=shift_B.device)[None] + shift_B[:, None]) % T
+
+
+def _roll_back(out, lead_B: torch.Tensor):
+    """A head output of front-aligned rows back at the rows' own positions (``HeadIn`` is per row)."""
+    if isinstance(out, torch.Tensor):
+        return out.gather(1, _roll_index(-lead_B, out.shape[1]).to(out.device))
+    if isinstance(out, LogprobOut):
+        return LogprobOut(_roll_back(out.logp_BT, lead_B), _roll_back(out.entropy_BT, lead_B))
+    return out
 
 
 def _to_cpu(obj):
