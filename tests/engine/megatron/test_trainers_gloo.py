@@ -5,9 +5,11 @@ inside the test-only CPU shim (run_cli_shim.py; no product code imports it).
 * SFT at dp=2, tp=2 and pp=2, the RM at tp=2 and pp=2: every exported tensor (the final HF / RM
   directory, written from ``engine.export_weights()``) and every metrics row (loss, gradient norm,
   lr; the RM's evaluations through the engine's forward) within 1e-5;
+* ``moslim policy train`` (RLOO, Online-DPO) with the actor in the megatron engine at tp=2: the
+  final policy and every row within 1e-5 (sampled rollouts: the tp ranks share one dp shard);
 * resume through megatron's ``dist_checkpointing`` (``ckpt/step_N/engine/<name>``): an SFT run
   at pp=2 SIGKILLed after step 3 and restarted (``checkpoint.resume=auto``) from its step-2
-  checkpoint, and an RM run at tp=2 started from another run's step-2 checkpoint, end with the
+  checkpoint, an RM run at tp=2 and an RLOO run started from another run's checkpoint, end with the
   uninterrupted run's weights and rows bit for bit; a checkpoint of another tp/pp layout is
   refused naming both layouts; ``moslim export hf`` of the last checkpoints (one process, megatron's
   loader) gives the trainers' final weights bit for bit."""
@@ -37,10 +39,13 @@ BASE = ["run.tensorboard=false", "run.num_threads=1"]
 # 32 SFT pairs in batches of 8, 4 × 4 RM pairs in batches of 16: 4 steps each.
 SFT = [f"sft.model.{x}" for x in TINY] + ["sft.batch_size=8", "sft.epochs=1", "sft.warmup_steps=2", "sft.lr=0.01"]
 RM = [f"rm.model.{x}" for x in TINY] + ["rm.batch_size=16", "rm.epochs=1", "rm.eval_every=2", "rm.warmup_steps=2"]
+POLICY = ["policy.steps=2", "policy.prompts_per_step=4", "policy.samples_per_prompt=2", "policy.mini_batch_size=8",
+          "sampling.max_new_tokens=5"]
 MG = ["parallel.backend=megatron"]
 EVERY2 = ["checkpoint.every=2"]
 TIMING = {"gen_seconds", "step_seconds", "train_seconds", "wall_seconds"}
-FILES = {"sft": ["model/model.safetensors"], "rm": ["backbone/model.safetensors", "heads.safetensors"]}
+FILES = {"sft": ["model/model.safetensors"], "rm": ["backbone/model.safetensors", "heads.safetensors"],
+         "policy": ["policy/model.safetensors"]}
 # fp32 on CPU: different reduction orders (TP shards, per-stage matmuls) only; measured ≤ 4.1e-6
 # on the weights (moving ~1e-2) and ≤ 4.6e-6 on a row (an RM gradient norm of 44).
 TOL = 1e-5
@@ -95,10 +100,18 @@ def _rm(tmp: Path, name: str, *extra: str) -> list[str]:
     return ["rm", "train", "--out", str(tmp / name), f"run.data_dir={tmp / 'data'}", *BASE, *RM, *extra]
 
 
+def _policy(tmp: Path, name: str, algo: str, *extra: str) -> list[str]:
+    """From the torch-backend SFT model and RM of this module (the same start for both backends)."""
+    return ["policy", "train", "--out", str(tmp / name), f"run.data_dir={tmp / 'data'}", *BASE, *POLICY,
+            f"policy.algo={algo}", f"policy.init={tmp / 'sft_torch' / 'model'}", f"policy.rm_dir={tmp / 'rm_torch'}",
+            f"policy.prompts={tmp / 'data' / 'policy_train.jsonl'}", *extra]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     require_pinned()
     from moslim_mega.config import load_config
+    from moslim_mega.policy.controller import train_policy
     from moslim_mega.prefs import spec_from_config
     from moslim_mega.reward.trainer import train_reward_model
     from moslim_mega.sft import train_sft
@@ -112,6 +125,9 @@ def runs(tmp_path_factory):
     try:  # the torch backend, one process, in this process
         train_sft(load_config(None, _sft(tmp, "sft_torch")[6:]), paths["sft"], tmp / "sft_torch", show_progress=False)
         train_reward_model(load_config(None, _rm(tmp, "rm_torch")[4:]), tmp / "rm_torch", show_progress=False)
+        for algo in ("rloo", "online_dpo"):
+            c = load_config(None, _policy(tmp, f"{algo}_torch", algo)[4:])
+            train_policy(c, tmp / f"{algo}_torch", c.policy.init, c.policy.rm_dir, c.policy.prompts, show_progress=False)
     finally:
         torch.set_num_threads(threads)
     _launch([
@@ -122,6 +138,12 @@ def runs(tmp_path_factory):
         _rm(tmp, "rm_pp2", *MG, "parallel.pp=2"),
         # Another run started from rm_tp2's step-2 checkpoint (its steps 3-4 and evaluations only).
         _rm(tmp, "rm_tp2_from2", *MG, "parallel.tp=2", f"checkpoint.resume={tmp / 'rm_tp2' / 'ckpt' / 'step_2'}"),
+        # The policy loop: the actor in the megatron engine, sampled rollouts (tp ranks share one
+        # dp shard, so the sampler sees the single process's seed and weights).
+        _policy(tmp, "rloo_tp2", "rloo", *MG, "parallel.tp=2", "checkpoint.every=1"),
+        _policy(tmp, "rloo_tp2_from1", "rloo", *MG, "parallel.tp=2",
+                f"checkpoint.resume={tmp / 'rloo_tp2' / 'ckpt' / 'step_1'}"),
+        _policy(tmp, "online_dpo_tp2", "online_dpo", *MG, "parallel.tp=2"),
         # sft_pp2's checkpoint under another layout: refused (the CLI's status 2 and one line).
         {"argv": _sft(tmp, "sft_relayout", *MG, "parallel.tp=2", f"checkpoint.resume={tmp / 'sft_pp2' / 'ckpt'}"),
          "rc": 2},
@@ -218,3 +240,19 @@ def test_export_hf_of_a_megatron_checkpoint_gives_the_final_weights(runs, tmp_pa
     a = _weights(runs / final, kind)
     b = {f"{f}:{k}": v for f, g in zip(FILES[kind], files) for k, v in load_file(tmp_path / "hf" / g).items()}
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("algo", ["rloo", "online_dpo"])
+def test_policy_loop_with_the_megatron_actor_equals_the_torch_backend(runs, algo):
+    ref, got = _weights(runs / f"{algo}_torch", "policy"), _weights(runs / f"{algo}_tp2", "policy")
+    init = {f"policy/model.safetensors:{k}": v for k, v in load_file(runs / "sft_torch" / "model" / "model.safetensors").items()}
+    assert ref.keys() == got.keys() == init.keys()
+    assert max(float((ref[k] - init[k]).abs().max()) for k in ref) > 1e-5  # training moved the policy
+    assert max(float((ref[k] - got[k]).abs().max()) for k in ref) < TOL
+    assert _row_diff(_rows(runs / f"{algo}_torch"), _rows(runs / f"{algo}_tp2")) < TOL
+
+
+def test_policy_run_from_another_runs_checkpoint_ends_where_it_does(runs):
+    a, b = _weights(runs / "rloo_tp2", "policy"), _weights(runs / "rloo_tp2_from1", "policy")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _rows(runs / "rloo_tp2_from1") == [r for r in _rows(runs / "rloo_tp2") if r["step"] >= 1]
