@@ -5,11 +5,12 @@
 :class:`~moslim_mega.engine.pipeline.PipelineEngine`. ``engine/megatron/`` is the only place that
 imports ``megatron.core``: the HF ⇄ Megatron checkpoint conversion and
 :class:`~moslim_mega.engine.megatron.engine.MegatronEngine` (``build_megatron_engine``), which
-implements this seam. ``parallel.backend=megatron`` runs it for the trainers that pass ``init_dir``
-(``moslim sft train``, ``moslim rm train``): their model, built as for the torch backend on rank 0,
-is written there as an HF (RM) directory that every rank's engine loads its shards from; the
-engine checkpoints through megatron's ``dist_checkpointing`` (``MegatronCheckpoint``). Other
-trainers (the policy controller, DPA's SFT iterations) are refused before any model is built.
+implements this seam. ``parallel.backend=megatron`` runs it for the trainers that pass ``init_dir``:
+``moslim sft train`` and ``moslim rm train``, whose model, built as for the torch backend on rank 0,
+is written there as an HF (RM) directory that every rank's engine loads its shards from, and the
+policy controller's actor, loaded from ``policy.init`` as it is. The engine checkpoints through
+megatron's ``dist_checkpointing`` (``MegatronCheckpoint``). Other trainers (the regression RM
+baseline, DPA's SFT iterations) and value models are refused before any model is built.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def _megatron_engine(parallel, build_model, role: str, name: str, stage, optim, 
                      temperature: float = 1.0, kernels: KernelsConfig | None = None) -> TrainEngine:
     if stage is None or optim is None or init_dir is None:
         raise ConfigError(f"parallel.backend=megatron: the {label or name} trainer does not run the megatron engine "
-                          "(moslim sft train and moslim rm train do); use parallel.backend=torch")
+                          "(moslim sft train, rm train and policy train do); use parallel.backend=torch")
     if not stage.distributed:
         raise ConfigError("parallel.backend=megatron: needs torchrun (megatron-core sets up its tensor/pipeline groups "
                           "on torch.distributed), e.g. torchrun --nproc_per_node=2 -m moslim_mega.cli ...")
