@@ -20,6 +20,7 @@
     moslim convert hf-to-megatron --hf DIR --out DIR [--tp T] [--pp P] [--ep E] [--etp N] [--vpp V] [--dtype auto|fp32|bf16|fp16]
     moslim convert megatron-to-hf --ckpt DIR --out DIR [--max-shard-gb G]
     moslim plan --model qwen2-0.5b|qwen2-7b|qwen2-57b-a14b|qwen2-72b|PATH --nodes N --gpus-per-node G --tp T --dp D [--pp P [--pp-schedule S] [--microbatches M]] [--stage rm|sft|ppo] [--logprob-chunk C]
+    moslim plan --backend megatron --model M --nodes N --gpus-per-node G --tp T [--pp P] [--ep E [--etp T]] [--stage rm|sft]
     moslim plan --paper-table
     moslim profile RUN_DIR... [--out DIR]
     moslim launch slurm [--dry-run] [--nodes N --gpus-per-node G --partition P ...] -- STAGE ARGS...
@@ -278,7 +279,7 @@ def cmd_plan(args) -> int:
     dp = args.dp or (args.nodes * args.gpus_per_node) // (args.tp * args.pp)
     p = plan(args.model, args.nodes, args.gpus_per_node, args.tp, dp, args.stage, args.seq, args.micro_batch,
              args.rollout_seqs, args.gpu_gb, args.logprob_chunk, args.pp, args.pp_schedule, args.microbatches,
-             args.pp_stages_per_rank)
+             args.pp_stages_per_rank, args.backend, args.ep, args.etp)
     print(plan_json(p) if args.json else format_plan(p))
     return 0
 
@@ -507,6 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--microbatches", type=int, default=0, help="micro-batches per pipelined step (0 = pp)")
     p.add_argument("--pp-stages-per-rank", type=int, default=1,
                    help="stages per pp rank for interleaved_1f1b (parallel.pp_stages_per_rank)")
+    p.add_argument("--backend", default="torch", choices=("torch", "megatron"),
+                   help="training engine to plan (parallel.backend): torch = FSDP2 + DTensor TP, megatron = "
+                        "megatron-core tp × pp × ep with the distributed optimizer")
+    p.add_argument("--ep", type=int, default=1, help="expert parallel size (--backend megatron, MoE models)")
+    p.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (--backend megatron; default tp)")
     p.add_argument("--stage", default="rm", choices=("rm", "sft", "ppo"))
     p.add_argument("--seq", type=int, default=2048, help="tokens per sequence")
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per forward/backward")
