@@ -21,7 +21,7 @@
     moslim convert megatron-to-hf --ckpt DIR --out DIR [--max-shard-gb G]
     moslim plan --model qwen2-0.5b|qwen2-7b|qwen2-57b-a14b|qwen2-72b|PATH --nodes N --gpus-per-node G --tp T --dp D [--pp P [--pp-schedule S] [--microbatches M]] [--stage rm|sft|ppo] [--logprob-chunk C]
     moslim plan --backend megatron --model M --nodes N --gpus-per-node G --tp T [--pp P] [--ep E [--etp T]] [--stage rm|sft]
-    moslim plan --paper-table
+    moslim plan --paper-table [--backend megatron]
     moslim profile RUN_DIR... [--out DIR]
     moslim launch slurm [--dry-run] [--nodes N --gpus-per-node G --partition P ...] -- STAGE ARGS...
     moslim launch slurm [--dry-run] [options] pipeline --recipe FILE [--force]
@@ -269,10 +269,10 @@ def cmd_config_show(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .parallel.planner import format_plan, paper_table, plan, plan_json
+    from .parallel.planner import format_plan, megatron_table, paper_table, plan, plan_json
 
     if args.paper_table:
-        print(paper_table(args.seq), end="")
+        print((megatron_table if args.backend == "megatron" else paper_table)(args.seq), end="")
         return 0
     if not args.model:
         raise ConfigError("moslim plan needs --model (or --paper-table)")
@@ -521,7 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logprob-chunk", type=int, default=None,
                    help="vocabulary rows per chunk of the fused log-prob (default: kernels.logprob_chunk's default)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("--paper-table", action="store_true", help="the README table of the paper's configurations")
+    p.add_argument("--paper-table", action="store_true", help="the README table of the paper's configurations "
+                   "(with --backend megatron: the 57B-A14B and 72B RMs, FSDP beside megatron layouts)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("profile", help="report of the stages' profile.json (tokens/s, MFU, device-hours, phases)")

@@ -517,7 +517,7 @@ def format_plan(p: Plan) -> str:
         precision = "bf16 (FSDP2) + fp32 master/Adam" if p.dp > 1 else "fp32 (dp=1: no FSDP wrapping) + fp32 Adam"
         measured = "MEASURED: params, local (parameter counts of the real model and parallel plan on the meta device)"
     pipe = "" if p.pp == 1 else f"pp={p.pp} ({p.pp_schedule}, {p.microbatches} micro-batches) "
-    experts = f" ep={p.ep} etp={p.etp}" if megatron else ""
+    experts = f" ep={p.ep} etp={p.etp}" if megatron and (p.ep > 1 or p.etp != p.tp) else ""
     lines = [f"{p.model} stage={p.stage} backend={p.backend} {p.nodes}×{p.gpus_per_node} GPUs, {pipe}dp={p.dp} "
              f"tp={p.tp}{experts}, seq {p.seq}, micro-batch {p.micro_batch}, {precision}, activation "
              f"checkpointing, log-prob chunk {p.logprob_chunk}",
@@ -561,6 +561,42 @@ def paper_table(seq: int = 2048) -> str:
         act = max(m["activations"] + m["logits"] for m in p.parts)
         rows.append(f"| {model} | {stage} | {nodes} × {gpus} | {dp} × {tp} | {local / 1e9:.2f} B | {states:.1f} GiB | "
                     f"{act:.1f} GiB | {p.peak:.1f} GiB | {'yes' if p.fits else 'no'} |")
+    return "\n".join(rows) + "\n"
+
+
+# The README's "Megatron layouts for the paper's largest RMs": the RM stage of Qwen2-57B-A14B and
+# Qwen2-72B, FSDP layouts beside megatron ones: (model, backend, nodes, gpus, tp, pp, ep, micro-batches).
+MEGATRON_LAYOUTS = [
+    ("qwen2-57b-a14b", "torch", 4, 8, 1, 1, 1, 0),
+    ("qwen2-57b-a14b", "megatron", 2, 8, 2, 1, 8, 0),
+    ("qwen2-57b-a14b", "megatron", 4, 8, 2, 1, 8, 0),
+    ("qwen2-57b-a14b", "megatron", 4, 8, 4, 1, 8, 0),
+    ("qwen2-72b", "torch", 4, 8, 8, 1, 1, 0),
+    ("qwen2-72b", "megatron", 2, 8, 8, 2, 1, 8),
+    ("qwen2-72b", "megatron", 4, 8, 8, 2, 1, 8),
+    ("qwen2-72b", "megatron", 4, 8, 8, 4, 1, 16),
+]
+
+
+def megatron_table(seq: int = 2048) -> str:
+    """Markdown table of MEGATRON_LAYOUTS (``moslim plan --paper-table --backend megatron``)."""
+    rows = ["| model (RM) | backend | nodes × GPUs | layout | params / rank (measured) | weights+grads+optimizer "
+            "(modelled) | activations, AC (modelled) | pipeline bubble | peak / rank (modelled) | fits 80 GB |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for model, backend, nodes, gpus, tp, pp, ep, micro in MEGATRON_LAYOUTS:
+        dp = nodes * gpus // (tp * pp)
+        p = plan(model, nodes, gpus, tp, dp, "rm", seq, pp=pp, microbatches=micro, backend=backend, ep=ep)
+        m = p.parts[0]
+        if backend == "torch":
+            layout = f"FSDP dp {dp} × tp {tp}"
+        else:
+            layout = " × ".join(f"{k} {v}" for k, v in (("pp", pp), ("tp", tp), ("ep", ep)) if v > 1)
+            layout += f" (dp {dp}" + (f", expert-dp {p.expert_dp}" if ep > 1 else "")
+            layout += f", {p.microbatches} micro-batches)" if pp > 1 else ")"
+        states = m["weights"] + m["grads"] + m["optimizer"]
+        rows.append(f"| {model} | {backend} | {nodes} × {gpus} | {layout} | {m['local_params'] / 1e9:.2f} B | "
+                    f"{states:.1f} GiB | {m['activations']:.1f} GiB | {100 * p.bubble:.1f}% | {p.peak:.1f} GiB | "
+                    f"{'yes' if p.fits else 'no'} |")
     return "\n".join(rows) + "\n"
 
 
