@@ -6,8 +6,9 @@ micro-batches per step (1F1B), the RM with the default pp of them (GPipe), also 
 micro loss is weighted by its share of the batch. The policy loop (2 steps, micro-batches of 2 rows:
 4 per update step) with its actor, PPO critic and frozen reference as pipeline engines: RLOO under
 GPipe and under 1F1B (with resumable checkpoints and HF saves every step), greedy PPO and Online-DPO
-under 1F1B (whose one-row weight-push probe runs the forward's GPipe fallback) — every metrics row,
-the final policy and the profile's token count."""
+under 1F1B (whose one-row weight-push probe runs the forward's GPipe fallback), and on 4 processes
+greedy PPO on pp=2 × dp=2 and RLOO on pp=2 × tp=2 — every metrics row, the final policy and the
+profile's token count."""
 
 import json
 
@@ -38,6 +39,10 @@ POLICY_RUNS = {
     "ppo_1f1b": ("ppo_1", PPO_GREEDY, ["parallel.pp_schedule=1f1b"]),
     "dpo_1f1b": ("dpo_1", DPO, ["parallel.pp_schedule=1f1b"]),
 }
+POLICY_RUNS_4 = {  # on 4 processes
+    "ppo_dp2": ("ppo_1", PPO_GREEDY, ["parallel.dp=2"]),
+    "rloo_tp2": ("rloo_1", RLOO + SAVES, ["parallel.tp=2", "parallel.pp_schedule=gpipe"]),
+}
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +70,13 @@ def runs(tmp_path_factory):
     (tmp / "jobs.json").write_text(json.dumps(jobs))
     torchrun([str(REPO / "tests/parallel/run_stages.py"), str(tmp / "jobs.json")], tmp, timeout=600)
     # 2-D mesh: pp=2 × dp=2 (4 processes): each dp index pipelines its own shard of the batch.
-    (tmp / "jobs4.json").write_text(json.dumps([["rm", "train", "--out", str(tmp / "rm_pp2dp2"), *base, *RM, *LAYERS,
-                                                 *pp, "parallel.dp=2"]]))
+    # Policy on 4 processes: greedy PPO on pp=2 × dp=2 (each dp index pipelines its own prompts) and
+    # RLOO on pp=2 × tp=2 (the rollout of the pp × tp group's first rank reaches all four ranks).
+    (tmp / "jobs4.json").write_text(json.dumps([
+        ["rm", "train", "--out", str(tmp / "rm_pp2dp2"), *base, *RM, *LAYERS, *pp, "parallel.dp=2"],
+        *(["policy", "train", "--out", str(tmp / f"{name}_pp2"), *pol, *extra, *pp, *pp_extra]
+          for name, (_, extra, pp_extra) in POLICY_RUNS_4.items()),
+    ]))
     torchrun([str(REPO / "tests/parallel/run_stages.py"), str(tmp / "jobs4.json")], tmp, nproc=4, timeout=600)
     return tmp
 
@@ -97,9 +107,9 @@ def _train_rows(run_dir):
             if r["tag"] == "train"]
 
 
-@pytest.mark.parametrize("run", list(POLICY_RUNS))
+@pytest.mark.parametrize("run", [*POLICY_RUNS, *POLICY_RUNS_4])
 def test_policy_loop_under_pp2_equals_single_process(runs, run):
-    single, par = runs / POLICY_RUNS[run][0], runs / f"{run}_pp2"
+    single, par = runs / {**POLICY_RUNS, **POLICY_RUNS_4}[run][0], runs / f"{run}_pp2"
     init = runs / "sft_1" / "model" / "model.safetensors"
     assert _max_diff(single / "policy" / "model.safetensors", init) > 1e-5  # training moved the policy
     assert _max_diff(single / "policy" / "model.safetensors", par / "policy" / "model.safetensors") < 1e-5
