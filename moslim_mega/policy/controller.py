@@ -44,7 +44,7 @@ from ..profile import Profiler, model_flops
 from ..engine import build_engine
 from ..engine.base import LogprobOut, MicroBatch, TrainEngine, mean_log_rows
 from ..training.loop import LoopConfig, TrainLoop
-from .workers import LogprobWorker, RewardOutput, RewardWorker, Updater
+from .workers import LogprobWorker, RewardOutput, RewardWorker, Updater, load_pipeline_reward_model
 
 
 @dataclass
@@ -303,10 +303,10 @@ def train_policy(
     Under torchrun the actor, critic and reference are sharded by ``parallel.*``. With
     ``parallel.pp > 1`` each is a pipeline engine (engine/pipeline.py) — the actor and critic
     trained, the reference frozen and forward-only — so no rank holds any of them whole; their
-    log-probs and values come through the schedule, broadcast from the last stage. Two things stay
-    whole per rank: the ``hf`` rollout engine's plain copy of the actor (parallel/policy.py; vLLM
-    is the route at scale) and the reward model, which is loaded replicated on every rank (as under
-    dp / tp) and scores each rank's rows itself — it is not pipelined.
+    log-probs and values come through the schedule, broadcast from the last stage. The reward model
+    is a frozen pipeline engine too (``PipelineRewardModel``: rank 0 alone loads it); under dp / tp
+    it is replicated, loaded whole per rank. One thing stays whole per rank under pp: the ``hf``
+    rollout engine's plain copy of the actor (parallel/policy.py; vLLM is the route at scale).
     """
     pc, sc = cfg.policy, cfg.sampling
     out = Path(out_dir)
@@ -328,7 +328,10 @@ def train_policy(
                           "algorithms (ppo, rloo); Online-DPO's loss has no sampling ratio — set it to none")
 
     if rewarder is None:
-        rm = load_reward_model(rm_dir, device=stage.device)  # under torchrun on GPUs: fused RM head on CUDA
+        if stage.pp > 1:  # cut into stages like the policy's models: no rank holds it whole
+            rm = load_pipeline_reward_model(stage, rm_dir, cfg.kernels)
+        else:  # replicated under dp / tp (on GPUs: the fused RM head on CUDA)
+            rm = load_reward_model(rm_dir, device=stage.device)
         rewarder = RewardWorker(rm, RewardMapper.from_config(rm.stats, cfg.mapping), impl=cfg.kernels.impl)
     prompts = load_policy_prompts(prompts_path, rewarder.spec)
     critic = None

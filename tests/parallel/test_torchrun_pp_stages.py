@@ -4,7 +4,7 @@ runs of the same config: final weights, last loss and — for the RM, whose cali
 evaluation run through the pipeline's forward — the Eq. 11 mapping statistics. SFT with 4
 micro-batches per step (1F1B), the RM with the default pp of them (GPipe), also on pp=2 × dp=2: each
 micro loss is weighted by its share of the batch. The policy loop (2 steps, micro-batches of 2 rows:
-4 per update step) with its actor, PPO critic and frozen reference as pipeline engines: RLOO under
+4 per update step) with its actor, PPO critic, frozen reference and RM as pipeline engines: RLOO under
 GPipe and under 1F1B (with resumable checkpoints and HF saves every step), greedy PPO and Online-DPO
 under 1F1B (whose one-row weight-push probe runs the forward's GPipe fallback), and on 4 processes
 greedy PPO on pp=2 × dp=2 and RLOO on pp=2 × tp=2 — every metrics row, the final policy and the
