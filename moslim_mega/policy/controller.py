@@ -434,7 +434,7 @@ def train_policy(
             scored = rewarder.score(rollout.prompts, rollout.responses)
             if stage.pp > 1:
                 # The group's ranks must cut the same micro-batches (Online-DPO's pairs follow the
-                # rewards): one rank's scores, not each replicated RM's last bits (GPU kernels).
+                # rewards): one rank's scores, not each rank's own fused-head pass (last bits on GPUs).
                 scored = share_within_model_group(stage, RewardOutput(*(t.cpu() for t in (
                     scored.reward_B, scored.terms_BH, scored.targets_BH))))  # CPU: a pickled CUDA tensor keeps its index
             core.check_finite(scored.reward_B, "mapped reward", step)
