@@ -251,6 +251,12 @@ class PipelineEngine(TrainEngine):
                 # step with few Online-DPO pairs); with so few there is no steady state to
                 # interleave, and GPipe runs the same forwards and backwards — the same numbers.
                 cls = ScheduleGPipe
+            rounds = max(1, n // self.pp)
+            if cls is ScheduleInterleaved1F1B and n % rounds:
+                # torch's interleaved schedule walks the micro-batches in rounds of pp.
+                raise ConfigError(f"parallel.pp_schedule=interleaved_1f1b: a step of {n} micro-batches on "
+                                  f"parallel.pp={self.pp} must be a multiple of {rounds} (its rounds of pp); set "
+                                  "parallel.pp_microbatches (or the trainer's micro-batch size) to a multiple of pp")
             loss = self._pipe_loss if train else None
             self._schedules[key] = (cls(pipe, n, loss_fn=loss, scale_grads=False) if cls is ScheduleInterleaved1F1B
                                     else cls(pipe[0], n, loss_fn=loss, scale_grads=False))
