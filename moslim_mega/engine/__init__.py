@@ -31,7 +31,7 @@ def build_engine(parallel: ParallelConfig, build_model: Callable[[], object], ma
     weight_decay, warmup_steps, grad_clip, total_steps): the pipeline engine makes its own updater
     over this rank's stages, whose gradient norm spans the pp group. A trainer that passes neither
     does not run the pipeline engine and is refused here rather than train a full copy per rank.
-    A frozen, forward-only pipeline model (the policy's reference) passes ``optim=None`` and
+    A frozen, forward-only pipeline model (the policy's reference and RM) passes ``optim=None`` and
     ``train=False`` (no float8, no activation checkpointing); it is pipeline-only: without pp a
     frozen model needs no engine."""
     if parallel.backend == "megatron":

@@ -65,7 +65,7 @@ class PipelineEngine(TrainEngine):
     ``model``: the whole model, identical on every rank (same seed or checkpoint); this rank keeps
     only its stages. ``optim``: the ``Updater`` keywords (lr, weight_decay, warmup_steps,
     grad_clip, total_steps); None with ``train=False`` gives a frozen, forward-only engine (the
-    policy's reference). ``temperature`` / ``logprob_chunk`` / ``kernels_impl``: the fused
+    policy's reference and RM). ``temperature`` / ``logprob_chunk`` / ``kernels_impl``: the fused
     log-prob head of the ``causal_lm`` role.
     """
 
