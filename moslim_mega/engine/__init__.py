@@ -30,7 +30,10 @@ def build_engine(parallel: ParallelConfig, build_model: Callable[[], object], ma
     skeleton, the real weights on rank 0) and ``optim`` holds the ``Updater`` keywords (lr,
     weight_decay, warmup_steps, grad_clip, total_steps): the pipeline engine makes its own updater
     over this rank's stages, whose gradient norm spans the pp group. A trainer that passes neither
-    does not run the pipeline engine and is refused here rather than train a full copy per rank."""
+    does not run the pipeline engine and is refused here rather than train a full copy per rank.
+    A frozen, forward-only pipeline model (the policy's reference and RM) passes ``optim=None`` and
+    ``train=False`` (no float8, no activation checkpointing); it is pipeline-only: without pp a
+    frozen model needs no engine."""
     if parallel.backend == "megatron":
         raise ConfigError("parallel.backend=megatron: the trainers cannot run the megatron engine yet (it is "
                           "usable through engine.megatron.engine.build_megatron_engine; trainer wiring and its "
@@ -46,8 +49,8 @@ def build_engine(parallel: ParallelConfig, build_model: Callable[[], object], ma
 
 
 def _pipeline_engine(parallel, build_model, role: str, name: str, stage, optim, label: str | None = None,
-                     temperature: float = 1.0, kernels: KernelsConfig | None = None) -> TrainEngine:
-    if stage is None or optim is None:
+                     temperature: float = 1.0, kernels: KernelsConfig | None = None, train: bool = True) -> TrainEngine:
+    if stage is None or (optim is None and train):
         raise ConfigError(f"parallel.pp={parallel.pp}: the {label or name} trainer does not run the pipeline "
                           "engine (engine/pipeline.py); use parallel.pp=1")
     from .pipeline import PipelineEngine
@@ -56,7 +59,7 @@ def _pipeline_engine(parallel, build_model, role: str, name: str, stage, optim, 
     model = build_model()
     engine = PipelineEngine(model, role, stage.mesh, parallel, optim=optim, name=name, label=label,
                             temperature=temperature if temperature > 0 else 1.0, logprob_chunk=kc.logprob_chunk,
-                            kernels_impl=kc.impl, _rank0_model=stage.rank0_model(model))
+                            kernels_impl=kc.impl, train=train, _rank0_model=stage.rank0_model(model))
     stage.adopt(model, engine)
     return engine
 
