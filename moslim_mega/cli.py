@@ -20,7 +20,8 @@
     moslim convert hf-to-megatron --hf DIR --out DIR [--tp T] [--pp P] [--ep E] [--etp N] [--vpp V] [--dtype auto|fp32|bf16|fp16]
     moslim convert megatron-to-hf --ckpt DIR --out DIR [--max-shard-gb G]
     moslim plan --model qwen2-0.5b|qwen2-7b|qwen2-57b-a14b|qwen2-72b|PATH --nodes N --gpus-per-node G --tp T --dp D [--pp P [--pp-schedule S] [--microbatches M]] [--stage rm|sft|ppo] [--logprob-chunk C]
-    moslim plan --paper-table
+    moslim plan --backend megatron --model M --nodes N --gpus-per-node G --tp T [--pp P] [--ep E [--etp T]] [--stage rm|sft]
+    moslim plan --paper-table [--backend megatron]
     moslim profile RUN_DIR... [--out DIR]
     moslim launch slurm [--dry-run] [--nodes N --gpus-per-node G --partition P ...] -- STAGE ARGS...
     moslim launch slurm [--dry-run] [options] pipeline --recipe FILE [--force]
@@ -268,17 +269,17 @@ def cmd_config_show(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .parallel.planner import format_plan, paper_table, plan, plan_json
+    from .parallel.planner import format_plan, megatron_table, paper_table, plan, plan_json
 
     if args.paper_table:
-        print(paper_table(args.seq), end="")
+        print((megatron_table if args.backend == "megatron" else paper_table)(args.seq), end="")
         return 0
     if not args.model:
         raise ConfigError("moslim plan needs --model (or --paper-table)")
     dp = args.dp or (args.nodes * args.gpus_per_node) // (args.tp * args.pp)
     p = plan(args.model, args.nodes, args.gpus_per_node, args.tp, dp, args.stage, args.seq, args.micro_batch,
              args.rollout_seqs, args.gpu_gb, args.logprob_chunk, args.pp, args.pp_schedule, args.microbatches,
-             args.pp_stages_per_rank)
+             args.pp_stages_per_rank, args.backend, args.ep, args.etp)
     print(plan_json(p) if args.json else format_plan(p))
     return 0
 
@@ -507,6 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--microbatches", type=int, default=0, help="micro-batches per pipelined step (0 = pp)")
     p.add_argument("--pp-stages-per-rank", type=int, default=1,
                    help="stages per pp rank for interleaved_1f1b (parallel.pp_stages_per_rank)")
+    p.add_argument("--backend", default="torch", choices=("torch", "megatron"),
+                   help="training engine to plan (parallel.backend): torch = FSDP2 + DTensor TP, megatron = "
+                        "megatron-core tp × pp × ep with the distributed optimizer")
+    p.add_argument("--ep", type=int, default=1, help="expert parallel size (--backend megatron, MoE models)")
+    p.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (--backend megatron; default tp)")
     p.add_argument("--stage", default="rm", choices=("rm", "sft", "ppo"))
     p.add_argument("--seq", type=int, default=2048, help="tokens per sequence")
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per forward/backward")
@@ -515,7 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logprob-chunk", type=int, default=None,
                    help="vocabulary rows per chunk of the fused log-prob (default: kernels.logprob_chunk's default)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("--paper-table", action="store_true", help="the README table of the paper's configurations")
+    p.add_argument("--paper-table", action="store_true", help="the README table of the paper's configurations "
+                   "(with --backend megatron: the 57B-A14B and 72B RMs, FSDP beside megatron layouts)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("profile", help="report of the stages' profile.json (tokens/s, MFU, device-hours, phases)")

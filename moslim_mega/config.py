@@ -383,7 +383,7 @@ class ParallelConfig:
     pp_schedule: str = "1f1b"
     """Pipeline schedule under pp > 1: `gpipe`, `1f1b` or `interleaved_1f1b` (needs pp_stages_per_rank ≥ 2)."""
     pp_microbatches: int = 0
-    """Micro-batches per pipelined step: each dp shard of SFT/RM batches is cut into this many (0 = pp, the fewest that keep every stage busy)."""
+    """Micro-batches per pipelined step: each dp shard of SFT/RM batches is cut into this many (0 = pp, the fewest that keep every stage busy); the policy cuts by policy.micro_batch_size and, when this is set, must give exactly this many."""
     pp_stages_per_rank: int = 1
     """Model chunks (virtual stages) per pp rank: 1 for gpipe/1f1b, ≥ 2 for interleaved_1f1b."""
     cp: int = 1

@@ -227,10 +227,13 @@ class Profiler:
             mem = torch.cuda.max_memory_allocated(self.device)
         else:  # ru_maxrss: kilobytes on Linux, bytes on macOS
             mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-        tp_rank = self.stage.mesh["tp"].get_local_rank() if self.stage is not None and self.stage.distributed else 0
+        mesh = self.stage.mesh if self.stage is not None and self.stage.distributed else None
+        tp_rank = mesh["tp"].get_local_rank() if mesh is not None else 0
+        pp_rank = mesh["pp"].get_local_rank() if mesh is not None else 0
         return {"wall": now - self.start, "phases": dict(self.phases), "counters": dict(self.counters),
                 "flops": self.flops, "flops_known": self.flops_known, "peak_memory": int(mem),
-                "cpu_seconds": _cpu_seconds() - self._cpu0, "threads": torch.get_num_threads(), "tp_rank": tp_rank}
+                "cpu_seconds": _cpu_seconds() - self._cpu0, "threads": torch.get_num_threads(), "tp_rank": tp_rank,
+                "pp_rank": pp_rank}
 
     def write(self, path) -> dict | None:
         """Every rank calls this (a collective under torchrun); rank 0 writes ``path`` and returns
@@ -257,7 +260,9 @@ def aggregate(ranks: list[dict], stage_name: str, pc: ProfileConfig, device: tor
     wall = max(r["wall"] for r in ranks)
     names = sorted({k for r in ranks for k in r["phases"]})
     phases = {k: sum(r["phases"].get(k, 0.0) for r in ranks) / n for k in names}
-    replicas = [r for r in ranks if r["tp_rank"] == 0]  # tp ranks share one data shard: count it once
+    # The tp and pp ranks of one dp index share one data shard (each pp rank counts the model's
+    # FLOPs as a whole): count it once.
+    replicas = [r for r in ranks if r["tp_rank"] == 0 and r.get("pp_rank", 0) == 0]
     counters = {k: sum(r["counters"].get(k, 0) for r in replicas) for k in sorted({k for r in ranks for k in r["counters"]})}
     tokens = counters.get("tokens", 0)
     flops = sum(r["flops"] for r in replicas) if all(r["flops_known"] for r in ranks) else None

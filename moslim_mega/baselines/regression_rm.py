@@ -5,6 +5,12 @@ Targets are each rating's class rescaled to [0, 1] (class / (K_i − 1)), so eve
 same range in vᵀr; unlabelled heads (class −1) carry no loss.
 
 Legend: B batch, T tokens, D dimensions (hidden size is ``hidden``).
+
+Single process only: no ``Stage`` (no dp shard, no rank-0 save), so under ``parallel.pp > 1``
+``build_engine`` refuses it. Pipelining it is more than passing ``stage``/``optim`` as the RM
+trainer does: the pipeline split knows the multi-head RM's ``heads`` as the reward role's head
+(parallel/pipeline.py), not this model's ``head`` read-out, and the evaluation and the save would
+have to go through the engine's forward and export.
 """
 
 from __future__ import annotations

@@ -35,9 +35,13 @@ def build_engine(parallel: ParallelConfig, build_model: Callable[[], object], ma
     weight_decay, warmup_steps, grad_clip, total_steps): the pipeline engine makes its own updater
     over this rank's stages, whose gradient norm spans the pp group. A trainer that passes neither
     does not run the pipeline engine and is refused here rather than train a full copy per rank.
+    A frozen, forward-only pipeline model (the policy's reference and RM) passes ``optim=None`` and
+    ``train=False`` (no float8, no activation checkpointing); it is pipeline-only: without pp a
+    frozen model needs no engine.
 
-    ``parallel.backend=megatron`` needs ``stage``, ``optim`` and ``init_dir`` (a directory in the
-    run's output where rank 0 writes the starting model for the engine to load)."""
+    ``parallel.backend=megatron`` needs ``stage``, ``optim`` and ``init_dir``: a directory in the
+    run's output where rank 0 writes the starting model for the engine to load (SFT, RM), or the
+    HF directory the engine loads as it is (the policy's actor)."""
     if parallel.backend == "megatron":
         return _megatron_engine(parallel, build_model, role, name, stage, optim, init_dir, **kwargs)
     if parallel.backend != "torch":
@@ -51,8 +55,8 @@ def build_engine(parallel: ParallelConfig, build_model: Callable[[], object], ma
 
 
 def _pipeline_engine(parallel, build_model, role: str, name: str, stage, optim, label: str | None = None,
-                     temperature: float = 1.0, kernels: KernelsConfig | None = None) -> TrainEngine:
-    if stage is None or optim is None:
+                     temperature: float = 1.0, kernels: KernelsConfig | None = None, train: bool = True) -> TrainEngine:
+    if stage is None or (optim is None and train):
         raise ConfigError(f"parallel.pp={parallel.pp}: the {label or name} trainer does not run the pipeline "
                           "engine (engine/pipeline.py); use parallel.pp=1")
     from .pipeline import PipelineEngine
@@ -61,14 +65,14 @@ def _pipeline_engine(parallel, build_model, role: str, name: str, stage, optim, 
     model = build_model()
     engine = PipelineEngine(model, role, stage.mesh, parallel, optim=optim, name=name, label=label,
                             temperature=temperature if temperature > 0 else 1.0, logprob_chunk=kc.logprob_chunk,
-                            kernels_impl=kc.impl, _rank0_model=stage.rank0_model(model))
+                            kernels_impl=kc.impl, train=train, _rank0_model=stage.rank0_model(model))
     stage.adopt(model, engine)
     return engine
 
 
 def _megatron_engine(parallel, build_model, role: str, name: str, stage, optim, init_dir, label: str | None = None,
-                     temperature: float = 1.0, kernels: KernelsConfig | None = None) -> TrainEngine:
-    if stage is None or optim is None or init_dir is None:
+                     temperature: float = 1.0, kernels: KernelsConfig | None = None, train: bool = True) -> TrainEngine:
+    if stage is None or optim is None or init_dir is None or not train:
         raise ConfigError(f"parallel.backend=megatron: the {label or name} trainer does not run the megatron engine "
                           "(moslim sft train, rm train and policy train do); use parallel.backend=torch")
     if not stage.distributed:
@@ -96,7 +100,7 @@ def _megatron_engine(parallel, build_model, role: str, name: str, stage, optim, 
     stage.barrier()
     kc = kernels or KernelsConfig()
     settings = EngineSettings(lr=optim["lr"], weight_decay=optim["weight_decay"], warmup_steps=optim["warmup_steps"],
-                              total_steps=optim["total_steps"], grad_clip=optim["grad_clip"],
+                              total_steps=optim.get("total_steps", 0), grad_clip=optim["grad_clip"],
                               temperature=temperature if temperature > 0 else 1.0, logprob_chunk=kc.logprob_chunk)
     engine = build_megatron_engine(parallel, init_dir, role, settings, name=name)
     ours = {"dp": (stage.dp_rank, stage.dp), "pp": (stage.pp_rank(), stage.pp)}

@@ -73,6 +73,11 @@ class TrainEngine(ABC):
     """
 
     role: str
+    losses_on_every_rank: bool = True
+    """Whether ``loss_fn`` runs on every rank that calls ``train_step``. False for the pipeline
+    engine: only its last stage runs the losses, so a loss function must not raise there (the other
+    stages would wait in the schedule for ever) — a trainer checks the rows ``train_step`` returns
+    instead, which every rank receives."""
 
     @abstractmethod
     def train_step(self, micro_batches: list[MicroBatch], loss_fn: LossFn, step: int) -> dict[str, float]:

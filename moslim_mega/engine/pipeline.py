@@ -64,9 +64,12 @@ class PipelineEngine(TrainEngine):
 
     ``model``: the whole model, identical on every rank (same seed or checkpoint); this rank keeps
     only its stages. ``optim``: the ``Updater`` keywords (lr, weight_decay, warmup_steps,
-    grad_clip, total_steps). ``temperature`` / ``logprob_chunk`` / ``kernels_impl``: the fused
+    grad_clip, total_steps); None with ``train=False`` gives a frozen, forward-only engine (the
+    policy's reference and RM). ``temperature`` / ``logprob_chunk`` / ``kernels_impl``: the fused
     log-prob head of the ``causal_lm`` role.
     """
+
+    losses_on_every_rank = False  # the last stage runs them (engine/base.py)
 
     def __init__(self, model, role: str, mesh, pc, optim: dict | None = None, name: str = "model",
                  temperature: float = 1.0, logprob_chunk: int = 8192, kernels_impl: str | None = None,
@@ -243,6 +246,17 @@ class PipelineEngine(TrainEngine):
                 pipe.append(PipelineStage(s, s.stage, self.num_stages, self.device, input_args=inputs,
                                           output_args=outputs, group=self.pp_group))
             cls = SCHEDULES[self.pc.pp_schedule]
+            if cls is Schedule1F1B and n < self.num_stages:
+                # 1F1B refuses fewer micro-batches than stages (a one-row probe's forward, a policy
+                # step with few Online-DPO pairs); with so few there is no steady state to
+                # interleave, and GPipe runs the same forwards and backwards — the same numbers.
+                cls = ScheduleGPipe
+            rounds = max(1, n // self.pp)
+            if cls is ScheduleInterleaved1F1B and n % rounds:
+                # torch's interleaved schedule walks the micro-batches in rounds of pp.
+                raise ConfigError(f"parallel.pp_schedule=interleaved_1f1b: a step of {n} micro-batches on "
+                                  f"parallel.pp={self.pp} must be a multiple of {rounds} (its rounds of pp); set "
+                                  "parallel.pp_microbatches (or the trainer's micro-batch size) to a multiple of pp")
             loss = self._pipe_loss if train else None
             self._schedules[key] = (cls(pipe, n, loss_fn=loss, scale_grads=False) if cls is ScheduleInterleaved1F1B
                                     else cls(pipe[0], n, loss_fn=loss, scale_grads=False))

@@ -3,12 +3,15 @@ each rank's ``hf`` rollout engine generates from.
 
 Generation choice (the simplest correct one): every rank generates its dp shard of the prompts
 with a plain, unsharded copy of the current actor, which the engine refreshes after each update
-from the streamed full tensors of the sharded actor (``parallel/export.py``, one parameter bucket
-at a time). Generation then has no collectives, so ranks whose responses end early never wait on —
-or deadlock with — ranks still decoding, and tensor-parallel peers receive the rollouts of their tp
-group's first rank by broadcast, so they train on identical rows by construction. The copy costs
-one full model per rank: on GPU clusters the vLLM engine (``rollout.engine=vllm``, weights pushed
-through the same stream) is the route for large policies.
+from the streamed full tensors of the actor's engine (``TrainEngine.export_weights``: FSDP/TP
+shards gathered, or under ``parallel.pp > 1`` each stage's tensors broadcast by its pp rank).
+Generation then has no collectives, so ranks whose responses end early never wait on — or
+deadlock with — ranks still decoding, and the other ranks of a model-parallel group (the pp × tp
+ranks of one dp index, which must train on identical rows) receive the rollouts of the group's
+first rank by broadcast, so they train on identical rows by construction. The copy costs one full
+model per rank — under pp too, where the trained stages are split: that is the ``hf`` engine's
+price, and on GPU clusters the vLLM engine (``rollout.engine=vllm``, weights pushed through the
+same stream) is the route for large policies.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from .stage import Stage
 
 
 def check_policy_layout(stage: Stage, pc) -> None:
-    """Refuse layouts whose ranks would run different numbers of collective forward passes."""
+    """Refuse layouts whose ranks would run different numbers of collective forward passes, and
+    (under pp) update micro-batch counts that differ from ``parallel.pp_microbatches``."""
     from ..config import ConfigError
 
     if pc.prompts_per_step % stage.dp:
@@ -31,7 +35,29 @@ def check_policy_layout(stage: Stage, pc) -> None:
     if pc.algo == "online_dpo" and stage.dp > 1:
         # The number of valid (chosen, rejected) pairs differs between dp ranks, so their numbers of
         # mini-batches — and FSDP's collectives — would not match.
-        raise ConfigError("policy.algo=online_dpo runs with parallel.dp=1 only (tensor parallel is fine)")
+        raise ConfigError("policy.algo=online_dpo runs with parallel.dp=1 only (tensor and pipeline parallel are fine)")
+    want = getattr(getattr(stage, "pc", None), "pp_microbatches", 0) if getattr(stage, "pp", 1) > 1 else 0
+    if not want:
+        return
+    if pc.algo == "online_dpo":
+        # Its micro-batches are cut from the valid pairs of each step, a number the rollouts decide.
+        raise ConfigError(f"parallel.pp_microbatches={want} with policy.algo=online_dpo: the update's micro-batch "
+                          "count follows each step's number of valid pairs; set parallel.pp_microbatches=0")
+    counts = update_micro_counts(pc, pc.prompts_per_step // stage.dp * pc.samples_per_prompt)
+    if set(counts) != {want}:
+        raise ConfigError(
+            f"parallel.pp_microbatches={want}: the policy updates cut each mini-batch (policy.mini_batch_size="
+            f"{pc.mini_batch_size} of the {pc.prompts_per_step // stage.dp * pc.samples_per_prompt} rollout rows per "
+            f"dp rank) into micro-batches of policy.micro_batch_size={pc.micro_batch_size or pc.mini_batch_size}, "
+            f"i.e. {sorted(set(counts))} per pipelined step; make them agree or set parallel.pp_microbatches=0")
+
+
+def update_micro_counts(pc, rows: int) -> list[int]:
+    """Micro-batches of each mini-batch of one PPO/RLOO update over ``rows`` rollout rows (as the
+    controller's ``_accumulate`` cuts them): one pipelined ``train_step`` per entry."""
+    micro = pc.micro_batch_size or pc.mini_batch_size
+    sizes = [min(pc.mini_batch_size, rows - m0) for m0 in range(0, rows, pc.mini_batch_size)]
+    return [-(-size // micro) for size in sizes]
 
 
 def causal_lm_skeleton(config):
@@ -71,14 +97,14 @@ def build_policy_models(stage: Stage, init_dir, with_critic: bool):
 
 @torch.no_grad()
 def megatron_policy_models(stage: Stage, init_dir):
-    """(actor skeleton, reference, rollout module, tokenizer) under ``parallel.backend=megatron``.
+    """(actor skeleton, reference, tokenizer) under ``parallel.backend=megatron``.
 
     The actor's megatron engine loads ``init_dir`` itself, shard by shard (``engine.build_engine``
     with ``init_dir``); the actor here is a meta skeleton — its config for the checkpoint assets and
     the FLOPs, and the module ``Stage.full_model`` fills from the engine's export — holding the real
-    buffers (rotary ``inv_freq``: not in the export). The reference is each rank's own plain,
-    frozen copy of the initial policy, and so is the ``hf`` engine's generation module (refreshed
-    by the weight pushes, as under the torch backend): two full models per rank — the vLLM engine
+    buffers (rotary ``inv_freq``: not in the export), from which ``rollout_module`` copies them.
+    The reference is each rank's own plain, frozen copy of the initial policy; with the ``hf``
+    rollout engine's plain copy that makes two full models per rank — the vLLM engine
     (``rollout.engine=vllm``) saves the second."""
     from ..models.build import load_policy
 
@@ -88,7 +114,7 @@ def megatron_policy_models(stage: Stage, init_dir):
     for name, buf in reference.named_buffers():
         owner_name, _, attr = name.rpartition(".")
         (actor.get_submodule(owner_name) if owner_name else actor)._buffers[attr] = buf.detach().clone().cpu()
-    return actor.train(), reference, rollout_module(stage, actor), load_tokenizer(init_dir)
+    return actor.train(), reference, load_tokenizer(init_dir)
 
 
 def rollout_module(stage: Stage, actor):
@@ -107,13 +133,21 @@ def rollout_module(stage: Stage, actor):
     return plain.eval()
 
 
-def share_within_tp(stage: Stage, rollout):
-    """The rollout of the tp group's first rank on every rank of the group (identity for tp=1)."""
-    if stage.mesh is None or stage.mesh["tp"].size() == 1:
-        return rollout
-    box = [rollout]
-    dist.broadcast_object_list(box, group=stage.mesh["tp"].get_group(), group_src=0)
-    return box[0]
+def share_within_model_group(stage: Stage, obj):
+    """``obj`` of the model-parallel group's first rank (pp rank 0, tp rank 0 of this dp index) on
+    every rank of the group: the pp × tp ranks that train one model replica must see identical
+    rollouts (and rewards, pairs) or their collectives would not match. Identity for pp = tp = 1.
+
+    Two broadcasts instead of one over a flattened pp × tp group: first within tp (every rank then
+    holds its pp rank's tp-rank-0 object), then within pp from pp rank 0."""
+    if stage.mesh is None:
+        return obj
+    for dim in ("tp", "pp"):
+        if stage.mesh[dim].size() > 1:
+            box = [obj]
+            dist.broadcast_object_list(box, group=stage.mesh[dim].get_group(), group_src=0)
+            obj = box[0]
+    return obj
 
 
 def mean_metrics(stage: Stage, row: dict) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 import time
 from contextlib import contextmanager
@@ -37,13 +38,13 @@ from ..utils.logging import MetricsWriter
 from ..utils.seed import seed_everything
 from ..parallel.fp8 import apply_fp8_models
 from ..parallel.policy import (build_policy_models, causal_lm_skeleton, check_policy_layout, mean_metrics,
-                               megatron_policy_models, rollout_module, share_within_tp)
+                               megatron_policy_models, rollout_module, share_within_model_group)
 from ..parallel.stage import Stage
 from ..profile import Profiler, model_flops
 from ..engine import build_engine
 from ..engine.base import LogprobOut, MicroBatch, TrainEngine, mean_log_rows
 from ..training.loop import LoopConfig, TrainLoop
-from .workers import LogprobWorker, RewardOutput, RewardWorker, Updater
+from .workers import LogprobWorker, RewardOutput, RewardWorker, Updater, load_pipeline_reward_model
 
 
 @dataclass
@@ -105,6 +106,7 @@ def update_actor(engine: TrainEngine, exp: Experience, pc: PolicyConfig, kl_coef
     actor's ``causal_lm`` engine (its temperature is the sampler's)."""
     if exp.chosen_P is not None:
         return _update_dpo(engine, exp, pc, gen, step)
+    check = _loss_check(engine, step)
 
     def mini_loss(mini):
         share_denom = exp.mask_BT[mini].sum().clamp(min=1)
@@ -112,7 +114,7 @@ def update_actor(engine: TrainEngine, exp: Experience, pc: PolicyConfig, kl_coef
         def loss_fn(out: LogprobOut, micro: MicroBatch):
             part = _experience(micro)
             loss, stats = actor_loss(pc, out.logp_BT, out.entropy_BT, part, kl_coef)
-            core.check_finite(loss, "pg_loss", step)
+            check(loss, "pg_loss")
             stats.update(pg_loss=float(loss.detach()),
                          entropy=float(core.masked_mean(out.entropy_BT.detach(), part.mask_BT)))
             return loss * _token_share(part, share_denom), stats
@@ -128,6 +130,7 @@ def _update_dpo(engine: TrainEngine, exp: Experience, pc: PolicyConfig, gen, ste
     """Mini- and micro-batches count pairs (two rows each: the chosen rows, then the rejected
     ones); each micro-batch's mean pair loss is weighted by its share of the mini-batch's pairs."""
     seq_ref_B = core.masked_sum(exp.ref_logp_BT, exp.mask_BT, dim=1)
+    check = _loss_check(engine, step)
 
     def micro_batch(pairs):
         rows = torch.cat([exp.chosen_P[pairs], exp.rejected_P[pairs]])
@@ -138,7 +141,7 @@ def _update_dpo(engine: TrainEngine, exp: Experience, pc: PolicyConfig, gen, ste
             seq_B = core.masked_sum(out.logp_BT, micro["response_mask_BT"], dim=1)
             ref_B, n = micro["seq_ref_B"], seq_B.shape[0] // 2
             loss, stats = dpo.dpo_loss(seq_B[:n], seq_B[n:], ref_B[:n], ref_B[n:], pc.dpo_beta, pc.dpo_loss)
-            core.check_finite(loss, "dpo_loss", step)
+            check(loss, "dpo_loss")
             stats["dpo_loss"] = float(loss.detach())
             return loss * n / len(mini), stats
 
@@ -152,6 +155,7 @@ def _update_dpo(engine: TrainEngine, exp: Experience, pc: PolicyConfig, gen, ste
 
 def update_critic(engine: TrainEngine, exp: Experience, pc: PolicyConfig, gen, step: int = 0) -> dict:
     """Clipped value-loss updates of the PPO critic through its ``value`` engine."""
+    check = _loss_check(engine, step)
 
     def mini_loss(mini):
         share_denom = exp.mask_BT[mini].sum().clamp(min=1)
@@ -160,7 +164,7 @@ def update_critic(engine: TrainEngine, exp: Experience, pc: PolicyConfig, gen, s
             part = _experience(micro)
             loss, stats = ppo.ppo_value_loss(values_BT, part.old_values_BT, part.returns_BT, part.mask_BT,
                                              pc.value_clip_range)
-            core.check_finite(loss, "value_loss", step)
+            check(loss, "value_loss")
             stats["value_loss"] = float(loss.detach())
             return loss * _token_share(part, share_denom), stats
 
@@ -187,6 +191,16 @@ def _experience(micro: MicroBatch) -> Experience:
                       **{f: micro.get(f) for f in Experience._PER_ROW[3:]})
 
 
+def _loss_check(engine: TrainEngine, step: int):
+    """``check(loss, name)`` inside a loss function: the finite check where every rank runs the
+    losses; a no-op under the pipeline engine, whose last stage alone runs them — raising there would
+    leave the other stages waiting in the schedule. ``_accumulate`` checks the returned rows instead,
+    on every rank (and the gradient-norm check is collective)."""
+    if engine.losses_on_every_rank:
+        return lambda loss, name: core.check_finite(loss, name, step)
+    return lambda loss, name: None
+
+
 def _token_share(part: Experience, mini_tokens: torch.Tensor):
     """A micro-batch's token-mean loss × this = its exact share of the mini-batch's token mean,
     so accumulating 8 micro-batches of 1 equals one batch of 8 (a tested invariant)."""
@@ -201,8 +215,14 @@ def _accumulate(units: int, mini_size: int, micro_size: int, pc: PolicyConfig, g
     returning each micro-batch's loss already weighted by its share of the mini-batch.
 
     The metrics are the mean over every micro-batch's log row of the whole update (all epochs and
-    mini-batches), and ``{who}_grad_norm`` the mean over its optimizer steps."""
+    mini-batches), and ``{who}_grad_norm`` the mean over its optimizer steps.
+
+    Under the pipeline engine the loss functions run on the last stage only, so this rank may log
+    nothing: the rows are then the per-step means ``train_step`` returns (broadcast from the last
+    stage to every pp rank), one per micro-batch of the step, which gives the same per-key mean
+    over all micro-batches (every row of one update has the same keys)."""
     logs: list[dict] = []
+    local = engine.losses_on_every_rank
 
     def logged(loss_fn):
         def wrapped(out, micro):
@@ -217,7 +237,13 @@ def _accumulate(units: int, mini_size: int, micro_size: int, pc: PolicyConfig, g
         for m0 in range(0, units, mini_size):
             mini = order[m0 : m0 + mini_size]
             micros = [micro_batch(mini[u0 : u0 + micro_size]) for u0 in range(0, len(mini), micro_size)]
-            res = engine.train_step(micros, logged(mini_loss(mini)), step)
+            res = engine.train_step(micros, logged(mini_loss(mini)) if local else mini_loss(mini), step)
+            if not local:
+                row = {k: v for k, v in res.items() if k not in ("grad_norm", "lr")}
+                for k, v in row.items():
+                    if k.endswith("_loss") and not math.isfinite(v):  # the check the loss functions skipped
+                        raise core.NonFiniteError(f"step {step}: {k} is not finite")
+                logs.extend(dict(row) for _ in micros)
             logs[-1][f"{who}_grad_norm"] = res["grad_norm"]
     return mean_log_rows(logs)
 
@@ -273,20 +299,26 @@ def train_policy(
     rollouts, e.g. :class:`~moslim_mega.eval.overopt.OracleMonitor` (the world's oracle beside
     the RM: reward over-optimisation measured on the policy's own samples); the summary then
     carries ``overoptimisation`` (:func:`~moslim_mega.eval.overopt.detect_overoptimisation`).
+
+    Under torchrun the actor, critic and reference are sharded by ``parallel.*``. With
+    ``parallel.pp > 1`` each is a pipeline engine (engine/pipeline.py) — the actor and critic
+    trained, the reference frozen and forward-only — so no rank holds any of them whole; their
+    log-probs and values come through the schedule, broadcast from the last stage. The reward model
+    is a frozen pipeline engine too (``PipelineRewardModel``: rank 0 alone loads it); under dp / tp
+    it is replicated, loaded whole per rank. One thing stays whole per rank under pp: the ``hf``
+    rollout engine's plain copy of the actor (parallel/policy.py; vLLM is the route at scale).
     """
     pc, sc = cfg.policy, cfg.sampling
-    if cfg.parallel.pp > 1:
-        # Refused before any process group or model: rollouts need the whole actor on each rank and
-        # the reference, critic and rollout weight pushes are not cut into pipeline stages yet —
-        # each pp rank would otherwise train a full copy.
-        raise ConfigError(f"parallel.pp={cfg.parallel.pp}: moslim policy train does not run the pipeline engine "
-                          "yet (sft train and rm train do); use parallel.pp=1 with parallel.dp / parallel.tp")
     out = Path(out_dir)
     megatron = cfg.parallel.backend == "megatron"
+    # Refused before any model, RM or rollout engine is built.
     if megatron and pc.algo == "ppo":
-        # Refused before any model, RM or rollout engine is built.
         raise ConfigError("parallel.backend=megatron with policy.algo=ppo: the critic (a value model) is not wired to "
                           "the megatron engine; use policy.algo=rloo or online_dpo, or parallel.backend=torch")
+    if megatron and cfg.parallel.pp > 1:
+        raise ConfigError(f"parallel.backend=megatron with parallel.pp={cfg.parallel.pp}: the policy's reference and "
+                          "RM are not megatron engines (frozen pipeline models are the torch backend's); use "
+                          "parallel.tp / parallel.dp, or parallel.backend=torch")
     stage = Stage(cfg.parallel, cfg.run.device)  # inert in one process; the mesh and dp shard under torchrun
     prof = Profiler(cfg.profile, "policy", stage, out)
     out.mkdir(parents=True, exist_ok=True)
@@ -305,19 +337,20 @@ def train_policy(
                           "algorithms (ppo, rloo); Online-DPO's loss has no sampling ratio — set it to none")
 
     if rewarder is None:
-        rm = load_reward_model(rm_dir, device=stage.device)  # under torchrun on GPUs: fused RM head on CUDA
+        if stage.pp > 1:  # cut into stages like the policy's models: no rank holds it whole
+            rm = load_pipeline_reward_model(stage, rm_dir, cfg.kernels)
+        else:  # replicated under dp / tp (on GPUs: the fused RM head on CUDA)
+            rm = load_reward_model(rm_dir, device=stage.device)
         rewarder = RewardWorker(rm, RewardMapper.from_config(rm.stats, cfg.mapping), impl=cfg.kernels.impl)
     prompts = load_policy_prompts(prompts_path, rewarder.spec)
     critic = None
     if stage.distributed and megatron:
         check_policy_layout(stage, pc)
-        actor, reference, gen_module, tokenizer = megatron_policy_models(stage, init_dir)
-        gen_module = gen_module if cfg.rollout.engine == "hf" else None
+        actor, reference, tokenizer = megatron_policy_models(stage, init_dir)
     elif stage.distributed:
         check_policy_layout(stage, pc)
+        # Under pp: meta skeletons (rank 0 keeps the real weights), cut into stages by the engines below.
         actor, reference, critic, tokenizer = build_policy_models(stage, init_dir, pc.algo == "ppo")
-        # hf: each rank's plain copy, filled by the first push below (see parallel/policy.py)
-        gen_module = rollout_module(stage, actor) if cfg.rollout.engine == "hf" else None
     else:
         actor, tokenizer = load_policy(init_dir)
         actor = actor.to(stage.device)
@@ -327,19 +360,39 @@ def train_policy(
         if pc.algo == "ppo":
             critic = ValueModel(copy.deepcopy(getattr(actor, actor.base_model_prefix))).train()
         apply_fp8_models(cfg.parallel, actor, critic)  # parallel.fp8 (the reference, copied above, stays exact)
-    ref_worker = LogprobWorker(reference, sc.temperature, cfg.kernels)
+    # Under pp, float8 is applied per stage by the pipeline engines (trained ones only), as
+    # parallelize_policy does under dp / tp.
     # The trained models sit behind training engines: the updates hand them micro-batches and pure
-    # loss functions; log-probs are taken under the sampler's temperature.
-    # stage / optim / init_dir matter to the megatron backend only: its engine loads the actor from
-    # init_dir itself (the torch backend's policy refuses pp, where the other two would matter).
-    actor_engine = build_engine(cfg.parallel, lambda: actor, lambda m: Updater(
-        m.parameters(), pc.lr, pc.weight_decay, pc.warmup_steps, pc.grad_clip), "causal_lm", "actor",
-        label="policy", temperature=sc.temperature, kernels=cfg.kernels, stage=stage,
-        optim=dict(lr=pc.lr, weight_decay=pc.weight_decay, warmup_steps=pc.warmup_steps, grad_clip=pc.grad_clip,
-                   total_steps=0), init_dir=init_dir)
-    critic_engine = None if critic is None else build_engine(cfg.parallel, lambda: critic, lambda m: Updater(
-        m.parameters(), pc.critic_lr, pc.weight_decay, pc.warmup_steps, pc.grad_clip), "value", "critic")
+    # loss functions; log-probs are taken under the sampler's temperature. Under pp the engines
+    # build their own updaters from these keywords (gradient norm over all stages); the megatron
+    # backend's actor engine also takes init_dir, which it loads itself.
+    actor_optim = dict(lr=pc.lr, weight_decay=pc.weight_decay, warmup_steps=pc.warmup_steps, grad_clip=pc.grad_clip)
+    critic_optim = {**actor_optim, "lr": pc.critic_lr}
+    actor_engine = build_engine(cfg.parallel, lambda: actor, lambda m: Updater(m.parameters(), **actor_optim),
+                                "causal_lm", "actor", stage=stage, optim=actor_optim, label="policy",
+                                temperature=sc.temperature, kernels=cfg.kernels, init_dir=init_dir)
+    critic_engine = None if critic is None else build_engine(
+        cfg.parallel, lambda: critic, lambda m: Updater(m.parameters(), **critic_optim), "value", "critic",
+        stage=stage, optim=critic_optim)
     engines = [e for e in (actor_engine, critic_engine) if e is not None]
+    if stage.pp > 1:
+        # π_SFT of Eq. 12, frozen and forward-only, cut into stages like the actor: no rank holds it whole.
+        ref_engine = build_engine(cfg.parallel, lambda: reference, None, "causal_lm", "reference", stage=stage,
+                                  optim=None, train=False, label="reference", temperature=sc.temperature,
+                                  kernels=cfg.kernels)
+
+        def ref_logprobs(ids_BT, attn_BT):
+            return ref_engine.forward({"ids_BT": ids_BT, "mask_BT": attn_BT}).logp_BT
+    else:
+        ref_worker = LogprobWorker(reference, sc.temperature, cfg.kernels)
+
+        def ref_logprobs(ids_BT, attn_BT):
+            return ref_worker.logprobs(ids_BT, attn_BT)[0]
+    if stage.distributed:
+        # hf: each rank's plain copy, filled by the first push below (see parallel/policy.py). Made
+        # after the engines: under pp the actor skeleton's buffers (rotary inv_freq) are real only
+        # once its engine has materialised its stages.
+        gen_module = rollout_module(stage, actor) if cfg.rollout.engine == "hf" else None
 
     def old_logprobs(ids_BT, attn_BT):
         return actor_engine.forward({"ids_BT": ids_BT, "mask_BT": attn_BT}).logp_BT
@@ -386,18 +439,23 @@ def train_policy(
                 rollout = generate_texts(engine, tokenizer, batch_prompts, K, sc,
                                          seed=cfg.run.seed * 100003 + step + 7919 * stage.dp_rank)
             push.sleep()  # the trainer's phase: a GPU engine frees its memory (rollout.sleep_level)
-            if stage.distributed:
-                rollout = share_within_tp(stage, rollout)
+            if stage.distributed:  # the pp × tp ranks of one dp index train one replica on the same rows
+                rollout = share_within_model_group(stage, rollout)
             rollout = rollout.to(stage.device)
             t_gen = time.time() - t0
             prof.mark("generation")
             scored = rewarder.score(rollout.prompts, rollout.responses)
+            if stage.pp > 1:
+                # The group's ranks must cut the same micro-batches (Online-DPO's pairs follow the
+                # rewards): one rank's scores, not each rank's own fused-head pass (last bits on GPUs).
+                scored = share_within_model_group(stage, RewardOutput(*(t.cpu() for t in (
+                    scored.reward_B, scored.terms_BH, scored.targets_BH))))  # CPU: a pickled CUDA tensor keeps its index
             core.check_finite(scored.reward_B, "mapped reward", step)
             ids, attn, mask = rollout.input_ids_BT, rollout.attention_mask_BT, rollout.response_mask_BT.float()
             scored = RewardOutput(*(t.to(ids.device) for t in (scored.reward_B, scored.terms_BH, scored.targets_BH)))
             prof.mark("reward")
             old_logp = old_logprobs(ids, attn)
-            ref_logp, _ = ref_worker.logprobs(ids, attn)
+            ref_logp = ref_logprobs(ids, attn)
             exp = Experience(ids, attn, mask, old_logp * mask, ref_logp * mask)
             prof.mark("ref_old_logprobs")
             guard_metrics, tis_metrics = _check_rollout(cfg, engine.name, exp, rollout.logprobs_BT, step)
@@ -489,7 +547,7 @@ def _weight_pusher(cfg: Config, engine, actor: TrainEngine, tokenizer, probe_pro
         engine.update_weights(actor.export_weights(rc.push_bucket_mb << 20))
         if not rc.probe:
             return {}
-        share = (lambda b: share_within_tp(stage, b)) if stage.distributed else (lambda b: b)
+        share = (lambda b: share_within_model_group(stage, b)) if stage.distributed else (lambda b: b)
         when = f"before step {step}" if setup else f"step {step}"
         with _finite_sampling(when):
             m = guard.probe(engine, tokenizer, probe_prompt, cfg.sampling, old_logprobs,

@@ -124,10 +124,13 @@ def _trained_max_length(path: Path, meta: dict) -> int:
     return _check_max_length(rm["max_length"], f"{config}: rm.max_length")
 
 
-def load_reward_model(path: str | Path, device: str = "cpu", max_length: int | None = None) -> LoadedRewardModel:
+def load_reward_model(path: str | Path, device: str = "cpu", max_length: int | None = None,
+                      weights: bool = True) -> LoadedRewardModel:
     """Load an RM directory written by :func:`save_reward_model` (or ``moslim rm train``).
 
     It scores with the ``max_length`` it was trained with unless ``max_length`` is given here.
+    ``weights=False``: everything but the model (``model`` is None), for a caller that builds the
+    model itself — the policy's pipelined RM, whose ranks never load it whole (policy/workers.py).
     """
     path = Path(path)
     for name in ("rm.json", "heads.safetensors", "mapping_stats.json", "backbone"):
@@ -138,13 +141,14 @@ def load_reward_model(path: str | Path, device: str = "cpu", max_length: int | N
         raise RewardModelLoadError(f"{path}/rm.json: unsupported format_version {meta.get('format_version')!r}")
     max_length = _trained_max_length(path, meta) if max_length is None else _check_max_length(max_length, "max_length")
     spec = PreferenceSpec.from_dict(meta["spec"])
-    backbone = AutoModel.from_pretrained(path / "backbone")
     tokenizer = AutoTokenizer.from_pretrained(path / "backbone")
     if "chat_template" in meta and getattr(tokenizer, "chat_template", None) != meta["chat_template"]:
         # The template is saved with the tokenizer too; two records that disagree mean edited files.
         raise RewardModelLoadError(f"{path}/backbone: the tokenizer's chat template differs from the one in "
                                    "rm.json that the RM was trained with")
-    model = MultiHeadRewardModel(backbone, tuple(meta["num_classes"]))
-    model.heads.load_state_dict(load_file(path / "heads.safetensors"))
     stats = RunningClassStats.from_json(path / "mapping_stats.json")
+    if not weights:
+        return LoadedRewardModel(None, tokenizer, spec, stats, max_length)
+    model = MultiHeadRewardModel(AutoModel.from_pretrained(path / "backbone"), tuple(meta["num_classes"]))
+    model.heads.load_state_dict(load_file(path / "heads.safetensors"))
     return LoadedRewardModel(model.to(device).eval(), tokenizer, spec, stats, max_length)

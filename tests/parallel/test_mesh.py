@@ -98,3 +98,24 @@ def test_policy_layout_refusals():
     with pytest.raises(ConfigError, match="online_dpo runs with parallel.dp=1"):
         check_policy_layout(SimpleNamespace(dp=2), PolicyConfig(algo="online_dpo", prompts_per_step=4))
     check_policy_layout(SimpleNamespace(dp=1), PolicyConfig(algo="online_dpo", prompts_per_step=5))  # tp only: fine
+
+
+def test_policy_layout_pp_microbatches():
+    """Under pp the update's micro-batches (policy.micro_batch_size cuts of each mini-batch) must
+    number parallel.pp_microbatches when it is set; Online-DPO's follow its pairs and cannot."""
+    from moslim_mega.config import ParallelConfig
+
+    def stage(dp=1, pp=2, micro=0):
+        return SimpleNamespace(dp=dp, pp=pp, pc=ParallelConfig(pp=pp, pp_microbatches=micro))
+
+    pc = PolicyConfig(prompts_per_step=4, samples_per_prompt=2, mini_batch_size=8, micro_batch_size=2)
+    check_policy_layout(stage(micro=4), pc)  # 8 rows per dp rank: one mini-batch of 4 micro-batches
+    check_policy_layout(stage(micro=0), pc)  # 0: whatever the cuts give
+    with pytest.raises(ConfigError, match=r"parallel.pp_microbatches=2: .*policy.micro_batch_size=2, i.e. \[4\]"):
+        check_policy_layout(stage(micro=2), pc)
+    with pytest.raises(ConfigError, match=r"i.e. \[2, 4\]"):  # 12 rows: mini-batches of 8 and 4
+        check_policy_layout(stage(micro=4), PolicyConfig(prompts_per_step=6, samples_per_prompt=2,
+                                                        mini_batch_size=8, micro_batch_size=2))
+    with pytest.raises(ConfigError, match="pp_microbatches=4 with policy.algo=online_dpo"):
+        check_policy_layout(stage(micro=4), PolicyConfig(algo="online_dpo", prompts_per_step=4))
+    check_policy_layout(stage(micro=4, pp=1), PolicyConfig(prompts_per_step=4))  # no pipeline: not checked

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -9,7 +10,9 @@ import pytest
 import torch
 
 from moslim_mega.config import ConfigError
-from moslim_mega.parallel.planner import pipeline_bubble, GIB, format_plan, logits_bytes, plan
+from moslim_mega.engine.megatron.dims import Layout
+from moslim_mega.parallel.planner import (REWARD_CLASSES, GIB, format_plan, logits_bytes, megatron_dims, megatron_ranks,
+                                          megatron_total, pipeline_bubble, plan)
 from moslim_mega.parallel.presets import PRESETS
 
 from .test_equivalence import REPO
@@ -148,6 +151,134 @@ def test_single_gpu_plan_is_fp32_without_a_gather_working_set():
     assert static == pytest.approx(16 * m["total_params"] / GIB)
     assert p.peak == pytest.approx(static + max(m["activations"] + m["logits"], m["step_temp"]))
 
+
+
+# ---------------------------------------------------------------- --backend megatron
+
+C = sum(REWARD_CLASSES)
+RM_72B = dense_params(152064, 8192, 29568, 80, 64, 8) - 152064 * 8192 + C * 8192 + C  # no LM head, reward heads
+RM_57B = moe_params(151936, 3584, 28, 28, 4, 64, 2560, 20480) - 151936 * 3584 + C * 3584 + C
+
+
+def reassembled(ranks, layout) -> int:
+    """The model's parameters from its ranks' local counts: a stage's non-expert shard times tp
+    (minus the copies of what tp replicates), its ep ranks' expert shards times expert tp."""
+    total = 0
+    for stage in range(layout.pp):
+        here = [r for r in ranks if r.pp == stage]
+        dense = {r.params - r.expert for r in here}
+        assert len(dense) == 1, "ep ranks of a stage hold the same non-expert parameters"
+        first = here[0]
+        total += (first.params - first.expert - first.replicated) * layout.tp + first.replicated
+        total += sum(r.expert for r in here) * layout.expert_tp
+    return total
+
+
+@pytest.mark.parametrize("model,stage,layout,expected", [
+    ("qwen2-72b", "rm", Layout(tp=8, pp=4), RM_72B),
+    ("qwen2-72b", "rm", Layout(tp=4, pp=4, vpp=2), RM_72B),
+    ("qwen2-7b", "sft", Layout(tp=4, pp=2), dense_params(152064, 3584, 18944, 28, 28, 4)),
+    ("qwen2-57b-a14b", "rm", Layout(tp=2, pp=2, ep=4), RM_57B),
+    ("qwen2-57b-a14b", "rm", Layout(tp=4, ep=8, etp=1), RM_57B),
+])
+def test_megatron_rank_counts_sum_back_to_the_model(model, stage, layout, expected):
+    dims = megatron_dims(PRESETS[model](), stage, layout.tp)
+    classes = C if stage == "rm" else 0
+    ranks = megatron_ranks(dims, layout, classes)
+    assert len(ranks) == layout.pp * layout.ep
+    assert megatron_total(dims, classes) == expected  # the mapping's model is the HF one (no vocab padding here)
+    assert reassembled(ranks, layout) == expected
+    # The first stage holds the embedding; the last the final norm (and output layer or reward heads).
+    first, last = ranks[0].params - ranks[0].expert, ranks[-1].params - ranks[-1].expert
+    vocab_rows = dims.padded_vocab_size * dims.hidden_size // layout.tp
+    if layout.pp > 1 and stage == "rm":
+        assert first - last == vocab_rows - dims.hidden_size - C * dims.hidden_size - C
+
+
+def test_expert_parallelism_divides_the_expert_parameters():
+    dims = megatron_dims(PRESETS["qwen2-57b-a14b"](), "rm", 2)
+    one, eight = megatron_ranks(dims, Layout(tp=2), C), megatron_ranks(dims, Layout(tp=2, ep=8), C)
+    experts = 28 * 64 * 3 * 3584 * 2560
+    assert one[0].expert == experts // 2  # etp = tp = 2 splits each expert's fc1/fc2
+    assert all(r.expert == experts // 16 for r in eight) and len(eight) == 8
+    assert {r.params - r.expert for r in eight} == {one[0].params - one[0].expert}  # the rest is untouched
+    p1 = plan("qwen2-57b-a14b", 4, 8, tp=2, dp=16, backend="megatron")
+    p8 = plan("qwen2-57b-a14b", 4, 8, tp=2, dp=16, backend="megatron", ep=8)
+    assert p8.parts[0]["local_params"] == eight[0].params < p1.parts[0]["local_params"]
+    assert (p8.ep, p8.etp, p8.expert_dp, p1.expert_dp) == (8, 2, 2, 16)  # edp = tp·dp / (etp·ep)
+
+
+def test_megatron_bytes_and_the_distributed_optimizer_shrinking_with_dp():
+    # Qwen2-72B RM, tp 8 × pp 2: the same ranks on 2 nodes (dp 1) and 4 nodes (dp 2).
+    one = plan("qwen2-72b", 2, 8, tp=8, dp=1, pp=2, backend="megatron")
+    two = plan("qwen2-72b", 4, 8, tp=8, dp=2, pp=2, backend="megatron")
+    a, b = one.parts[0], two.parts[0]
+    assert a["local_params"] == b["local_params"] and a["total_params"] == RM_72B
+    n = a["local_params"]
+    assert a["weights"] == pytest.approx(2 * n / GIB) and a["grads"] == pytest.approx(4 * n / GIB)  # bf16, fp32 main grads
+    assert a["optimizer"] == pytest.approx(12 * n / GIB) and b["optimizer"] == pytest.approx(a["optimizer"] / 2)
+    assert b["weights"] == a["weights"] and b["grads"] == a["grads"]  # DDP: weights and grad buffer are not sharded
+    assert a["working"] == 0.0 and a["logits"] == 0.0  # no FSDP gathers; the RM has no output layer
+    assert one.busiest["pp"] == 0  # the embedding's stage; the last one holds only a norm and the heads
+    assert two.peak < one.peak and not one.fits and two.fits
+    assert one.bubble == pytest.approx(1 / 3) and "pipeline bubble: 33.3%" in format_plan(one)
+    # MoE: non-expert state over dp, routed experts' over expert-dp = tp·dp / (etp·ep).
+    moe = plan("qwen2-57b-a14b", 4, 8, tp=2, dp=16, backend="megatron", ep=8).parts[0]
+    dense, expert = moe["local_params"] - 28 * 64 * 3 * 3584 * 2560 // 16, 28 * 64 * 3 * 3584 * 2560 // 16
+    assert moe["optimizer"] == pytest.approx(12 * (dense / 16 + expert / 2) / GIB)
+    # SFT: the output layer (and the fused log-prob kernel's logits) sit on the last stage.
+    sft = plan("qwen2-7b", 1, 8, tp=4, dp=1, pp=2, stage="sft", backend="megatron")
+    assert sft.parts[0]["total_params"] == dense_params(152064, 3584, 18944, 28, 28, 4)
+
+
+def test_megatron_layout_errors_name_the_field():
+    cases = [
+        (dict(model="qwen2-57b-a14b", nodes=1, gpus_per_node=8, tp=1, dp=8, ep=3), "--ep=3 does not divide num_experts=64"),
+        (dict(model="qwen2-72b", nodes=1, gpus_per_node=8, tp=8, dp=1, ep=2), "--ep=2: expert parallelism needs a MoE"),
+        (dict(model="qwen2-57b-a14b", nodes=1, gpus_per_node=8, tp=8, dp=1), "--tp=8 does not divide num_attention_heads=28"),
+        (dict(model="qwen2-57b-a14b", nodes=1, gpus_per_node=8, tp=4, dp=2, ep=8), "--ep 8 × expert tp 4 = 32 does not divide"),
+        (dict(model="qwen2-72b", nodes=1, gpus_per_node=8, tp=8, dp=1, pp=3), "--pp 3 × --dp 1 × --tp 8 = 24"),
+        (dict(model="qwen2-72b", nodes=1, gpus_per_node=8, tp=8, dp=1, stage="ppo"), "--stage 'ppo'"),
+        (dict(model="qwen2-72b", nodes=2, gpus_per_node=8, tp=8, dp=1, pp=2, pp_schedule="gpipe"), "--pp-schedule 'gpipe'"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            plan(backend="megatron", **kwargs)
+    with pytest.raises(ConfigError, match="--ep: expert parallelism is a --backend megatron layout"):
+        plan("qwen2-57b-a14b", 1, 8, tp=1, dp=8, ep=8)
+    with pytest.raises(ConfigError, match="--backend 'jax'"):
+        plan("qwen2-7b", 1, 8, tp=1, dp=8, backend="jax")
+
+
+# Without megatron-core: the megatron plan needs only the mapping's shapes.
+NO_MEGATRON_PLAN = """
+import sys
+sys.modules["megatron"] = None
+from moslim_mega.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_megatron_plan_cli_prints_the_table_and_json_without_megatron_core():
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    argv = ["plan", "--model", "qwen2-57b-a14b", "--stage", "rm", "--backend", "megatron", "--nodes", "4",
+            "--gpus-per-node", "8", "--tp", "2", "--ep", "8"]
+    out = subprocess.run([sys.executable, "-c", NO_MEGATRON_PLAN, *argv], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "backend=megatron" in out.stdout and "dp=16 tp=2 ep=8 etp=2" in out.stdout
+    assert "busiest rank: pp stage 0, ep rank 0 (of 8 pp × ep ranks measured)" in out.stdout
+    assert "MEASURED: params, local" in out.stdout and "rm " in out.stdout
+    out = subprocess.run([sys.executable, "-c", NO_MEGATRON_PLAN, *argv, "--json"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    p = json.loads(out.stdout)
+    assert (p["backend"], p["dp"], p["tp"], p["ep"], p["expert_dp"]) == ("megatron", 16, 2, 8, 2)
+    assert p["parts"][0]["total_params"] == RM_57B and p["fits"]
+    assert "rank_shapes" in p["provenance"]["how"]
+    out = subprocess.run([sys.executable, "-c", NO_MEGATRON_PLAN, *argv[:-2], "--ep", "5"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "--ep=5 does not divide num_experts=64" in out.stderr
 
 @pytest.mark.gpu
 def test_planned_peak_matches_cuda_for_one_training_step():

@@ -335,11 +335,3 @@ def test_rewards_during_training_come_from_the_rm_training_time_token_ids(stage,
     trained = load_rm_examples(data, spec, tok, rm_cfg.rm.max_length)
     assert [fed[i] for i in kept] == trained.input_ids
     assert all(len(ids) == 6 for ids in fed)
-
-
-def test_policy_refuses_pipeline_parallel_before_building_anything(tmp_path):
-    from moslim_mega.config import ConfigError
-
-    with pytest.raises(ConfigError, match=r"parallel.pp=2: moslim policy train does not run the pipeline engine"):
-        train_policy(load_config(None, ["parallel.pp=2"]), tmp_path / "out", "no-init", "no-rm", "no-prompts")
-    assert not (tmp_path / "out").exists()

@@ -40,6 +40,10 @@ def test_loader_uses_the_recorded_length_unless_overridden(rm_dir):
     assert load_reward_model(rm_dir, max_length=0).max_length == 0  # explicit: no truncation
     with pytest.raises(RewardModelLoadError, match="max_length=-1"):
         load_reward_model(rm_dir, max_length=-1)
+    # weights=False (the policy's pipelined RM builds the model itself): all the rest, no model.
+    bare = load_reward_model(rm_dir, weights=False)
+    assert bare.model is None and bare.max_length == 7 and bare.spec == rm.spec
+    assert bare.stats.num_classes == rm.stats.num_classes and bare.tokenizer.chat_template == rm.tokenizer.chat_template
 
 
 def test_an_old_directory_takes_the_length_from_its_config_or_refuses(rm_dir):

@@ -283,6 +283,8 @@ class MegatronEngine(TrainEngine):
                                  ep=ps.get_expert_model_parallel_rank(), etp=ps.get_expert_tensor_parallel_rank())
         self._schedule = lambda: warmup_decay(settings.warmup_steps, settings.total_steps)
         self._steps_done = 0
+        self.losses_on_every_rank = layout.pp == 1
+        """Under pp > 1 megatron's schedule runs the loss functions on the last stage only (base.py)."""
         self.name = "model"
         """The checkpoint item's name (``checkpoint_items``); the trainer's (build_engine's ``name``)."""
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")

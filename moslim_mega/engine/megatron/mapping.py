@@ -282,32 +282,49 @@ def _owner(dims: ModelDims, layout: Layout, rule: Rule, layer, expert, c: RankCo
     return local_layer, expert - c.ep * per_ep, c.etp, layout.expert_tp
 
 
-def rank_state_dict(dims: ModelDims, layout: Layout, coords: RankCoords, rule_list: list[Rule],
-                    get_whole: Callable[[Rule, int | None, int | None], torch.Tensor]) -> dict[str, torch.Tensor | None]:
-    """What ``GPTModel.state_dict()`` holds for model chunk ``coords`` (strict-loadable,
-    ``_extra_state`` entries included as None), built by asking ``get_whole(rule, layer, expert)`` for each whole
-    tensor this rank needs — one at a time, so a caller can stream them from disk."""
+def rank_tensors(dims: ModelDims, layout: Layout, coords: RankCoords, rule_list: list[Rule]
+                 ) -> Iterator[tuple[str, Rule, int | None, int | None, int, int]]:
+    """(rank-local name, rule, layer, expert, TP rank, TP size) of every parameter model chunk
+    ``coords`` holds, in state-dict order — what :func:`rank_state_dict` fills and
+    :func:`rank_shapes` measures, so the two cannot disagree on what a rank owns."""
     check_layout(dims, layout)
-    out: dict[str, torch.Tensor | None] = {}
     for rule in rule_list:
         for layer, expert in instances(dims, rule):
             owner = _owner(dims, layout, rule, layer, expert, coords)
             if owner is None:
                 continue
             local_layer, local_expert, rank, size = owner
-            name = rule.module.format(layer=local_layer, expert=local_expert)
-            out[name] = tp_shard(rule, get_whole(rule, layer, expert), rank, size)
-            if rule.extra_state:
-                out[rule.extra_state.format(layer=local_layer, expert=local_expert)] = None
-    last_stage = _is_last(layout, coords)
-    if dims.has_lm_head and last_stage:
-        out["output_layer._extra_state"] = None  # the output layer is a linear too (tied or not)
-    if dims.tie_embeddings and dims.has_lm_head and layout.pp > 1 and last_stage:
+            yield rule.module.format(layer=local_layer, expert=local_expert), rule, layer, expert, rank, size
+    if dims.tie_embeddings and dims.has_lm_head and layout.pp > 1 and _is_last(layout, coords):
         # Tied embeddings across stages: the last stage keeps its own copy of the embedding as the
         # output layer (megatron all-reduces their gradients); the checkpoint stores it once.
         emb = next(r for r in rule_list if r.key == "embedding.word_embeddings.weight")
-        out["output_layer.weight"] = tp_shard(emb, get_whole(emb, None, None), coords.tp, layout.tp)
+        yield "output_layer.weight", emb, None, None, coords.tp, layout.tp
+
+
+def rank_state_dict(dims: ModelDims, layout: Layout, coords: RankCoords, rule_list: list[Rule],
+                    get_whole: Callable[[Rule, int | None, int | None], torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    """What ``GPTModel.state_dict()`` holds for model chunk ``coords`` (strict-loadable,
+    ``_extra_state`` entries included as None), built by asking ``get_whole(rule, layer, expert)`` for each whole
+    tensor this rank needs — one at a time, so a caller can stream them from disk."""
+    out: dict[str, torch.Tensor | None] = {}
+    for name, rule, layer, expert, rank, size in rank_tensors(dims, layout, coords, rule_list):
+        out[name] = tp_shard(rule, get_whole(rule, layer, expert), rank, size)
+        if rule.extra_state:
+            out[name.rsplit(".", 1)[0] + "._extra_state"] = None  # the linear's path, local indices filled in
+    if dims.has_lm_head and _is_last(layout, coords):
+        out["output_layer._extra_state"] = None  # the output layer is a linear too (tied or not)
     return out
+
+
+def rank_shapes(dims: ModelDims, layout: Layout, coords: RankCoords, rule_list: list[Rule]
+                ) -> dict[str, tuple[Rule, tuple[int, ...]]]:
+    """Rank-local name → (rule, shape) of model chunk ``coords``'s parameters, without data: each
+    whole tensor is a meta-device tensor cut by :func:`tp_shard` — the conversion's own sharding —
+    so the shapes are the ones :func:`rank_state_dict` would fill, for any TP/PP/EP layout, with
+    neither memory nor megatron-core (what ``moslim plan --backend megatron`` measures)."""
+    return {name: (rule, tuple(tp_shard(rule, torch.empty(rule.shape, device="meta"), rank, size).shape))
+            for name, rule, _, _, rank, size in rank_tensors(dims, layout, coords, rule_list)}
 
 
 def merge_rank_state_dicts(dims: ModelDims, layout: Layout, rule_list: list[Rule],
