@@ -10,7 +10,7 @@ implements this seam. ``parallel.backend=megatron`` runs it for the trainers tha
 is written there as an HF (RM) directory that every rank's engine loads its shards from, and the
 policy controller's actor, loaded from ``policy.init`` as it is. The engine checkpoints through
 megatron's ``dist_checkpointing`` (``MegatronCheckpoint``). Other trainers (the regression RM
-baseline, DPA's SFT iterations) and value models are refused before any model is built.
+baseline, DPA's SFT iterations) are refused before any model is built.
 """
 
 from __future__ import annotations
@@ -78,9 +78,6 @@ def _megatron_engine(parallel, build_model, role: str, name: str, stage, optim, 
     if not stage.distributed:
         raise ConfigError("parallel.backend=megatron: needs torchrun (megatron-core sets up its tensor/pipeline groups "
                           "on torch.distributed), e.g. torchrun --nproc_per_node=2 -m moslim_mega.cli ...")
-    if role == "value":
-        raise ConfigError(f"parallel.backend=megatron: the {label or name} trainer's value model is not wired to the "
-                          "megatron engine; use parallel.backend=torch")
     from pathlib import Path
 
     from .megatron.engine import EngineSettings, build_megatron_engine
@@ -110,7 +107,7 @@ def _megatron_engine(parallel, build_model, role: str, name: str, stage, optim, 
         # silently train on the wrong rows.
         raise ConfigError(f"parallel.backend=megatron: megatron's ranks {engine.parallel_ranks()} differ from the "
                           f"trainer's mesh {ours}")
-    stage.adopt(skeleton, _ModuleNames(engine) if role == "reward" else engine)
+    stage.adopt(skeleton, engine if role == "causal_lm" else _ModuleNames(engine))
     return engine
 
 
@@ -151,15 +148,16 @@ def _copy_buffers(full, skeleton) -> None:
 
 
 class _ModuleNames:
-    """The reward engine's ``export_weights`` under ``MultiHeadRewardModel``'s parameter names, which
-    ``Stage.full_model`` loads into the RM: the engine's HF backbone names get ``backbone.``."""
+    """The reward (value) engine's ``export_weights`` under ``MultiHeadRewardModel``'s
+    (``ValueModel``'s) parameter names, which ``Stage.full_model`` loads into the module: the
+    engine's HF backbone names get ``backbone.``."""
 
     def __init__(self, engine):
         self.engine = engine
 
     def export_weights(self, bucket_bytes: int = 1 << 28):
         for name, tensor in self.engine.export_weights(bucket_bytes):
-            yield (name if name.startswith("heads.") else "backbone." + name), tensor
+            yield (name if name.startswith(("heads.", "value_head.")) else "backbone." + name), tensor
 
 
 def micro_batch_count(parallel: ParallelConfig) -> int:

@@ -96,13 +96,15 @@ def build_policy_models(stage: Stage, init_dir, with_critic: bool):
 
 
 @torch.no_grad()
-def megatron_policy_models(stage: Stage, init_dir):
-    """(actor skeleton, reference, tokenizer) under ``parallel.backend=megatron``.
+def megatron_policy_models(stage: Stage, init_dir, with_critic: bool):
+    """(actor skeleton, reference, critic skeleton or None, tokenizer) under ``parallel.backend=megatron``.
 
     The actor's megatron engine loads ``init_dir`` itself, shard by shard (``engine.build_engine``
     with ``init_dir``); the actor here is a meta skeleton — its config for the checkpoint assets and
     the FLOPs, and the module ``Stage.full_model`` fills from the engine's export — holding the real
     buffers (rotary ``inv_freq``: not in the export), from which ``rollout_module`` copies them.
+    The critic's engine loads the same directory's backbone with a zero value head (V ≡ 0, as
+    ``ValueModel``); its skeleton gives the checkpoint assets their config.
     The reference is each rank's own plain, frozen copy of the initial policy; with the ``hf``
     rollout engine's plain copy that makes two full models per rank — the vLLM engine
     (``rollout.engine=vllm``) saves the second."""
@@ -114,7 +116,11 @@ def megatron_policy_models(stage: Stage, init_dir):
     for name, buf in reference.named_buffers():
         owner_name, _, attr = name.rpartition(".")
         (actor.get_submodule(owner_name) if owner_name else actor)._buffers[attr] = buf.detach().clone().cpu()
-    return actor.train(), reference, load_tokenizer(init_dir)
+    critic = None
+    if with_critic:
+        with torch.device("meta"):
+            critic = value_skeleton(reference.config).train()
+    return actor.train(), reference, critic, load_tokenizer(init_dir)
 
 
 def rollout_module(stage: Stage, actor):

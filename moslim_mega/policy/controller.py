@@ -311,11 +311,7 @@ def train_policy(
     pc, sc = cfg.policy, cfg.sampling
     out = Path(out_dir)
     megatron = cfg.parallel.backend == "megatron"
-    # Refused before any model, RM or rollout engine is built.
-    if megatron and pc.algo == "ppo":
-        raise ConfigError("parallel.backend=megatron with policy.algo=ppo: the critic (a value model) is not wired to "
-                          "the megatron engine; use policy.algo=rloo or online_dpo, or parallel.backend=torch")
-    if megatron and cfg.parallel.pp > 1:
+    if megatron and cfg.parallel.pp > 1:  # refused before any model, RM or rollout engine is built
         raise ConfigError(f"parallel.backend=megatron with parallel.pp={cfg.parallel.pp}: the policy's reference and "
                           "RM are not megatron engines (frozen pipeline models are the torch backend's); use "
                           "parallel.tp / parallel.dp, or parallel.backend=torch")
@@ -346,7 +342,7 @@ def train_policy(
     critic = None
     if stage.distributed and megatron:
         check_policy_layout(stage, pc)
-        actor, reference, tokenizer = megatron_policy_models(stage, init_dir)
+        actor, reference, critic, tokenizer = megatron_policy_models(stage, init_dir, pc.algo == "ppo")
     elif stage.distributed:
         check_policy_layout(stage, pc)
         # Under pp: meta skeletons (rank 0 keeps the real weights), cut into stages by the engines below.
@@ -373,7 +369,7 @@ def train_policy(
                                 temperature=sc.temperature, kernels=cfg.kernels, init_dir=init_dir)
     critic_engine = None if critic is None else build_engine(
         cfg.parallel, lambda: critic, lambda m: Updater(m.parameters(), **critic_optim), "value", "critic",
-        stage=stage, optim=critic_optim)
+        stage=stage, optim=critic_optim, init_dir=init_dir)
     engines = [e for e in (actor_engine, critic_engine) if e is not None]
     if stage.pp > 1:
         # π_SFT of Eq. 12, frozen and forward-only, cut into stages like the actor: no rank holds it whole.

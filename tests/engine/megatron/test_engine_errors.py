@@ -63,11 +63,11 @@ def test_build_engine_refuses_megatron_before_building_a_model(role, stage, init
                      init_dir=init_dir, label="sft")
 
 
-def test_policy_refuses_the_megatron_critic_before_building_anything(tmp_path):
+def test_policy_refuses_megatron_under_pp_before_building_anything(tmp_path):
     from moslim_mega.config import ConfigError, load_config
     from moslim_mega.policy.controller import train_policy
 
-    cfg = load_config(None, ["parallel.backend=megatron", "policy.algo=ppo"])
-    with pytest.raises(ConfigError, match="policy.algo=ppo: the critic"):
+    cfg = load_config(None, ["parallel.backend=megatron", "parallel.pp=2"])
+    with pytest.raises(ConfigError, match="parallel.backend=megatron with parallel.pp=2: the policy's reference"):
         train_policy(cfg, tmp_path / "out", tmp_path / "no_sft", tmp_path / "no_rm", tmp_path / "no_prompts")
     assert not (tmp_path / "out").exists()

@@ -5,11 +5,12 @@ inside the test-only CPU shim (run_cli_shim.py; no product code imports it).
 * SFT at dp=2, tp=2 and pp=2, the RM at tp=2 and pp=2: every exported tensor (the final HF / RM
   directory, written from ``engine.export_weights()``) and every metrics row (loss, gradient norm,
   lr; the RM's evaluations through the engine's forward) within 1e-5;
-* ``moslim policy train`` (RLOO, Online-DPO) with the actor in the megatron engine at tp=2: the
-  final policy and every row within 1e-5 (sampled rollouts: the tp ranks share one dp shard);
+* ``moslim policy train`` (RLOO, Online-DPO; greedy PPO with its critic, a second megatron engine)
+  with the actor in the megatron engine at tp=2: the final policy and every row within 1e-5
+  (sampled rollouts: the tp ranks share one dp shard);
 * resume through megatron's ``dist_checkpointing`` (``ckpt/step_N/engine/<name>``): an SFT run
   at pp=2 SIGKILLed after step 3 and restarted (``checkpoint.resume=auto``) from its step-2
-  checkpoint, an RM run at tp=2 and an RLOO run started from another run's checkpoint, end with the
+  checkpoint, an RM run at tp=2 and a PPO run started from another run's checkpoint, end with the
   uninterrupted run's weights and rows bit for bit; a checkpoint of another tp/pp layout is
   refused naming both layouts; ``moslim export hf`` of the last checkpoints (one process, megatron's
   loader) gives the trainers' final weights bit for bit."""
@@ -101,8 +102,10 @@ def _rm(tmp: Path, name: str, *extra: str) -> list[str]:
 
 
 def _policy(tmp: Path, name: str, algo: str, *extra: str) -> list[str]:
-    """From the torch-backend SFT model and RM of this module (the same start for both backends)."""
-    return ["policy", "train", "--out", str(tmp / name), f"run.data_dir={tmp / 'data'}", *BASE, *POLICY,
+    """From the torch-backend SFT model and RM of this module (the same start for both backends);
+    PPO greedy, as tests/parallel/test_torchrun_stages.py runs it."""
+    greedy = ["sampling.temperature=0", "policy.whiten_advantages=false"] if algo == "ppo" else []
+    return ["policy", "train", "--out", str(tmp / name), f"run.data_dir={tmp / 'data'}", *BASE, *POLICY, *greedy,
             f"policy.algo={algo}", f"policy.init={tmp / 'sft_torch' / 'model'}", f"policy.rm_dir={tmp / 'rm_torch'}",
             f"policy.prompts={tmp / 'data' / 'policy_train.jsonl'}", *extra]
 
@@ -125,7 +128,7 @@ def runs(tmp_path_factory):
     try:  # the torch backend, one process, in this process
         train_sft(load_config(None, _sft(tmp, "sft_torch")[6:]), paths["sft"], tmp / "sft_torch", show_progress=False)
         train_reward_model(load_config(None, _rm(tmp, "rm_torch")[4:]), tmp / "rm_torch", show_progress=False)
-        for algo in ("rloo", "online_dpo"):
+        for algo in ("rloo", "online_dpo", "ppo"):
             c = load_config(None, _policy(tmp, f"{algo}_torch", algo)[4:])
             train_policy(c, tmp / f"{algo}_torch", c.policy.init, c.policy.rm_dir, c.policy.prompts, show_progress=False)
     finally:
@@ -140,10 +143,12 @@ def runs(tmp_path_factory):
         _rm(tmp, "rm_tp2_from2", *MG, "parallel.tp=2", f"checkpoint.resume={tmp / 'rm_tp2' / 'ckpt' / 'step_2'}"),
         # The policy loop: the actor in the megatron engine, sampled rollouts (tp ranks share one
         # dp shard, so the sampler sees the single process's seed and weights).
-        _policy(tmp, "rloo_tp2", "rloo", *MG, "parallel.tp=2", "checkpoint.every=1"),
-        _policy(tmp, "rloo_tp2_from1", "rloo", *MG, "parallel.tp=2",
-                f"checkpoint.resume={tmp / 'rloo_tp2' / 'ckpt' / 'step_1'}"),
+        _policy(tmp, "rloo_tp2", "rloo", *MG, "parallel.tp=2"),
         _policy(tmp, "online_dpo_tp2", "online_dpo", *MG, "parallel.tp=2"),
+        # PPO: the critic is a second megatron engine (role value); both are checkpointed.
+        _policy(tmp, "ppo_tp2", "ppo", *MG, "parallel.tp=2", "checkpoint.every=1"),
+        _policy(tmp, "ppo_tp2_from1", "ppo", *MG, "parallel.tp=2",
+                f"checkpoint.resume={tmp / 'ppo_tp2' / 'ckpt' / 'step_1'}"),
         # sft_pp2's checkpoint under another layout: refused (the CLI's status 2 and one line).
         {"argv": _sft(tmp, "sft_relayout", *MG, "parallel.tp=2", f"checkpoint.resume={tmp / 'sft_pp2' / 'ckpt'}"),
          "rc": 2},
@@ -242,7 +247,7 @@ def test_export_hf_of_a_megatron_checkpoint_gives_the_final_weights(runs, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("algo", ["rloo", "online_dpo"])
+@pytest.mark.parametrize("algo", ["rloo", "online_dpo", "ppo"])
 def test_policy_loop_with_the_megatron_actor_equals_the_torch_backend(runs, algo):
     ref, got = _weights(runs / f"{algo}_torch", "policy"), _weights(runs / f"{algo}_tp2", "policy")
     init = {f"policy/model.safetensors:{k}": v for k, v in load_file(runs / "sft_torch" / "model" / "model.safetensors").items()}
@@ -252,7 +257,9 @@ def test_policy_loop_with_the_megatron_actor_equals_the_torch_backend(runs, algo
     assert _row_diff(_rows(runs / f"{algo}_torch"), _rows(runs / f"{algo}_tp2")) < TOL
 
 
-def test_policy_run_from_another_runs_checkpoint_ends_where_it_does(runs):
-    a, b = _weights(runs / "rloo_tp2", "policy"), _weights(runs / "rloo_tp2_from1", "policy")
+def test_ppo_run_from_another_runs_checkpoint_ends_where_it_does(runs):
+    a, b = _weights(runs / "ppo_tp2", "policy"), _weights(runs / "ppo_tp2_from1", "policy")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert _rows(runs / "rloo_tp2_from1") == [r for r in _rows(runs / "rloo_tp2") if r["step"] >= 1]
+    # The actor's and the critic's engine directories, and rows (value loss included) bit for bit.
+    assert sorted(p.name for p in (runs / "ppo_tp2" / "ckpt" / "step_1" / "engine").iterdir()) == ["actor", "critic"]
+    assert _rows(runs / "ppo_tp2_from1") == [r for r in _rows(runs / "ppo_tp2") if r["step"] >= 1]
