@@ -8,7 +8,7 @@ imports ``megatron.core``: the HF ⇄ Megatron checkpoint conversion and
 implements this seam. ``parallel.backend=megatron`` runs it for the trainers that pass ``init_dir``:
 ``moslim sft train`` and ``moslim rm train``, whose model, built as for the torch backend on rank 0,
 is written there as an HF (RM) directory that every rank's engine loads its shards from, and the
-policy controller's actor, loaded from ``policy.init`` as it is. The engine checkpoints through
+policy controller's actor and PPO critic, loaded from ``policy.init`` as it is. The engine checkpoints through
 megatron's ``dist_checkpointing`` (``MegatronCheckpoint``). Other trainers (the regression RM
 baseline, DPA's SFT iterations) are refused before any model is built.
 """

@@ -6,7 +6,7 @@ inside the test-only CPU shim (run_cli_shim.py; no product code imports it).
   directory, written from ``engine.export_weights()``) and every metrics row (loss, gradient norm,
   lr; the RM's evaluations through the engine's forward) within 1e-5;
 * ``moslim policy train`` (RLOO, Online-DPO; greedy PPO with its critic, a second megatron engine)
-  with the actor in the megatron engine at tp=2: the final policy and every row within 1e-5
+  with the actor in the megatron engine at tp=2 (PPO also at dp=2): the final policy and every row within 1e-5
   (sampled rollouts: the tp ranks share one dp shard);
 * resume through megatron's ``dist_checkpointing`` (``ckpt/step_N/engine/<name>``): an SFT run
   at pp=2 SIGKILLed after step 3 and restarted (``checkpoint.resume=auto``) from its step-2
@@ -147,6 +147,7 @@ def runs(tmp_path_factory):
         _policy(tmp, "online_dpo_tp2", "online_dpo", *MG, "parallel.tp=2"),
         # PPO: the critic is a second megatron engine (role value); both are checkpointed.
         _policy(tmp, "ppo_tp2", "ppo", *MG, "parallel.tp=2", "checkpoint.every=1"),
+        _policy(tmp, "ppo_dp2", "ppo", *MG),  # greedy: each dp rank's responses are the single process's
         _policy(tmp, "ppo_tp2_from1", "ppo", *MG, "parallel.tp=2",
                 f"checkpoint.resume={tmp / 'ppo_tp2' / 'ckpt' / 'step_1'}"),
         # sft_pp2's checkpoint under another layout: refused (the CLI's status 2 and one line).
@@ -247,14 +248,14 @@ def test_export_hf_of_a_megatron_checkpoint_gives_the_final_weights(runs, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("algo", ["rloo", "online_dpo", "ppo"])
-def test_policy_loop_with_the_megatron_actor_equals_the_torch_backend(runs, algo):
-    ref, got = _weights(runs / f"{algo}_torch", "policy"), _weights(runs / f"{algo}_tp2", "policy")
+@pytest.mark.parametrize("algo, layout", [("rloo", "tp2"), ("online_dpo", "tp2"), ("ppo", "tp2"), ("ppo", "dp2")])
+def test_policy_loop_with_the_megatron_actor_equals_the_torch_backend(runs, algo, layout):
+    ref, got = _weights(runs / f"{algo}_torch", "policy"), _weights(runs / f"{algo}_{layout}", "policy")
     init = {f"policy/model.safetensors:{k}": v for k, v in load_file(runs / "sft_torch" / "model" / "model.safetensors").items()}
     assert ref.keys() == got.keys() == init.keys()
     assert max(float((ref[k] - init[k]).abs().max()) for k in ref) > 1e-5  # training moved the policy
     assert max(float((ref[k] - got[k]).abs().max()) for k in ref) < TOL
-    assert _row_diff(_rows(runs / f"{algo}_torch"), _rows(runs / f"{algo}_tp2")) < TOL
+    assert _row_diff(_rows(runs / f"{algo}_torch"), _rows(runs / f"{algo}_{layout}")) < TOL
 
 
 def test_ppo_run_from_another_runs_checkpoint_ends_where_it_does(runs):
