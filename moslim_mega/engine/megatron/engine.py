@@ -180,8 +180,8 @@ class MegatronCheckpoint:
             # dist_checkpointing could reshard the model; resuming into another layout is not
             # tested here (the optimizer's state and the data order per dp rank would change).
             raise MegatronEngineError(f"{path}: written under the megatron layout {saved}, this run has {now}; "
-                                      "resume needs the same parallel.tp / parallel.pp (export the weights with "
-                                      "`moslim convert` to change layout)")
+                                      "resume needs the same parallel.tp / parallel.pp (to change layout, export the "
+                                      "checkpoint's weights with `moslim export hf` and start a run from them)")
         state = dist_checkpointing.load(self._sharded(loading=True), str(path))
         result = self.engine.gpt.load_state_dict(state["model"], strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
@@ -476,6 +476,8 @@ class MegatronEngine(TrainEngine):
         rolled micro-batch consistently; :meth:`forward` rolls its output back. Refuses a row whose
         attended tokens are not contiguous."""
         mask_BT = micro["mask_BT"]
+        if mask_BT.shape != micro["ids_BT"].shape or mask_BT.dim() != 2:
+            cls._check_micro(micro)  # raises, naming the shapes
         lead_B = (mask_BT.cumsum(-1) == 0).sum(-1)
         if bool(lead_B.any()):
             idx_BT = _roll_index(lead_B, mask_BT.shape[1])
