@@ -373,7 +373,7 @@ class ParallelConfig:
     """torch.distributed layout of every stage under `torchrun` (issue 6); world size = pp × dp × tp."""
 
     backend: str = "torch"
-    """Training engine: `torch` (FSDP2 + DTensor tensor parallel) or `megatron` (megatron-core engine, tested at the engine level; the trainers refuse it until wired)."""
+    """Training engine: `torch` (FSDP2 + DTensor tensor parallel) or `megatron` (megatron-core engine under torchrun: `sft train`, `rm train` with tp/pp and `policy train` with tp/dp, dist_checkpointing resume; docs/megatron.md)."""
     dp: int = 0
     """FSDP2 data-parallel degree (0 = world size / tp)."""
     tp: int = 1

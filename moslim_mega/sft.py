@@ -179,14 +179,16 @@ def train_sft_loop(cfg: Config, model, data: SFTExamples, pad_id: int, writer: M
     prof = prof or Profiler(dataclasses.replace(cfg.profile, enabled=False), "sft")  # callers that write none
     flops = model_flops(model)
     sc = cfg.sft
-    # Under pp the model is a skeleton whose stages the engine places: batches go to the stage's device.
-    device = stage.device if stage.pp > 1 else next(model.parameters()).device
+    # Under pp (or the megatron backend) the model is a skeleton whose engine places the weights:
+    # batches go to the stage's device.
+    device = stage.device if stage.skeleton else next(model.parameters()).device
     steps_per_epoch = math.ceil(len(data) / sc.batch_size)
     total_steps = max(1, math.ceil(sc.epochs * steps_per_epoch))
     optim = dict(lr=sc.lr, weight_decay=sc.weight_decay, warmup_steps=sc.warmup_steps, grad_clip=sc.grad_clip,
                  total_steps=total_steps)
     engine = build_engine(cfg.parallel, lambda: model, lambda m: Updater(m.parameters(), **optim), "causal_lm", "model",
-                          stage=stage, optim=optim, label="sft", kernels=cfg.kernels)
+                          stage=stage, optim=optim, label="sft", kernels=cfg.kernels,
+                          init_dir=Path(out) / "megatron_init" if out else None)
     n_micro = micro_batch_count(cfg.parallel)
     gen = torch.Generator().manual_seed(cfg.run.seed)
     model.train()

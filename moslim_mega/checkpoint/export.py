@@ -24,7 +24,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from .manager import CheckpointError, check_dcp_metadata, resolve_checkpoint, safe_dcp_load
+from .manager import ENGINE_DIR, CheckpointError, check_dcp_metadata, resolve_checkpoint, safe_dcp_load
 
 EXPORTABLE = ("causal_lm", "reward")
 
@@ -68,6 +68,27 @@ def load_model_tensors(ckpt: Path, key: str) -> dict[str, torch.Tensor]:
     return {fqn[len(prefix):]: t for fqn, t in sd.items()}
 
 
+def _engine_tensors(engine_dir: Path, assets: Path, info: dict) -> dict[str, torch.Tensor]:
+    """The model of a megatron-engine checkpoint (``parallel.backend=megatron``: megatron's
+    dist_checkpointing, resharded here into whole tensors) under the module names the DCP path
+    gives: the RM's backbone tensors get ``backbone.``; a tied LM head its embedding."""
+    try:
+        from ..engine.megatron.convert import engine_checkpoint_tensors
+    except ImportError as e:
+        raise CheckpointError(f"{engine_dir}: written by the megatron engine; exporting it needs megatron-core "
+                              f"({e})") from None
+    check_dcp_metadata(engine_dir, allow_plans=True)
+    config = json.loads((assets / "config.json").read_text())
+    role = "causal_lm" if info["kind"] == "causal_lm" else "reward"
+    classes = sum(info.get("num_classes", [])) if role == "reward" else 0
+    tensors = engine_checkpoint_tensors(engine_dir, config, role, classes)
+    if role == "reward":
+        return {(k if k.startswith("heads.") else "backbone." + k): v for k, v in tensors.items()}
+    if config.get("tie_word_embeddings") and "lm_head.weight" not in tensors:
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    return tensors
+
+
 def _assign(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
     expected = set(module.state_dict())
     missing, unexpected = expected - set(tensors), set(tensors) - expected
@@ -83,7 +104,10 @@ def export_hf(ckpt: str | Path, out: str | Path, name: str | None = None) -> dic
     path = resolve_checkpoint(ckpt)
     name, info = _choose(path, name)
     assets = path / "assets" / name
-    tensors = load_model_tensors(path, info["key"])
+    if (path / ENGINE_DIR / name).is_dir():
+        tensors = _engine_tensors(path / ENGINE_DIR / name, assets, info)
+    else:
+        tensors = load_model_tensors(path, info["key"])
     config = AutoConfig.from_pretrained(assets)
     tokenizer = AutoTokenizer.from_pretrained(assets) if (assets / "tokenizer_config.json").is_file() else None
     out = Path(out)

@@ -4,6 +4,8 @@ Layout of a checkpoint root (``checkpoint.dir``, default ``<stage out>/ckpt``)::
 
     step_12/              one checkpoint (step = optimizer/rollout steps completed)
       .metadata, *.distcp   torch.distributed.checkpoint shards of models + optimizers
+      engine/<name>/        a model its engine saves itself (the megatron engine: megatron's
+                            dist_checkpointing of the model and optimizer, its own .metadata)
       extra_rank<r>.json    per-rank RNG states and loop state (JSON, never a pickle)
       assets/<name>/        HF config, tokenizer, model.json (for `moslim export hf`)
       meta.json             step, world size, models, written last inside the directory
@@ -49,6 +51,10 @@ from .state import (LoopStateError, apply_tensor_state, read_loop_state, rng_sta
                     write_loop_state)
 
 LATEST = "latest"
+ENGINE_DIR = "engine"
+"""Where a self-saving model item (``save_checkpoint(dir)`` / ``load_checkpoint(dir)``, e.g. the
+megatron engine's ``MegatronCheckpoint``) writes, one directory per name. Such an item carries
+its optimizer state too: it never appears in the DCP state dict."""
 FORMAT_VERSION = 2
 """2: loop state in ``extra_rank<r>.json``. 1 (before): a pickled ``extra_rank<r>.pt``, refused."""
 
@@ -135,24 +141,30 @@ _DCP_METADATA_GLOBALS = {
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    def __init__(self, file, where: Path):
+    def __init__(self, file, where: Path, extra: set = frozenset()):
         super().__init__(file)
-        self.where = where
+        self.where, self.extra = where, extra
 
     def find_class(self, module: str, name: str):
-        if (module, name) in _DCP_METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+        if (module, name) in _DCP_METADATA_GLOBALS or (module, name) in self.extra or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
             return super().find_class(module, name)
         raise CheckpointError(f"{self.where}: refers to {module}.{name}, which is not DCP checkpoint metadata; "
                               "refusing to unpickle it (it could run code)")
 
 
-def check_dcp_metadata(path: Path) -> None:
-    """Unpickle ``path/.metadata`` with only DCP's metadata classes allowed. DCP then reads the
-    same bytes with plain ``pickle.load``, which can only build what this pass allowed."""
+# megatron's torch_dist writer also records each rank's DCP save plan in its ``.metadata``.
+_DCP_PLAN_GLOBALS = {("torch.distributed.checkpoint.planner", name)
+                     for name in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")}
+
+
+def check_dcp_metadata(path: Path, allow_plans: bool = False) -> None:
+    """Unpickle ``path/.metadata`` with only DCP's metadata classes allowed (and DCP's save-plan
+    records with ``allow_plans``). DCP then reads the same bytes with plain ``pickle.load``, which
+    can only build what this pass allowed."""
     meta = Path(path) / ".metadata"
     try:
         with open(meta, "rb") as fh:
-            _MetadataUnpickler(fh, meta).load()
+            _MetadataUnpickler(fh, meta, _DCP_PLAN_GLOBALS if allow_plans else set()).load()
     except CheckpointError:
         raise
     except Exception as e:  # truncated or foreign bytes: any unpickling error
@@ -192,6 +204,12 @@ def safe_dcp_load(state_dict: dict, path: Path, no_dist: bool) -> None:
         raise
 
 
+def _split_self_saving(models: dict) -> tuple[dict, dict]:
+    """({name: item that saves itself}, {name: module for DCP})."""
+    own = {n: m for n, m in models.items() if hasattr(m, "save_checkpoint")}
+    return own, {n: m for n, m in models.items() if n not in own}
+
+
 class CheckpointManager:
     """Save every ``cfg.every`` steps into ``root``; resume per ``cfg.resume``; keep ``cfg.keep_last``."""
 
@@ -225,8 +243,11 @@ class CheckpointManager:
                 shutil.rmtree(tmp)  # a save that died earlier
             tmp.mkdir()
         _barrier()
+        own, plain = _split_self_saving(models)
         with quiet_single_process():
-            dcp.save(tensor_state(models, optimizers), checkpoint_id=str(tmp), no_dist=_no_dist())
+            dcp.save(tensor_state(plain, optimizers), checkpoint_id=str(tmp), no_dist=_no_dist())
+        for name, item in own.items():
+            item.save_checkpoint(tmp / ENGINE_DIR / name)
         write_loop_state(tmp / f"extra_rank{rank()}.json", {**extra, "_global_rng": rng_state()})
         if rank() == 0 and assets is not None:
             assets(tmp)
@@ -334,8 +355,19 @@ class CheckpointManager:
             extra = read_loop_state(path / f"extra_rank{rank()}.json")
         except (LoopStateError, OSError) as e:
             raise CheckpointError(str(e)) from None
-        sd = tensor_state(models, optimizers)
+        own, plain = _split_self_saving(models)
+        for name in models:
+            saved_by_engine = (path / ENGINE_DIR / name).is_dir()
+            if saved_by_engine != (name in own):
+                raise CheckpointError(
+                    f"{path}: model {name!r} was saved {'by' if saved_by_engine else 'without'} its engine's own "
+                    f"checkpoint format ({ENGINE_DIR}/{name}: parallel.backend=megatron), this run "
+                    f"{'uses' if name in own else 'does not use'} it; resume with the parallel.backend that wrote it")
+        sd = tensor_state(plain, optimizers)
         safe_dcp_load(sd, path, _no_dist())
-        apply_tensor_state(sd, models, optimizers)
+        apply_tensor_state(sd, plain, optimizers)
+        for name, item in own.items():
+            check_dcp_metadata(path / ENGINE_DIR / name, allow_plans=True)
+            item.load_checkpoint(path / ENGINE_DIR / name)
         set_rng_state(extra.pop("_global_rng"))
         return extra

@@ -96,6 +96,33 @@ def build_policy_models(stage: Stage, init_dir, with_critic: bool):
 
 
 @torch.no_grad()
+def megatron_policy_models(stage: Stage, init_dir, with_critic: bool):
+    """(actor skeleton, reference, critic skeleton or None, tokenizer) under ``parallel.backend=megatron``.
+
+    The actor's megatron engine loads ``init_dir`` itself, shard by shard (``engine.build_engine``
+    with ``init_dir``); the actor here is a meta skeleton — its config for the checkpoint assets and
+    the FLOPs, and the module ``Stage.full_model`` fills from the engine's export — holding the real
+    buffers (rotary ``inv_freq``: not in the export), from which ``rollout_module`` copies them.
+    The critic's engine loads the same directory's backbone with a zero value head (V ≡ 0, as
+    ``ValueModel``); its skeleton gives the checkpoint assets their config.
+    The reference is each rank's own plain, frozen copy of the initial policy; with the ``hf``
+    rollout engine's plain copy that makes two full models per rank — the vLLM engine
+    (``rollout.engine=vllm``) saves the second."""
+    from ..models.build import load_policy
+
+    reference = load_policy(init_dir)[0].to(stage.device).requires_grad_(False).eval()
+    with torch.device("meta"):
+        actor = causal_lm_skeleton(reference.config).to(next(reference.parameters()).dtype)
+    for name, buf in reference.named_buffers():
+        owner_name, _, attr = name.rpartition(".")
+        (actor.get_submodule(owner_name) if owner_name else actor)._buffers[attr] = buf.detach().clone().cpu()
+    critic = None
+    if with_critic:
+        with torch.device("meta"):
+            critic = value_skeleton(reference.config).train()
+    return actor.train(), reference, critic, load_tokenizer(init_dir)
+
+
 def rollout_module(stage: Stage, actor):
     """An empty plain module of the actor's architecture on this rank's device, for the ``hf``
     engine: its parameters are filled by the engine's first ``update_weights`` (the one export

@@ -44,6 +44,9 @@ class Stage:
         self.pp = pp_rank_size(self.mesh)[1]
         """Pipeline stages: > 1 means ``build`` gives a skeleton for ``engine.build_engine``'s
         PipelineEngine (a trainer that does not pass ``stage`` there is refused)."""
+        self.skeleton = self.pp > 1 or getattr(pc, "backend", "torch") == "megatron"
+        """``build`` gives a meta skeleton whose engine places the weights (the pipeline engine, or
+        the megatron engine, which loads them from files rank 0 writes): batches go to ``device``."""
         self._rank0: dict[int, object] = {}  # id(skeleton) → rank 0's real model, until its engine takes it
         self._engines: dict[int, object] = {}  # id(skeleton) → its pipeline engine
         self.is_main = pdist.is_main()
@@ -101,8 +104,9 @@ class Stage:
         """This rank's model: sharded by ``apply`` over the mesh (rank 0 builds the real weights).
         Under pp > 1: the whole model as a meta-device skeleton on every rank (its config and
         parameter names), which ``engine.build_engine`` cuts into this rank's stages and fills from
-        rank 0's real model (``rank0_model``) — no rank ever holds an unsplit trained copy."""
-        if self.pp > 1:
+        rank 0's real model (``rank0_model``) — no rank ever holds an unsplit trained copy. The same
+        under ``parallel.backend=megatron``, whose engine builds its own model from rank 0's."""
+        if self.skeleton:
             return self._pipeline_skeleton(build_full, build_skeleton)
         model = build_sharded(build_full, build_skeleton, apply, self.mesh, self.pc)
         return model if self.distributed else model.to(self.device)
@@ -127,7 +131,8 @@ class Stage:
         return self._rank0.pop(id(skeleton), None)
 
     def adopt(self, skeleton, engine) -> None:
-        """``engine`` now owns ``skeleton``'s stages: ``full_model(skeleton)`` exports through it."""
+        """``engine`` now owns ``skeleton``'s stages: ``full_model(skeleton)`` exports through it
+        (anything with ``export_weights()`` under the skeleton's parameter names)."""
         self._engines[id(skeleton)] = engine
 
     def full_state_dict(self, model) -> dict:
@@ -140,11 +145,12 @@ class Stage:
 
     def full_model(self, model, build_skeleton):
         """An unsharded copy of ``model`` on rank 0 (for HF saving / generation); None elsewhere.
-        Every rank must call it. Single process: the model itself. Under pp > 1 the weights come
-        from its pipeline engine's ``export_weights()`` (each pp rank holds only its stages)."""
+        Every rank must call it. Single process: the model itself. Under pp > 1 (or the megatron
+        backend) the weights come from its engine's ``export_weights()`` (each rank holds only its
+        stages / shards)."""
         if self.mesh is None:
             return model
-        if self.pp > 1:
+        if id(model) in self._engines:
             sd = {}
             for name, t in self._engines[id(model)].export_weights():
                 if self.is_main:
@@ -160,6 +166,9 @@ class Stage:
 
     def broadcast(self, obj):
         return pdist.broadcast_object(obj)
+
+    def pp_rank(self) -> int:
+        return pp_rank_size(self.mesh)[0]
 
     def from_last_stage(self, obj):
         """``obj`` of the last pipeline stage's rank (where the loss functions ran), on every pp

@@ -38,7 +38,7 @@ from ..utils.logging import MetricsWriter
 from ..utils.seed import seed_everything
 from ..parallel.fp8 import apply_fp8_models
 from ..parallel.policy import (build_policy_models, causal_lm_skeleton, check_policy_layout, mean_metrics,
-                               rollout_module, share_within_model_group)
+                               megatron_policy_models, rollout_module, share_within_model_group)
 from ..parallel.stage import Stage
 from ..profile import Profiler, model_flops
 from ..engine import build_engine
@@ -310,6 +310,11 @@ def train_policy(
     """
     pc, sc = cfg.policy, cfg.sampling
     out = Path(out_dir)
+    megatron = cfg.parallel.backend == "megatron"
+    if megatron and cfg.parallel.pp > 1:  # refused before any model, RM or rollout engine is built
+        raise ConfigError(f"parallel.backend=megatron with parallel.pp={cfg.parallel.pp}: the policy's reference and "
+                          "RM are not megatron engines (frozen pipeline models are the torch backend's); use "
+                          "parallel.tp / parallel.dp, or parallel.backend=torch")
     stage = Stage(cfg.parallel, cfg.run.device)  # inert in one process; the mesh and dp shard under torchrun
     prof = Profiler(cfg.profile, "policy", stage, out)
     out.mkdir(parents=True, exist_ok=True)
@@ -335,7 +340,10 @@ def train_policy(
         rewarder = RewardWorker(rm, RewardMapper.from_config(rm.stats, cfg.mapping), impl=cfg.kernels.impl)
     prompts = load_policy_prompts(prompts_path, rewarder.spec)
     critic = None
-    if stage.distributed:
+    if stage.distributed and megatron:
+        check_policy_layout(stage, pc)
+        actor, reference, critic, tokenizer = megatron_policy_models(stage, init_dir, pc.algo == "ppo")
+    elif stage.distributed:
         check_policy_layout(stage, pc)
         # Under pp: meta skeletons (rank 0 keeps the real weights), cut into stages by the engines below.
         actor, reference, critic, tokenizer = build_policy_models(stage, init_dir, pc.algo == "ppo")
@@ -352,15 +360,16 @@ def train_policy(
     # parallelize_policy does under dp / tp.
     # The trained models sit behind training engines: the updates hand them micro-batches and pure
     # loss functions; log-probs are taken under the sampler's temperature. Under pp the engines
-    # build their own updaters from these keywords (gradient norm over all stages).
+    # build their own updaters from these keywords (gradient norm over all stages); the megatron
+    # backend's actor engine also takes init_dir, which it loads itself.
     actor_optim = dict(lr=pc.lr, weight_decay=pc.weight_decay, warmup_steps=pc.warmup_steps, grad_clip=pc.grad_clip)
     critic_optim = {**actor_optim, "lr": pc.critic_lr}
     actor_engine = build_engine(cfg.parallel, lambda: actor, lambda m: Updater(m.parameters(), **actor_optim),
                                 "causal_lm", "actor", stage=stage, optim=actor_optim, label="policy",
-                                temperature=sc.temperature, kernels=cfg.kernels)
+                                temperature=sc.temperature, kernels=cfg.kernels, init_dir=init_dir)
     critic_engine = None if critic is None else build_engine(
         cfg.parallel, lambda: critic, lambda m: Updater(m.parameters(), **critic_optim), "value", "critic",
-        stage=stage, optim=critic_optim)
+        stage=stage, optim=critic_optim, init_dir=init_dir)
     engines = [e for e in (actor_engine, critic_engine) if e is not None]
     if stage.pp > 1:
         # π_SFT of Eq. 12, frozen and forward-only, cut into stages like the actor: no rank holds it whole.

@@ -117,10 +117,11 @@ def train_reward_model(cfg: Config, out_dir: str | Path, show_progress: bool = T
     optim = dict(lr=rc.lr, weight_decay=rc.weight_decay, warmup_steps=rc.warmup_steps, grad_clip=rc.grad_clip,
                  total_steps=total_steps)
     engine = build_engine(cfg.parallel, lambda: model, lambda m: Updater(m.parameters(), **optim), "reward", "rm",
-                          stage=stage, optim=optim, label="rm")
+                          stage=stage, optim=optim, label="rm", init_dir=out / "megatron_init")
     n_micro = micro_batch_count(cfg.parallel)
-    # Evaluation and calibration: the whole model in one process, the pipeline's forward under pp.
-    scorer = model if stage.pp == 1 else PipelineScorer(engine, model.num_classes)
+    # Evaluation and calibration: the whole model in one process, the engine's forward under pp or
+    # the megatron backend (no rank holds the whole model).
+    scorer = PipelineScorer(engine, model.num_classes) if stage.skeleton else model
     stats = RunningClassStats(spec.num_classes, mode=rc.stats_mode, momentum=rc.stats_momentum)
     mapper = RewardMapper.from_config(stats, cfg.mapping)
     writer = stage.writer(lambda: MetricsWriter(out, tensorboard=cfg.run.tensorboard))

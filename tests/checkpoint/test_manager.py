@@ -257,3 +257,41 @@ def test_resaving_the_step_latest_names_survives_a_kill_after_every_file_operati
             break
     assert finished and outcomes[-1][1] == "new" and len(outcomes) >= 4, outcomes
     assert sorted(p.name for p in (root / "ckpt").iterdir()) == ["latest", "step_2", "step_4"]  # no leftovers
+
+
+class _SelfSaving:
+    """A model item that writes its own format (as the megatron engine's MegatronCheckpoint does):
+    the manager hands it ``ckpt/step_N/engine/<name>`` instead of putting it into DCP."""
+
+    def __init__(self, value: float):
+        self.value = value
+
+    def save_checkpoint(self, path):
+        path.mkdir(parents=True)
+        (path / "state.json").write_text(json.dumps(self.value))
+        # What megatron's torch_dist writer leaves: a DCP .metadata (checked before the item loads).
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save({"w": torch.tensor([self.value])}, checkpoint_id=str(path / "dcp"), no_dist=True)
+        (path / ".metadata").write_bytes((path / "dcp" / ".metadata").read_bytes())
+
+    def load_checkpoint(self, path):
+        self.value = json.loads((path / "state.json").read_text())
+
+
+def test_self_saving_item_is_saved_beside_the_dcp_state_and_backends_do_not_mix(tmp_path):
+    mgr = CheckpointManager(CheckpointConfig(every=1), tmp_path)
+    model, opt = _setup()
+    item = _SelfSaving(1.5)
+    path = mgr.save(2, {"net": model, "eng": item}, {"net": (model, opt)}, {"at": 2})
+    assert (path / "engine" / "eng" / "state.json").is_file() and not (path / "engine" / "net").exists()
+    fresh = _SelfSaving(0.0)
+    assert mgr.load(path, {"net": model, "eng": fresh}, {"net": (model, opt)})["at"] == 2
+    assert fresh.value == 1.5
+    # A run whose model "eng" is a plain module (the torch backend) cannot take the engine's format...
+    with pytest.raises(CheckpointError, match="model 'eng' was saved by its engine's own checkpoint format"):
+        mgr.load(path, {"net": model, "eng": torch.nn.Linear(1, 1)}, {"net": (model, opt)})
+    # ... nor the other way round.
+    plain = mgr.save(3, {"net": model, "eng": torch.nn.Linear(1, 1)}, {"net": (model, opt)}, {})
+    with pytest.raises(CheckpointError, match="model 'eng' was saved without its engine's own checkpoint format"):
+        mgr.load(plain, {"net": model, "eng": _SelfSaving(0.0)}, {"net": (model, opt)})

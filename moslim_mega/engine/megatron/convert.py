@@ -41,6 +41,9 @@ FORMAT_VERSION = 1
 META_FILE = "moslim_megatron.json"
 TRACKER = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
+LAYOUT_FILE = "moslim_layout.json"
+"""In a megatron engine's training checkpoint (``engine.MegatronCheckpoint``): the tp/pp/ep layout
+it was written under."""
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # Non-persistent HF buffers that some checkpoints still carry; they have no Megatron tensor.
 IGNORED_HF = ("rotary_emb.inv_freq",)
@@ -235,6 +238,29 @@ def _read_batches(dims: ModelDims, rule_list: list[Rule]):
                for lay, e in instances(dims, rule) if lay == layer]
 
 
+def iter_checkpoint_hf_tensors(ckpt_dir: Path, dims: ModelDims, num_reward_classes: int = 0):
+    """(HF name, whole tensor) of every HF tensor of a megatron dist checkpoint — ``release/`` of
+    a converted checkpoint or a megatron-engine training checkpoint (``MegatronCheckpoint``: its
+    optimizer keys are not read) — one megatron load per layer, so only that layer's tensors are
+    in memory together. Consume it whole (it holds a process group while it runs)."""
+    reader = StreamingReader(ckpt_dir, dims)
+    with process_group():  # one group for all the loads
+        for batch in _read_batches(dims, rules(dims, num_reward_classes)):
+            for (rule, layer, expert), whole in zip(batch, reader.read(batch)):
+                yield from zip(rule.hf_names(dims, layer, expert), to_hf(rule, dims, whole, rule.key))
+
+
+def engine_checkpoint_tensors(ckpt_dir: str | Path, hf_config: dict, role: str,
+                              num_reward_classes: int = 0) -> dict[str, torch.Tensor]:
+    """{HF name: tensor} of the model in a megatron engine's checkpoint directory
+    (``ckpt/step_N/engine/<name>``; ``hf_config`` from the checkpoint's assets): what ``moslim
+    export hf`` writes. Its layout file gives the vocabulary padding the engine used."""
+    ckpt_dir = Path(ckpt_dir)
+    layout = json.loads((ckpt_dir / LAYOUT_FILE).read_text())
+    dims = model_dims(hf_config, tp=int(layout["tp"]), backbone=role != "causal_lm")
+    return dict(iter_checkpoint_hf_tensors(ckpt_dir, dims, num_reward_classes))
+
+
 def megatron_to_hf(ckpt: str | Path, out: str | Path, max_shard_bytes: int = 4 << 30) -> dict:
     """Convert a Megatron checkpoint directory (module doc) back into an HF model / RM directory."""
     ckpt, out = Path(ckpt), Path(out)
@@ -242,23 +268,17 @@ def megatron_to_hf(ckpt: str | Path, out: str | Path, max_shard_bytes: int = 4 <
         raise ConversionError(f"{out}: not empty; megatron-to-hf writes into a new or empty directory")
     meta, config, dims = read_meta(ckpt)
     release = ckpt / ((ckpt / TRACKER).read_text().strip() if (ckpt / TRACKER).is_file() else RELEASE)
-    reader = StreamingReader(release, dims)
     is_rm = meta["kind"] == "reward_model"
     hf_dir = out / "backbone" if is_rm else out
     hf_dir.mkdir(parents=True, exist_ok=True)
     writer, heads = HFShardWriter(hf_dir, max_shard_bytes), {}
-    rule_list = rules(dims, int(meta.get("num_reward_classes", 0)))
     count = 0
-    with process_group():  # one group for all the loads
-        for batch in _read_batches(dims, rule_list):
-            # One megatron load per layer: its tensors are in memory together, nothing more.
-            for (rule, layer, expert), whole in zip(batch, reader.read(batch)):
-                for name, t in zip(rule.hf_names(dims, layer, expert), to_hf(rule, dims, whole, rule.key)):
-                    if name.startswith("heads."):
-                        heads[name.removeprefix("heads.")] = t
-                    else:
-                        writer.add(name, t)
-                    count += 1
+    for name, t in iter_checkpoint_hf_tensors(release, dims, int(meta.get("num_reward_classes", 0))):
+        if name.startswith("heads."):
+            heads[name.removeprefix("heads.")] = t
+        else:
+            writer.add(name, t)
+        count += 1
     writer.close()
     _copy_non_weights(ckpt / "hf", hf_dir)
     if is_rm:

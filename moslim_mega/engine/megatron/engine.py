@@ -21,8 +21,10 @@ runs on the last stage from the final-norm hidden states:
 * ``value``: the output layer is dropped; ``value_head`` ([1, D] + [1]) gives ``values_BT``,
   shifted one token right like models/value.py.
 
-Rows must be right-padded: megatron's RoPE uses positions 0..T−1 whatever the mask, so a
-left-padded row would get other positions than the torch engine gives it.
+Padding: megatron's RoPE uses positions 0..T−1 whatever the mask, while the torch engines count
+positions over the attended tokens (``cumsum(mask) − 1``). A row's attended tokens must therefore
+be contiguous; rows with left padding (the policy's rollouts) are rolled to the front of their row
+for the model and rolled back (``_front_aligned``), which gives the torch engines' positions.
 
 Qwen2-MoE trains under expert parallelism (``ep``; not with pp > 1, nor tp > 1 without sequence
 parallelism). Not here (docs/megatron.md): virtual pipeline stages, context parallelism.
@@ -30,6 +32,7 @@ parallelism). Not here (docs/megatron.md): virtual pipeline stages, context para
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from collections.abc import Mapping
@@ -48,6 +51,7 @@ from ...utils.optim import warmup_decay
 from ..base import ROLES, HeadIn, LogprobOut, LossFn, MicroBatch, TrainEngine
 from . import require_megatron_core
 from .config import gpt_model_args, transformer_config
+from .convert import LAYOUT_FILE
 from .dims import ConversionError, Layout, check_layout, model_dims
 from .mapping import RankCoords, iter_hf_tensors, rank_state_dict, rules, to_megatron
 
@@ -122,17 +126,83 @@ class _Identity(nn.Module):
         return hidden_TBD, None
 
 
-class _NoDcpCheckpoint(nn.Module):
-    """What ``checkpoint_items`` hands ``StageCheckpoints``: raises on the first save or load."""
+class MegatronCheckpoint:
+    """What ``checkpoint_items`` hands ``StageCheckpoints`` for the megatron engine: an item that
+    saves and loads itself (checkpoint/manager.py calls ``save_checkpoint`` / ``load_checkpoint``
+    with a directory of its own instead of putting it into the trainer's torch DCP state).
 
-    def state_dict(self, *args, **kwargs):
-        raise MegatronEngineError(
-            "checkpoint.every / checkpoint.resume: the megatron engine cannot be checkpointed through "
-            "StageCheckpoints (torch DCP would merge different TP/PP shards that share a name); set "
-            "checkpoint.every=0, or export the weights (export_weights / moslim convert)")
+    Torch DCP cannot take this model: every rank's ``decoder.layers.0…`` — different TP shards and
+    different PP stages under one name — would look like replicas, and megatron's optimizer has no
+    ``get_optimizer_state_dict``. megatron's own ``dist_checkpointing`` of the model's and the
+    optimizer's *sharded* state dicts names each shard by its global key and offset (the layer
+    index a leading axis, so PP stages do not collide) — megatron's native format (torch_dist)."""
 
-    def load_state_dict(self, *args, **kwargs):
-        self.state_dict()
+    def __init__(self, engine: "MegatronEngine"):
+        self.engine = engine
+
+    def _model_sharded(self) -> dict:
+        gpt = self.engine.gpt
+        if self.engine.role == "causal_lm" or not gpt.post_process:
+            return gpt.sharded_state_dict()
+        # The reward / value roles dropped the output layer, but megatron-core 0.16's
+        # LanguageModule.sharded_state_dict marks ``output_layer.weight`` on every last stage
+        # (KeyError); post_process only selects that marking there (the decoder's final norm is
+        # the decoder's own flag), so the last stage is described without it.
+        gpt.post_process = False
+        try:
+            return gpt.sharded_state_dict()
+        finally:
+            gpt.post_process = True
+
+    def _sharded(self, loading: bool) -> dict:
+        model_sd = self._model_sharded()
+        # is_loading: the optimizer creates its (still empty) Adam state so every key has a tensor to load into.
+        return {"model": model_sd, "optimizer": self.engine.optimizer.sharded_state_dict(model_sd, is_loading=loading)}
+
+    def save_checkpoint(self, path: Path) -> None:
+        """Collective. ``path`` is created here (rank 0) and must not exist."""
+        from megatron.core import dist_checkpointing
+
+        if dist.get_rank() == 0:
+            path.mkdir(parents=True)
+            (path / LAYOUT_FILE).write_text(json.dumps(self.engine.layout.to_dict(), indent=1))
+        dist.barrier()
+        dist_checkpointing.save(self._sharded(loading=False), str(path))
+        _stop_writer_manager()
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Collective; strict: every model and optimizer tensor of this rank must be in ``path``."""
+        from megatron.core import dist_checkpointing
+
+        saved = json.loads((path / LAYOUT_FILE).read_text())
+        now = self.engine.layout.to_dict()
+        if saved != now:
+            # dist_checkpointing could reshard the model; resuming into another layout is not
+            # tested here (the optimizer's state and the data order per dp rank would change).
+            raise MegatronEngineError(f"{path}: written under the megatron layout {saved}, this run has {now}; "
+                                      "resume needs the same parallel.tp / parallel.pp (to change layout, export the "
+                                      "checkpoint's weights with `moslim export hf` and start a run from them)")
+        state = dist_checkpointing.load(self._sharded(loading=True), str(path))
+        result = self.engine.gpt.load_state_dict(state["model"], strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing or result.unexpected_keys:
+            raise MegatronEngineError(f"{path}: model keys missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+        self.engine.optimizer.load_state_dict(state["optimizer"])
+
+
+def _stop_writer_manager() -> None:
+    """megatron-core 0.16's torch_dist writer (``FileSystemWriterAsync``) forks its writer processes
+    and collects their results through a queue of a *spawned* ``multiprocessing`` Manager that it
+    keeps in a module global for the life of the process. The CLI leaves with ``os._exit``
+    (parallel/dist.exit_process), which runs no finaliser, so that server process would outlive the
+    run as an orphan; shut it down after each save (the next save spawns another)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    queue = getattr(filesystem_async, "_results_queue", None)
+    manager = getattr(queue, "_manager", None)
+    if manager is not None:
+        manager.shutdown()
+        filesystem_async._results_queue = None
 
 
 class _RemoteState(Mapping):
@@ -213,6 +283,12 @@ class MegatronEngine(TrainEngine):
                                  ep=ps.get_expert_model_parallel_rank(), etp=ps.get_expert_tensor_parallel_rank())
         self._schedule = lambda: warmup_decay(settings.warmup_steps, settings.total_steps)
         self._steps_done = 0
+        self.losses_on_every_rank = layout.pp == 1
+        """Under pp > 1 megatron's schedule runs the loss functions on the last stage only (base.py)."""
+        self.name = "model"
+        """The checkpoint item's name (``checkpoint_items``); the trainer's (build_engine's ``name``)."""
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
+        """Where batches go (and where ``forward``'s head output is)."""
         self.gpt = self._build(hf_config)
         self._load(get_hf)
         self.model, self.optimizer = self._wrap()
@@ -273,6 +349,9 @@ class MegatronEngine(TrainEngine):
         args = gpt_model_args(hf_config, self.layout, dims=self.dims)
         gpt = GPTModel(cfg, _layer_spec(self.dims, self.use_te), **args.kwargs(),
                        pre_process=self.first, post_process=self.last)
+        pad_id = hf_config.get("pad_token_id")
+        if self.first and isinstance(pad_id, int) and 0 <= pad_id < self.dims.vocab_size:
+            gpt.embedding.word_embeddings.register_forward_hook(partial(_no_pad_row_gradient, pad_id))
         if self.last:
             if self.role == "causal_lm":
                 # Keep the weight (state-dict name, TP sharding, tied-embedding sync); skip the logits.
@@ -387,6 +466,33 @@ class MegatronEngine(TrainEngine):
             raise MegatronEngineError("mask_BT: rows must be right-padded for the megatron engine "
                                       "(its RoPE positions are 0..T-1 whatever the mask)")
 
+    @classmethod
+    def _front_aligned(cls, micro: MicroBatch) -> tuple[MicroBatch, torch.Tensor | None]:
+        """``micro`` with each row's attended tokens at the front of the row — every ``*_BT``
+        tensor (the shape-suffix convention: each per-token tensor a loss reads) rolled left by the
+        row's leading padding — and that padding per row (None when no row has any: ``micro``
+        itself). Positions 0..n−1 of the rolled row are the torch engines' ``cumsum(mask) − 1``.
+        Every head output and loss is per token of its own row, so the loss function sees the
+        rolled micro-batch consistently; :meth:`forward` rolls its output back. Refuses a row whose
+        attended tokens are not contiguous."""
+        mask_BT = micro["mask_BT"]
+        if mask_BT.shape != micro["ids_BT"].shape or mask_BT.dim() != 2:
+            cls._check_micro(micro)  # raises, naming the shapes
+        lead_B = (mask_BT.cumsum(-1) == 0).sum(-1)
+        if bool(lead_B.any()):
+            idx_BT = _roll_index(lead_B, mask_BT.shape[1])
+            micro = {k: (v.gather(1, idx_BT.to(v.device)) if k.endswith("_BT") and v.dim() == 2 else v)
+                     for k, v in micro.items()}
+        else:
+            lead_B = None
+        try:
+            cls._check_micro(micro)
+        except MegatronEngineError:
+            raise MegatronEngineError("mask_BT: each row's attended tokens must be contiguous (padding before "
+                                      "and/or after them only) for the megatron engine (its RoPE positions are "
+                                      "0..T-1 whatever the mask)") from None
+        return micro, lead_B
+
     def _forward_step(self, loss_fn, num_micro, rows, data_iterator, model):
         micro = next(data_iterator)
         ids_BT = micro["ids_BT"]
@@ -409,8 +515,6 @@ class MegatronEngine(TrainEngine):
     def _run(self, micro_batches: list[MicroBatch], loss_fn, forward_only: bool) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        for micro in micro_batches:
-            self._check_micro(micro)
         if self.cuda:
             micro_batches = [{k: v.cuda(non_blocking=True) for k, v in m.items()} for m in micro_batches]
         rows: list[dict] = []
@@ -432,6 +536,13 @@ class MegatronEngine(TrainEngine):
                                    group=ps.get_pipeline_model_parallel_group())
         return box[0]
 
+    def parallel_ranks(self) -> dict:
+        """This rank's (index, size) in megatron's data-parallel and pipeline groups."""
+        from megatron.core import parallel_state as ps
+
+        return {"dp": (ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()),
+                "pp": (ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size())}
+
     # ------------------------------------------------------------------ the seam
 
     @property
@@ -442,7 +553,7 @@ class MegatronEngine(TrainEngine):
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        rows = self._run(micro_batches, loss_fn, forward_only=False)
+        rows = self._run([self._front_aligned(m)[0] for m in micro_batches], loss_fn, forward_only=False)
         # Same order as utils/optim.Updater: norm, finite check (before any parameter changes), clip, step.
         self.optimizer.prepare_grads()
         clip = self.settings.grad_clip
@@ -464,7 +575,8 @@ class MegatronEngine(TrainEngine):
         keys = sorted({k for r in rows for k in r})
         metrics = {k: sum(float(r[k]) for r in rows if k in r) / max(1, sum(k in r for r in rows)) for k in keys}
         metrics = self._from_last_stage(metrics)
-        return {**metrics, "grad_norm": norm, "lr": lr}
+        # "lr": the one the next step uses, as the torch engines report it (Updater.lr after its step).
+        return {**metrics, "grad_norm": norm, "lr": self.lr}
 
     @torch.no_grad()
     def forward(self, micro: MicroBatch):
@@ -474,13 +586,14 @@ class MegatronEngine(TrainEngine):
             outs.append(head)
             return torch.zeros((), device=micro["ids_BT"].device), {}
 
-        self._run([micro], keep, forward_only=True)
+        aligned, lead_B = self._front_aligned(micro)
+        self._run([aligned], keep, forward_only=True)
         out = outs[0] if outs else None
         if self.layout.pp > 1:
             out = self._from_last_stage(_to_cpu(out))
             device = micro["ids_BT"].device
             out = _to_device(out, torch.device("cuda") if self.cuda else device)
-        return out
+        return out if lead_B is None else _roll_back(out, lead_B)
 
     def scheduler_state(self) -> dict:
         """The schedule is a pure function of the steps done (utils/optim.warmup_decay)."""
@@ -490,13 +603,9 @@ class MegatronEngine(TrainEngine):
         self._steps_done = int(state.get("steps_done", 0))
 
     def checkpoint_items(self) -> tuple[dict, dict]:
-        """A stand-in that refuses when a checkpoint is actually saved or loaded (trainers build
-        ``StageCheckpoints`` unconditionally). ``StageCheckpoints`` saves with torch DCP, which
-        would take every rank's ``decoder.layers.0…`` — different TP shards and different PP
-        stages under one name — for replicas and keep one, and cannot read megatron's optimizer.
-        The right path is megatron's ``dist_checkpointing`` of the model's and optimizer's
-        sharded state dicts (not built yet)."""
-        return {"model": _NoDcpCheckpoint()}, {}
+        """``{name: MegatronCheckpoint}``: the model and its optimizer state in one self-saving
+        item (megatron's ``dist_checkpointing``); no torch-DCP optimizer entry."""
+        return {self.name: MegatronCheckpoint(self)}, {}
 
     def export_weights(self, bucket_bytes: int = 1 << 28) -> Iterator[tuple[str, torch.Tensor]]:
         """``bucket_bytes`` is accepted for the seam's signature; this engine always moves one
@@ -522,12 +631,40 @@ class MegatronEngine(TrainEngine):
                 yield name, _RemoteState({name}, last, group, local if last == dist.get_rank() else None)[name]
 
 
-def build_megatron_engine(parallel, model_path: str | Path, role: str, settings: EngineSettings) -> MegatronEngine:
+def build_megatron_engine(parallel, model_path: str | Path, role: str, settings: EngineSettings,
+                          name: str = "model") -> MegatronEngine:
     """The engine ``parallel.backend=megatron`` selects: ``parallel`` is the run's ParallelConfig
-    (its ``tp`` and ``pp``; dp = world / (tp·pp)); ``model_path`` an HF (or reward-model) directory."""
+    (its ``tp`` and ``pp``; dp = world / (tp·pp)); ``model_path`` an HF (or reward-model) directory;
+    ``name`` the checkpoint item's name."""
     if getattr(parallel, "cp", 1) != 1:
         raise MegatronEngineError(f"parallel.cp={parallel.cp}: context parallelism is not in the megatron engine")
-    return MegatronEngine.from_pretrained(model_path, role, Layout(tp=parallel.tp, pp=parallel.pp), settings)
+    engine = MegatronEngine.from_pretrained(model_path, role, Layout(tp=parallel.tp, pp=parallel.pp), settings)
+    engine.name = name
+    return engine
+
+
+def _no_pad_row_gradient(pad_id: int, module, inputs, out_BTD):
+    """Forward hook of the word embeddings: the HF models build ``nn.Embedding(..., padding_idx=
+    pad_token_id)``, whose lookup never sends gradient to the pad token's row; megatron's
+    VocabParallelEmbedding has no padding index. Same values, no gradient where the input is the pad
+    token — which matters where it is *attended* (a policy that sampled it; a tokenizer whose pad is
+    its EOS). Only the lookup: a tied output layer still trains that row, as in HF."""
+    pad_BT = inputs[0] == pad_id
+    return torch.where(pad_BT[..., None], out_BTD.detach(), out_BTD) if bool(pad_BT.any()) else out_BTD
+
+
+def _roll_index(shift_B: torch.Tensor, T: int) -> torch.Tensor:
+    """[B, T] gather index that rolls each row left by ``shift_B`` (right when negative)."""
+    return (torch.arange(T, device=shift_B.device)[None] + shift_B[:, None]) % T
+
+
+def _roll_back(out, lead_B: torch.Tensor):
+    """A head output of front-aligned rows back at the rows' own positions (``HeadIn`` is per row)."""
+    if isinstance(out, torch.Tensor):
+        return out.gather(1, _roll_index(-lead_B, out.shape[1]).to(out.device))
+    if isinstance(out, LogprobOut):
+        return LogprobOut(_roll_back(out.logp_BT, lead_B), _roll_back(out.entropy_BT, lead_B))
+    return out
 
 
 def _to_cpu(obj):

@@ -204,7 +204,8 @@ def run_case(case: dict, out_dir: Path) -> dict:
             loss.backward()
         ref_norm = upd.step(0)
         res["grad_norm"] = abs(metrics["grad_norm"] - ref_norm) / max(ref_norm, 1e-12)
-        res["lr"] = abs(metrics["lr"] - settings.lr * 0.5)
+        # The lr the next step uses (warm-up step 1 of 2: the full lr), as the torch engine reports it.
+        res["lr"] = abs(metrics["lr"] - upd.lr)
         exported = dict(engine.export_weights())
         ref_names = {(k[len("backbone."):] if k.startswith("backbone.") else k): v
                      for k, v in per_expert(ref.state_dict()).items()}

@@ -65,7 +65,7 @@ def test_megatron_engine_equals_torch(results, case):
         assert res["forward"] < FORWARD_TOL, res
         assert res.get("entropy", 0.0) < FORWARD_TOL, res
         assert res["grad_norm"] < GRAD_NORM_RTOL, res
-        assert res["lr"] < 1e-12, res  # warm-up step 0 of 2: half the lr, as utils/optim.warmup_decay
+        assert res["lr"] < 1e-12, res  # the next step's lr, as utils/optim.Updater reports it
         assert res["names"] == [], res  # export_weights gives exactly the HF model's tensor names
         assert res["moved"] > 1e-3 and res["params"] < PARAM_TOL, res
         assert res["after"] < FORWARD_TOL, res
