@@ -7,8 +7,24 @@ The model is megatron-core's ``GPTModel`` (Transformer Engine layer spec when ``
 imports, else the local spec) built for one TP × PP layout, loaded tensor by tensor from the HF
 weights through ``mapping.rank_state_dict`` — the same mapping as ``moslim convert`` — and wrapped
 in megatron's ``DistributedDataParallel`` with megatron's optimizer. ``train_step`` drives
-megatron's ``get_forward_backward_func()`` (no pipelining, or 1F1B under pp > 1); the role's head
-runs on the last stage from the final-norm hidden states:
+megatron's ``get_forward_backward_func()`` (no pipelining, 1F1B under pp > 1, interleaved 1F1B
+under virtual pipeline stages); the role's head runs on the last stage from the final-norm hidden
+states.
+
+Virtual pipeline stages (``Layout.vpp`` > 1; ``parallel.pp_schedule=interleaved_1f1b`` with
+``parallel.pp_stages_per_rank``): each rank builds vpp ``GPTModel`` chunks (``vp_stage``; chunk v
+holds layer block v·pp + pp_rank, as mapping.py assigns them), each loaded from its own
+``RankCoords(vp=v)`` and wrapped in its own DDP, with one optimizer over all chunks. The embedding
+is on chunk 0 of the first stage, the head on the last chunk of the last stage. A step needs a
+multiple of pp micro-batches (megatron-core 0.16); its micro-batches are padded at the end to one
+[B, T] (no shape exchange: at pp = 2 megatron's batched p2p cannot tell the two directions apart),
+and ``forward`` runs its row batch pp times (one group). Checkpoints hold one sharded state dict
+per chunk ("model0", "model1", … as Megatron-LM names them).
+
+``EngineSettings.activation_checkpointing`` turns on megatron's full recomputation of every layer
+(``recompute_granularity="full"``, uniform, one layer per group): the same gradients.
+
+The heads:
 
 * ``causal_lm``: the output layer never makes logits. Its ``forward`` is replaced by the identity,
   and its weight (this rank's Vs vocabulary rows) feeds the project's fused linear → log-prob
@@ -25,7 +41,7 @@ Rows must be right-padded: megatron's RoPE uses positions 0..T−1 whatever the 
 left-padded row would get other positions than the torch engine gives it.
 
 Qwen2-MoE trains under expert parallelism (``ep``; not with pp > 1, nor tp > 1 without sequence
-parallelism). Not here (docs/megatron.md): virtual pipeline stages, context parallelism.
+parallelism). Not here (docs/megatron.md): context parallelism.
 """
 
 from __future__ import annotations
