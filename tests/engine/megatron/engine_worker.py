@@ -189,6 +189,14 @@ def run_case(case: dict, out_dir: Path) -> dict:
         # Layer forwards in the step: once per micro-batch, twice with full recomputation.
         layer_calls = []
         hook = engine.gpts[0].decoder.layers[0].register_forward_hook(lambda *a: layer_calls.append(1))
+        if case.get("odd_micro"):
+            from moslim_mega.engine.megatron.engine import MegatronEngineError
+
+            try:  # one micro-batch: not a multiple of pp, refused before anything runs
+                engine.train_step(micro[:1], loss_fn, step=0)
+                res["odd_micro"] = "not raised"
+            except MegatronEngineError as e:
+                res["odd_micro"] = str(e)
         metrics = engine.train_step(micro, loss_fn, step=0)
         hook.remove()
         res["layer_forwards"] = len(layer_calls)

@@ -10,7 +10,7 @@ from .tiny_hf import hf_config
 
 @pytest.mark.parametrize("role, layout, classes, message", [
     ("policy", Layout(), (), "role='policy': expected one of causal_lm, reward, value"),
-    ("causal_lm", Layout(pp=2, vpp=2), (), "virtual pipeline stages are not in the megatron engine"),
+    ("causal_lm", Layout(vpp=2), (), "vpp=2 virtual pipeline stages need pp > 1"),
     ("reward", Layout(), (), "num_classes: the reward role needs"),
     ("causal_lm", Layout(), (), "torch.distributed is not initialised"),
 ])
@@ -47,3 +47,13 @@ def test_build_engine_refuses_megatron_before_building_a_model(role, stage, init
     with pytest.raises(ConfigError, match=message):
         build_engine(ParallelConfig(backend="megatron"), build, lambda m: None, role, "model", stage=stage, optim={},
                      init_dir=init_dir, label="sft")
+
+
+def test_megatron_backend_refuses_gpipe():
+    from moslim_mega.config import ConfigError, ParallelConfig
+    from moslim_mega.engine.megatron.engine import build_megatron_engine
+
+    parallel = ParallelConfig(backend="megatron", pp=2, pp_schedule="gpipe")
+    with pytest.raises(ConfigError, match="parallel.pp_schedule=gpipe: the megatron backend runs 1f1b or "
+                                          "interleaved_1f1b only"):
+        build_megatron_engine(parallel, "unused", "causal_lm", EngineSettings(lr=1e-3))
