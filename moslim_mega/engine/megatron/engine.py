@@ -7,8 +7,24 @@ The model is megatron-core's ``GPTModel`` (Transformer Engine layer spec when ``
 imports, else the local spec) built for one TP × PP layout, loaded tensor by tensor from the HF
 weights through ``mapping.rank_state_dict`` — the same mapping as ``moslim convert`` — and wrapped
 in megatron's ``DistributedDataParallel`` with megatron's optimizer. ``train_step`` drives
-megatron's ``get_forward_backward_func()`` (no pipelining, or 1F1B under pp > 1); the role's head
-runs on the last stage from the final-norm hidden states:
+megatron's ``get_forward_backward_func()`` (no pipelining, 1F1B under pp > 1, interleaved 1F1B
+under virtual pipeline stages); the role's head runs on the last stage from the final-norm hidden
+states.
+
+Virtual pipeline stages (``Layout.vpp`` > 1; ``parallel.pp_schedule=interleaved_1f1b`` with
+``parallel.pp_stages_per_rank``): each rank builds vpp ``GPTModel`` chunks (``vp_stage``; chunk v
+holds layer block v·pp + pp_rank, as mapping.py assigns them), each loaded from its own
+``RankCoords(vp=v)`` and wrapped in its own DDP, with one optimizer over all chunks. The embedding
+is on chunk 0 of the first stage, the head on the last chunk of the last stage. A step needs a
+multiple of pp micro-batches (megatron-core 0.16); its micro-batches are padded at the end to one
+[B, T] (no shape exchange: at pp = 2 megatron's batched p2p cannot tell the two directions apart),
+and ``forward`` runs its row batch pp times (one group). Checkpoints hold one sharded state dict
+per chunk ("model0", "model1", … as Megatron-LM names them).
+
+``EngineSettings.activation_checkpointing`` turns on megatron's full recomputation of every layer
+(``recompute_granularity="full"``, uniform, one layer per group): the same gradients.
+
+The heads:
 
 * ``causal_lm``: the output layer never makes logits. Its ``forward`` is replaced by the identity,
   and its weight (this rank's Vs vocabulary rows) feeds the project's fused linear → log-prob
@@ -27,7 +43,7 @@ be contiguous; rows with left padding (the policy's rollouts) are rolled to the 
 for the model and rolled back (``_front_aligned``), which gives the torch engines' positions.
 
 Qwen2-MoE trains under expert parallelism (``ep``; not with pp > 1, nor tp > 1 without sequence
-parallelism). Not here (docs/megatron.md): virtual pipeline stages, context parallelism.
+parallelism). Not here (docs/megatron.md): context parallelism.
 """
 
 from __future__ import annotations
@@ -36,7 +52,7 @@ import json
 import math
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
@@ -64,6 +80,11 @@ TE_OFF_MESSAGE = (
     "no FP8, and torch's AdamW instead of TE's fused Adam. Numbers are the same; speed and memory are not.")
 
 
+# Full recomputation, one layer at a time: only each layer's input is kept, as the torch backend's
+# per-layer activation checkpointing does ("uniform" with 1 layer per group = every layer).
+_RECOMPUTE = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+
+
 class MegatronEngineError(ConversionError):
     """A setting, role or batch the megatron engine cannot handle; names the field."""
 
@@ -88,6 +109,9 @@ class EngineSettings:
     moe_aux_loss_coeff: float | None = None
     """MoE load-balancing loss coefficient; None = the HF config's ``router_aux_loss_coef``. The torch
     engine adds no aux loss (HF's is only in ``labels`` losses), so 0 trains the same objective."""
+    activation_checkpointing: bool = False
+    """Full recomputation (``parallel.activation_checkpointing``): each layer's activations are
+    dropped after its forward and recomputed in the backward; the gradients are the same."""
 
 
 def te_available() -> bool:
@@ -140,8 +164,13 @@ class MegatronCheckpoint:
     def __init__(self, engine: "MegatronEngine"):
         self.engine = engine
 
-    def _model_sharded(self) -> dict:
-        gpt = self.engine.gpt
+    def _model_keys(self) -> list[str]:
+        """The state-dict key of each model chunk: megatron's convention ("model", or "model0",
+        "model1", … under virtual pipeline stages)."""
+        gpts = self.engine.gpts
+        return ["model"] if len(gpts) == 1 else [f"model{v}" for v in range(len(gpts))]
+
+    def _model_sharded(self, gpt) -> dict:
         if self.engine.role == "causal_lm" or not gpt.post_process:
             return gpt.sharded_state_dict()
         # The reward / value roles dropped the output layer, but megatron-core 0.16's
@@ -155,9 +184,12 @@ class MegatronCheckpoint:
             gpt.post_process = True
 
     def _sharded(self, loading: bool) -> dict:
-        model_sd = self._model_sharded()
+        models = {k: self._model_sharded(gpt) for k, gpt in zip(self._model_keys(), self.engine.gpts)}
+        # The optimizer finds each parameter's sharded tensor anywhere in the dict it is given; one
+        # chunk's dict alone without vpp (the format mgwire's checkpoints have).
+        model_sd = models["model"] if len(models) == 1 else models
         # is_loading: the optimizer creates its (still empty) Adam state so every key has a tensor to load into.
-        return {"model": model_sd, "optimizer": self.engine.optimizer.sharded_state_dict(model_sd, is_loading=loading)}
+        return {**models, "optimizer": self.engine.optimizer.sharded_state_dict(model_sd, is_loading=loading)}
 
     def save_checkpoint(self, path: Path) -> None:
         """Collective. ``path`` is created here (rank 0) and must not exist."""
@@ -180,13 +212,16 @@ class MegatronCheckpoint:
             # dist_checkpointing could reshard the model; resuming into another layout is not
             # tested here (the optimizer's state and the data order per dp rank would change).
             raise MegatronEngineError(f"{path}: written under the megatron layout {saved}, this run has {now}; "
-                                      "resume needs the same parallel.tp / parallel.pp (to change layout, export the "
-                                      "checkpoint's weights with `moslim export hf` and start a run from them)")
+                                      "resume needs the same parallel.tp / parallel.pp / parallel.pp_stages_per_rank "
+                                      "(to change layout, export the checkpoint's weights with `moslim export hf` and "
+                                      "start a run from them)")
         state = dist_checkpointing.load(self._sharded(loading=True), str(path))
-        result = self.engine.gpt.load_state_dict(state["model"], strict=False)
-        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-        if missing or result.unexpected_keys:
-            raise MegatronEngineError(f"{path}: model keys missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+        for key, gpt in zip(self._model_keys(), self.engine.gpts):
+            result = gpt.load_state_dict(state[key], strict=False)
+            missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+            if missing or result.unexpected_keys:
+                raise MegatronEngineError(f"{path}: {key} keys missing {missing[:5]}, "
+                                          f"unexpected {result.unexpected_keys[:5]}")
         self.engine.optimizer.load_state_dict(state["optimizer"])
 
 
@@ -240,9 +275,8 @@ class MegatronEngine(TrainEngine):
                  settings: EngineSettings, num_classes: tuple[int, ...] = ()):
         if role not in ROLES:
             raise MegatronEngineError(f"role={role!r}: expected one of {', '.join(ROLES)}")
-        if layout.vpp != 1:
-            raise MegatronEngineError(f"layout {layout.to_dict()}: virtual pipeline stages are not in the megatron "
-                                      "engine (docs/megatron.md)")
+        if layout.vpp > 1 and layout.pp == 1:
+            raise MegatronEngineError(f"layout {layout.to_dict()}: vpp={layout.vpp} virtual pipeline stages need pp > 1")
         if settings.sequence_parallel and layout.tp > 1 and not (te_available() if settings.use_te is None else settings.use_te):
             raise MegatronEngineError("sequence_parallel: needs the Transformer Engine layer spec (megatron-core's "
                                       "local spec norms refuse it); transformer_engine is not importable")
@@ -264,23 +298,31 @@ class MegatronEngine(TrainEngine):
             raise MegatronEngineError(f"pp={layout.pp}: MoE under pipeline parallelism is not in the megatron engine "
                                       "(its allgather dispatcher refuses the variable sequence lengths the schedule uses)")
         check_layout(self.dims, layout)
+        vpp = layout.vpp if layout.vpp > 1 else None  # megatron's "no virtual stages" is None, not 1
         if not ps.model_parallel_is_initialized():
-            ps.initialize_model_parallel(layout.tp, layout.pp, expert_model_parallel_size=layout.ep,
+            ps.initialize_model_parallel(layout.tp, layout.pp, virtual_pipeline_model_parallel_size=vpp,
+                                         expert_model_parallel_size=layout.ep,
                                          expert_tensor_parallel_size=layout.expert_tp)
         elif (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
-              ps.get_expert_model_parallel_world_size()) != (layout.tp, layout.pp, layout.ep):
+              ps.get_expert_model_parallel_world_size(),
+              ps.get_virtual_pipeline_model_parallel_world_size()) != (layout.tp, layout.pp, layout.ep, vpp):
             raise MegatronEngineError(f"layout {layout.to_dict()}: megatron's parallel state is already set up "
-                                      "for another tp/pp")
+                                      "for another tp/pp/vpp")
         self.cuda = torch.cuda.is_available()
         if self.cuda:
             tensor_parallel.model_parallel_cuda_manual_seed(settings.seed)
         self.use_te = te_available() if settings.use_te is None else settings.use_te
         if not self.use_te and settings.use_te is None:
             warnings.warn(TE_OFF_MESSAGE, stacklevel=2)
-        self.first, self.last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+        # This rank's model chunks (one per virtual stage; one without vpp): chunk v holds layer block
+        # v·pp + pp_rank (mapping._owner); the embedding is on chunk 0 of the first stage, the head
+        # on the last chunk of the last stage.
         self.tp_group, self.tp_rank = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_rank()
-        self.coords = RankCoords(tp=self.tp_rank, pp=ps.get_pipeline_model_parallel_rank(),
-                                 ep=ps.get_expert_model_parallel_rank(), etp=ps.get_expert_tensor_parallel_rank())
+        self.chunk_coords = [RankCoords(tp=self.tp_rank, pp=ps.get_pipeline_model_parallel_rank(),
+                                        ep=ps.get_expert_model_parallel_rank(),
+                                        etp=ps.get_expert_tensor_parallel_rank(), vp=v) for v in range(layout.vpp)]
+        self.last = ps.is_pipeline_last_stage()
+        """This rank runs the head (on its last chunk)."""
         self._schedule = lambda: warmup_decay(settings.warmup_steps, settings.total_steps)
         self._steps_done = 0
         self.losses_on_every_rank = layout.pp == 1
@@ -289,9 +331,18 @@ class MegatronEngine(TrainEngine):
         """The checkpoint item's name (``checkpoint_items``); the trainer's (build_engine's ``name``)."""
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
         """Where batches go (and where ``forward``'s head output is)."""
-        self.gpt = self._build(hf_config)
-        self._load(get_hf)
-        self.model, self.optimizer = self._wrap()
+        self.cfg = self._config(hf_config)
+        self.gpts = [self._build(hf_config, v) for v in range(layout.vpp)]
+        """The ``GPTModel`` chunks, in virtual-stage order."""
+        self.rules = rules(self.dims, sum(self.num_classes) if role == "reward" else 0)
+        for gpt, coords in zip(self.gpts, self.chunk_coords):
+            self._load(get_hf, gpt, coords)
+        self.models, self.optimizer = self._wrap()
+
+    @property
+    def gpt(self):
+        """The chunk with the head (the only chunk without virtual stages)."""
+        return self.gpts[-1]
 
     # ------------------------------------------------------------------ construction
 
@@ -317,9 +368,7 @@ class MegatronEngine(TrainEngine):
             get = lambda name: source.get(name if name.startswith("value_head.") else "model." + name)  # noqa: E731
         return cls(config, get, role, layout, settings)
 
-    def _build(self, hf_config: dict):
-        from megatron.core.models.gpt import GPTModel
-
+    def _config(self, hf_config: dict):
         if self.dims.is_moe:
             from megatron.core.transformer.moe import moe_utils
 
@@ -339,20 +388,38 @@ class MegatronEngine(TrainEngine):
             # 0.16 marks a TP-split weight (tensor_model_parallel, partition_dim) only inside its
             # init, and without the mark the grad norm drops TP rank > 0's shards as "duplicates".
             sequence_parallel=self.settings.sequence_parallel and self.layout.tp > 1,
+            **(_RECOMPUTE if self.settings.activation_checkpointing else {}),
         )
         # Micro-batches may differ in T: p2p sends the shapes first. Set after construction: the
         # config check refuses it with the allgather MoE dispatcher, which a dense model never builds.
-        cfg.variable_seq_lengths = self.layout.pp > 1
+        cfg.variable_seq_lengths = self.layout.pp > 1 and self.layout.vpp == 1
+        if self.layout.vpp > 1:
+            # At pp = 2 a rank's previous and next stage are the same rank, and the interleaved
+            # schedule sends both ways in one exchange: megatron's batched p2p would pair the
+            # activation and the gradient by posting order (the wrong way round). Its unbatched
+            # p2p puts the two directions on two process groups. Its shape exchange is always
+            # batched, so no variable shapes either: _run pads a step's micro-batches to one shape.
+            cfg.batch_p2p_comm = False
         if self.use_te:
             cfg.bias_activation_fusion, cfg.apply_rope_fusion, cfg.masked_softmax_fusion = True, True, True
-        self.cfg = cfg
+        return cfg
+
+    def _build(self, hf_config: dict, vp: int):
+        """Model chunk ``vp`` of this rank (megatron-core places its layers by ``vp_stage``)."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.models.gpt import GPTModel
+
+        cfg = self.cfg
+        vp_stage = vp if self.layout.vpp > 1 else None
+        first = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        last = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
         args = gpt_model_args(hf_config, self.layout, dims=self.dims)
         gpt = GPTModel(cfg, _layer_spec(self.dims, self.use_te), **args.kwargs(),
-                       pre_process=self.first, post_process=self.last)
+                       pre_process=first, post_process=last, vp_stage=vp_stage)
         pad_id = hf_config.get("pad_token_id")
-        if self.first and isinstance(pad_id, int) and 0 <= pad_id < self.dims.vocab_size:
+        if first and isinstance(pad_id, int) and 0 <= pad_id < self.dims.vocab_size:
             gpt.embedding.word_embeddings.register_forward_hook(partial(_no_pad_row_gradient, pad_id))
-        if self.last:
+        if last:
             if self.role == "causal_lm":
                 # Keep the weight (state-dict name, TP sharding, tied-embedding sync); skip the logits.
                 gpt.output_layer.forward = _Identity(cfg.sequence_parallel).forward
@@ -364,29 +431,29 @@ class MegatronEngine(TrainEngine):
                     gpt.value_head = nn.Linear(self.dims.hidden_size, 1, dtype=cfg.params_dtype)
         return gpt.cuda() if self.cuda else gpt
 
-    def _load(self, get_hf: Callable[[str], torch.Tensor]) -> None:
+    def _load(self, get_hf: Callable[[str], torch.Tensor], gpt, coords: RankCoords) -> None:
         dims = self.dims
 
         def get_whole(rule, layer, expert):
             names = rule.hf_names(dims, layer, expert)
             return to_megatron(rule, dims, [get_hf(n) for n in names], names)
 
-        self.rules = rules(dims, sum(self.num_classes) if self.role == "reward" else 0)
-        state = rank_state_dict(dims, self.layout, self.coords, self.rules, get_whole)
+        state = rank_state_dict(dims, self.layout, coords, self.rules, get_whole)
         if self.use_te:
             state = {self._te_name(k): v for k, v in state.items()}
-        if self.role == "value" and self.last:
+        if self.role == "value" and gpt.post_process:
             for name in ("value_head.weight", "value_head.bias"):
                 try:
                     state[name] = get_hf(name)
                 except (KeyError, ConversionError):
-                    state[name] = torch.zeros_like(self.gpt.state_dict()[name])  # V ≡ 0, as models/value.py
-        own = self.gpt.state_dict()
+                    state[name] = torch.zeros_like(gpt.state_dict()[name])  # V ≡ 0, as models/value.py
+        own = gpt.state_dict()
         extra = {k for k in own if k.endswith("_extra_state")}
         missing = set(own) - set(state) - extra
         unexpected = set(state) - set(own) - {k for k in state if k.endswith("_extra_state")}
         if missing or unexpected:
-            raise ConversionError(f"megatron engine load: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+            raise ConversionError(f"megatron engine load (chunk {coords}): missing {sorted(missing)}, "
+                                  f"unexpected {sorted(unexpected)}")
         with torch.no_grad():
             for name, tensor in state.items():
                 if tensor is not None and name in own:
@@ -404,18 +471,19 @@ class MegatronEngine(TrainEngine):
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         s = self.settings
-        ddp = DistributedDataParallel(self.cfg, DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=self.cuda), module=self.gpt)
+        ddps = [DistributedDataParallel(self.cfg, DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=self.cuda), module=gpt) for gpt in self.gpts]
         self.cfg.finalize_model_grads_func = finalize_model_grads
-        self.cfg.no_sync_func = ddp.no_sync
+        # The interleaved schedule enters and leaves each chunk's no_sync on its own (a list).
+        self.cfg.no_sync_func = ddps[0].no_sync if len(ddps) == 1 else [d.no_sync for d in ddps]
         opt_cfg = OptimizerConfig(
             optimizer="adam", lr=s.lr, weight_decay=s.weight_decay, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8,
             clip_grad=0.0,  # clipped in train_step, after the finite check (utils/optim.Updater's order)
             bf16=self.cfg.bf16, params_dtype=self.cfg.params_dtype, use_distributed_optimizer=self.cuda)
         # config_overrides={}: weight decay on every parameter, as torch's AdamW in the torch engine
         # (megatron's default exempts biases and norms).
-        optimizer = get_megatron_optimizer(opt_cfg, [ddp], config_overrides={})
-        return ddp, optimizer
+        optimizer = get_megatron_optimizer(opt_cfg, ddps, config_overrides={})
+        return ddps, optimizer
 
     # ------------------------------------------------------------------ heads
 
@@ -494,8 +562,7 @@ class MegatronEngine(TrainEngine):
         return micro, lead_B
 
     def _forward_step(self, loss_fn, num_micro, rows, data_iterator, model):
-        micro = next(data_iterator)
-        ids_BT = micro["ids_BT"]
+        ids_BT, micro = next(data_iterator)  # the model's ids (maybe padded), the seam's micro-batch
         T = ids_BT.shape[1]
         position_ids_BT = torch.arange(T, device=ids_BT.device).expand_as(ids_BT)
         # Causal only: with right padding no attended query sees a padding key (True = masked out).
@@ -503,7 +570,9 @@ class MegatronEngine(TrainEngine):
         out = model(ids_BT, position_ids_BT, causal_11TT)
 
         def loss_func(out_BTD):
-            head = self._head(out_BTD, micro)
+            B, T = micro["ids_BT"].shape
+            # Rows and tail positions _run padded on: causal attention kept them out of the real ones.
+            head = self._head(out_BTD[:B, :T], micro)
             loss, row = loss_fn(head, micro)
             rows.append(row)
             # megatron divides a (loss, dict) pair by the number of micro-batches; the seam's loss
@@ -519,9 +588,25 @@ class MegatronEngine(TrainEngine):
             micro_batches = [{k: v.cuda(non_blocking=True) for k, v in m.items()} for m in micro_batches]
         rows: list[dict] = []
         B, T = micro_batches[0]["ids_BT"].shape
+        pp, vpp = self.layout.pp, self.layout.vpp
+        if vpp > 1 and len(micro_batches) % pp:
+            # megatron-core 0.16's interleaved schedule runs micro-batches in groups of pp per chunk
+            # and refuses a last group of fewer than pp (its "dependency bubbles" RuntimeError).
+            raise MegatronEngineError(f"micro_batches: {len(micro_batches)} micro-batches; the interleaved schedule "
+                                      f"(vpp={vpp}) needs a multiple of pp={pp} (parallel.pp_microbatches)")
+        ids = [m["ids_BT"] for m in micro_batches]
+        if vpp > 1:
+            # One tensor shape per step (no shape exchange, see _config): every row batch padded
+            # at the end to the step's largest B and T.
+            B, T = max(i.shape[0] for i in ids), max(i.shape[1] for i in ids)
+            ids = [torch.nn.functional.pad(i, (0, T - i.shape[1], 0, B - i.shape[0])) for i in ids]
+        # One iterator per chunk: each chunk's forward steps take the micro-batches in order
+        # (the first chunk reads ids, the last one the head's inputs; all of them T).
+        pairs = list(zip(ids, micro_batches))
+        data = iter(pairs) if vpp == 1 else [iter(pairs) for _ in range(vpp)]
         get_forward_backward_func()(
             forward_step_func=partial(self._forward_step, loss_fn, len(micro_batches), rows),
-            data_iterator=iter(micro_batches), model=[self.model], num_microbatches=len(micro_batches),
+            data_iterator=data, model=self.models, num_microbatches=len(micro_batches),
             seq_length=T, micro_batch_size=B, forward_only=forward_only)
         return rows
 
@@ -550,8 +635,9 @@ class MegatronEngine(TrainEngine):
         return self.settings.lr * self._schedule()(self._steps_done)
 
     def train_step(self, micro_batches: list[MicroBatch], loss_fn: LossFn, step: int) -> dict[str, float]:
-        self.model.train()
-        self.model.zero_grad_buffer()
+        for model in self.models:
+            model.train()
+            model.zero_grad_buffer()
         self.optimizer.zero_grad()
         rows = self._run([self._front_aligned(m)[0] for m in micro_batches], loss_fn, forward_only=False)
         # Same order as utils/optim.Updater: norm, finite check (before any parameter changes), clip, step.
@@ -587,7 +673,10 @@ class MegatronEngine(TrainEngine):
             return torch.zeros((), device=micro["ids_BT"].device), {}
 
         aligned, lead_B = self._front_aligned(micro)
-        self._run([aligned], keep, forward_only=True)
+        # The interleaved schedule takes whole groups of pp micro-batches: the row batch again as
+        # the group's other members (their outputs are dropped; pp× the forward work, vpp > 1 only).
+        copies = self.layout.pp if self.layout.vpp > 1 else 1
+        self._run([aligned] * copies, keep, forward_only=True)
         out = outs[0] if outs else None
         if self.layout.pp > 1:
             out = self._from_last_stage(_to_cpu(out))
@@ -615,30 +704,55 @@ class MegatronEngine(TrainEngine):
         # Expert-parallel ranks are data-parallel for the dense weights, so under ep > 1 the shards
         # of one model span the whole world, not megatron's (tp × pp) model-parallel group.
         group = ps.get_model_parallel_group() if self.layout.ep == 1 else dist.group.WORLD
-        local = {k: v for k, v in self.gpt.state_dict().items() if not k.endswith("_extra_state")}
-        if self.use_te:
-            back = {te: loc for loc, te in _TE_NAMES.items()}
-            local = {next((k[: -len(t)] + loc for t, loc in back.items() if k.endswith(t)), k): v for k, v in local.items()}
-        # Every model-parallel rank's coordinates and tensor names, then tensors one at a time.
+        back = {te: loc for loc, te in _TE_NAMES.items()}
+
+        def local_names(gpt) -> dict:
+            local = {k: v for k, v in gpt.state_dict().items() if not k.endswith("_extra_state")}
+            if self.use_te:
+                local = {next((k[: -len(t)] + loc for t, loc in back.items() if k.endswith(t)), k): v
+                         for k, v in local.items()}
+            return local
+
+        locals_ = {c: local_names(gpt) for c, gpt in zip(self.chunk_coords, self.gpts)}
+        # Every model-parallel rank's chunks (coordinates and tensor names), then tensors one at a time.
         infos = [None] * dist.get_world_size(group)
-        dist.all_gather_object(infos, (dist.get_rank(), self.coords, sorted(local)), group=group)
-        shards = {c: _RemoteState(set(names), src, group, local if src == dist.get_rank() else None)
-                  for src, c, names in infos}
+        dist.all_gather_object(infos, (dist.get_rank(), [(c, sorted(loc)) for c, loc in locals_.items()]),
+                               group=group)
+        me = dist.get_rank()
+        shards = {c: _RemoteState(set(names), src, group, locals_[c] if src == me else None)
+                  for src, chunks in infos for c, names in chunks}
         yield from iter_hf_tensors(self.dims, self.layout, self.rules, shards)
         if self.role == "value":
-            last = next(src for src, c, _ in infos if c.pp == self.layout.pp - 1 and c.tp == 0)
+            head = RankCoords(pp=self.layout.pp - 1, vp=self.layout.vpp - 1)
+            last = next(src for src, chunks in infos for c, _ in chunks
+                        if (c.pp, c.vp, c.tp) == (head.pp, head.vp, 0))
+            mine = locals_[self.chunk_coords[-1]] if last == me else None
             for name in ("value_head.weight", "value_head.bias"):
-                yield name, _RemoteState({name}, last, group, local if last == dist.get_rank() else None)[name]
+                yield name, _RemoteState({name}, last, group, mine)[name]
 
 
 def build_megatron_engine(parallel, model_path: str | Path, role: str, settings: EngineSettings,
                           name: str = "model") -> MegatronEngine:
     """The engine ``parallel.backend=megatron`` selects: ``parallel`` is the run's ParallelConfig
-    (its ``tp`` and ``pp``; dp = world / (tp·pp)); ``model_path`` an HF (or reward-model) directory;
-    ``name`` the checkpoint item's name."""
+    (its ``tp`` and ``pp``, dp = world / (tp·pp); ``pp_schedule`` / ``pp_stages_per_rank``, the
+    virtual stages; ``activation_checkpointing``, full recomputation); ``model_path`` an HF (or
+    reward-model) directory; ``name`` the checkpoint item's name."""
+    from ...config import ConfigError
+
     if getattr(parallel, "cp", 1) != 1:
         raise MegatronEngineError(f"parallel.cp={parallel.cp}: context parallelism is not in the megatron engine")
-    engine = MegatronEngine.from_pretrained(model_path, role, Layout(tp=parallel.tp, pp=parallel.pp), settings)
+    schedule = getattr(parallel, "pp_schedule", "1f1b")
+    vpp = 1
+    if parallel.pp > 1 and schedule == "gpipe":
+        # megatron-core schedules 1F1B (interleaved with virtual stages) only; running 1F1B under a
+        # gpipe setting would silently change the run's memory profile.
+        raise ConfigError("parallel.pp_schedule=gpipe: the megatron backend runs 1f1b or interleaved_1f1b only")
+    if parallel.pp > 1 and schedule == "interleaved_1f1b":
+        vpp = parallel.pp_stages_per_rank
+    if getattr(parallel, "activation_checkpointing", False):
+        settings = replace(settings, activation_checkpointing=True)
+    layout = Layout(tp=parallel.tp, pp=parallel.pp, vpp=vpp)
+    engine = MegatronEngine.from_pretrained(model_path, role, layout, settings)
     engine.name = name
     return engine
 

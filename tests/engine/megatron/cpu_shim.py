@@ -19,6 +19,10 @@ The patches, and why each is harmless to the numbers:
 5. the module-level ``torch`` of :data:`CUDA_LITERAL_MODULES` → a proxy whose ``zeros`` /
    ``tensor`` / ``empty`` / ``ones`` turn ``device="cuda"`` into CPU: the schedules count tokens,
    and the fp32 optimizer keeps its (constant 1) loss scale, in CUDA tensors.
+6. ``tensor_parallel.random._get_cuda_rng_state`` → None and ``_set_cuda_rng_state`` → no-op:
+   full recomputation (``tensor_parallel.checkpoint``) saves and restores the CPU, CUDA and
+   tracker RNG states around each recomputed layer; there is no CUDA generator here, and the CPU
+   state (still saved and restored) is the only one a CPU run draws from (and no dropout draws).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def require_pinned():
     mcore = pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -e '.[megatron]')")
     if mcore.__version__ != PINNED:
         pytest.skip(f"cpu_shim is pinned to megatron-core {PINNED} (installed: {mcore.__version__}); "
-                    "re-read its five patches against the new source before bumping the pin")
+                    "re-read its six patches against the new source before bumping the pin")
     return mcore
 
 
@@ -62,7 +66,7 @@ def _torch_proxy() -> types.ModuleType:
 
 @contextlib.contextmanager
 def cpu_megatron():
-    """Apply the five patches; restore them on exit."""
+    """Apply the six patches; restore them on exit."""
     import importlib
 
     from megatron.core.tensor_parallel import random as mp_random
@@ -70,11 +74,15 @@ def cpu_megatron():
     modules = [importlib.import_module(f"megatron.core.{name}") for name in CUDA_LITERAL_MODULES]
     saved = [(torch.cuda, "current_device", torch.cuda.current_device),
              (torch.cuda, "synchronize", torch.cuda.synchronize),
-             (torch.Tensor, "cuda", torch.Tensor.cuda)] + [(m, "torch", m.torch) for m in modules]
+             (torch.Tensor, "cuda", torch.Tensor.cuda),
+             (mp_random, "_get_cuda_rng_state", mp_random._get_cuda_rng_state),
+             (mp_random, "_set_cuda_rng_state", mp_random._set_cuda_rng_state)] + [(m, "torch", m.torch) for m in modules]
     try:
         torch.cuda.current_device = lambda: "cpu"
         torch.cuda.synchronize = lambda *a, **k: None
         torch.Tensor.cuda = lambda self, *a, **k: self
+        mp_random._get_cuda_rng_state = lambda *a, **k: None
+        mp_random._set_cuda_rng_state = lambda *a, **k: None
         proxy = _torch_proxy()
         for m in modules:
             m.torch = proxy

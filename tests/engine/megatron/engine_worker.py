@@ -110,7 +110,8 @@ def run_case(case: dict, out_dir: Path) -> dict:
 
     settings = EngineSettings(lr=1e-2, weight_decay=0.1, warmup_steps=2, grad_clip=case.get("clip", 1.0),
                               sequence_parallel=case.get("sp", False), use_te=False,
-                              moe_aux_loss_coeff=0.0)  # the HF reference adds no aux loss
+                              moe_aux_loss_coeff=0.0,  # the HF reference adds no aux loss
+                              activation_checkpointing=case.get("recompute", False))
     layout = Layout(**case["layout"])
     config = hf_config(case["arch"], tied=case.get("tied", False))
     torch.manual_seed(0)
@@ -185,7 +186,20 @@ def run_case(case: dict, out_dir: Path) -> dict:
         else:
             total = sum(float((m["mask_BT"][:, 1:] * m["mask_BT"][:, :-1]).sum()) for m in micro)
             loss_fn = actor_loss(total)
+        # Layer forwards in the step: once per micro-batch, twice with full recomputation.
+        layer_calls = []
+        hook = engine.gpts[0].decoder.layers[0].register_forward_hook(lambda *a: layer_calls.append(1))
+        if case.get("odd_micro"):
+            from moslim_mega.engine.megatron.engine import MegatronEngineError
+
+            try:  # one micro-batch: not a multiple of pp, refused before anything runs
+                engine.train_step(micro[:1], loss_fn, step=0)
+                res["odd_micro"] = "not raised"
+            except MegatronEngineError as e:
+                res["odd_micro"] = str(e)
         metrics = engine.train_step(micro, loss_fn, step=0)
+        hook.remove()
+        res["layer_forwards"] = len(layer_calls)
         upd = Updater(ref.parameters(), settings.lr, settings.weight_decay, settings.warmup_steps, settings.grad_clip)
         upd.zero_grad()
         for m in micro:
@@ -216,6 +230,16 @@ def run_case(case: dict, out_dir: Path) -> dict:
         def hf_key(k):
             return "backbone." + k if (rm or value) and not k.startswith(("heads.", "value_head.")) else k
 
+        if case.get("recompute"):
+            # The same step without recomputation, from the same weights: the same numbers.
+            from dataclasses import replace
+
+            plain = MegatronEngine(config.to_dict(), get_hf, case["role"], layout,
+                                   replace(settings, activation_checkpointing=False), num_classes if rm else ())
+            plain_metrics = plain.train_step(micro, loss_fn, step=0)
+            plain_exported = dict(plain.export_weights())
+            res["recompute_metrics"] = max(abs(metrics[k] - plain_metrics[k]) for k in metrics)
+            res["recompute_params"] = max(float((exported[k] - plain_exported[k]).abs().max()) for k in exported)
         res["moved"] = max(float((ref_names[k] - hf_state[hf_key(k)]).abs().max()) for k in ref_names)
         if case.get("nonfinite"):
             from moslim_mega.algos.core import NonFiniteError

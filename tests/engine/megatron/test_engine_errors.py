@@ -10,7 +10,7 @@ from .tiny_hf import hf_config
 
 @pytest.mark.parametrize("role, layout, classes, message", [
     ("policy", Layout(), (), "role='policy': expected one of causal_lm, reward, value"),
-    ("causal_lm", Layout(pp=2, vpp=2), (), "virtual pipeline stages are not in the megatron engine"),
+    ("causal_lm", Layout(vpp=2), (), "vpp=2 virtual pipeline stages need pp > 1"),
     ("reward", Layout(), (), "num_classes: the reward role needs"),
     ("causal_lm", Layout(), (), "torch.distributed is not initialised"),
 ])
@@ -71,3 +71,13 @@ def test_policy_refuses_megatron_under_pp_before_building_anything(tmp_path):
     with pytest.raises(ConfigError, match="parallel.backend=megatron with parallel.pp=2: the policy's reference"):
         train_policy(cfg, tmp_path / "out", tmp_path / "no_sft", tmp_path / "no_rm", tmp_path / "no_prompts")
     assert not (tmp_path / "out").exists()
+
+
+def test_megatron_backend_refuses_gpipe():
+    from moslim_mega.config import ConfigError, ParallelConfig
+    from moslim_mega.engine.megatron.engine import build_megatron_engine
+
+    parallel = ParallelConfig(backend="megatron", pp=2, pp_schedule="gpipe")
+    with pytest.raises(ConfigError, match="parallel.pp_schedule=gpipe: the megatron backend runs 1f1b or "
+                                          "interleaved_1f1b only"):
+        build_megatron_engine(parallel, "unused", "causal_lm", EngineSettings(lr=1e-3))
