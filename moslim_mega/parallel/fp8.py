@@ -49,10 +49,22 @@ def fp8_enabled(pc) -> bool:
     return getattr(pc, "fp8", "none") != "none"
 
 
-def decoder_layers(model) -> nn.ModuleList:
-    """The transformer's decoder layers of a causal LM, a multi-head RM or a value model."""
-    backbone = model.backbone if hasattr(model, "backbone") else getattr(model, model.base_model_prefix)
-    return backbone.layers
+def decoder_layers(model) -> list[nn.Module]:
+    """The transformer's decoder layers of a causal LM, a multi-head RM, a value model or a pipeline
+    stage of one of them (parallel/pipeline.py ``StageModule``)."""
+    from .pipeline import StageModule  # deferred: pipeline.py is imported lazily by the engines
+
+    if isinstance(model, StageModule):
+        # A pipeline stage is converted after the split (parallelize_stage), so the filter sees the
+        # stage, not the model: it has no ``base_model_prefix`` of its own but names its (pruned)
+        # backbone ``decoder``, whose layers are an ``nn.ModuleDict`` keyed by global layer index —
+        # iterating that would give the keys, hence ``values()``. The converted set is then the
+        # stage's share of the unsplit model's (same FQNs), and the head on the last stage stays out.
+        backbone = model.decoder
+    else:
+        backbone = model.backbone if hasattr(model, "backbone") else getattr(model, model.base_model_prefix)
+    layers = backbone.layers
+    return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
 
 
 def fp8_module_filter(model, recipe: str, auto_filter: bool = False):
