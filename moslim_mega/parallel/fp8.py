@@ -25,6 +25,11 @@ Composition (measured with 2 gloo processes, tests/parallel/test_fp8_equivalence
   (float8 all-gather of sequence-sharded activations), which the plan here does not use: their
   inputs are replicated, there is nothing to all-gather, and their local-shard scales moved the
   loss by 3e-4 and gradients by 7e-3 against the single-process fp8 step. So they are not used.
+- Pipeline (tests/parallel/test_pipeline_equivalence.py): ``parallelize_stage`` converts each
+  stage after the split, so the filter reads the stage's pruned decoder and picks its share of the
+  whole model's linears under their global names. Tensorwise activation scales are per micro-batch
+  tensor, and the engine pads a step's micro-batches to one shape: the padding rows enter the amax
+  (the pp step equals the single-process step on those padded micro-batches, bit for bit at pp=2).
 
 On a machine without CUDA, float8 matmuls are emulated (``Float8LinearConfig(emulate=True)``:
 fp8-rounded operands, fp32 matmul) — same numerics, no speed-up; a log line says so.

@@ -6,7 +6,7 @@ a DCP save/load of the pipeline-sharded model and optimizer, and SFT / RM steps 
 ``parallel.fp8`` (torchao's CPU emulation), compared with the same fp8 conversion in one process.
 ``pipeline_scenarios.py OUT.json pp2dp2`` (4 processes): the RM with pp=2 × dp=2 (FSDP2 per stage).
 ``pipeline_scenarios.py OUT.json pp2tp2`` (4 processes): SFT and the RM with pp=2 × tp=2 (TP per stage,
-the vocab-parallel log-prob head on the last stage).
+the vocab-parallel log-prob head on the last stage), also with ``parallel.fp8``.
 
 Each case trains the same model (same seed) on the same micro-batches once through the pipeline
 engine and once in this process with plain backward + AdamW; rank 0 writes the largest differences.
@@ -263,6 +263,12 @@ def main():
         mesh = build_mesh(pc)
         results["sft_pp2_tp2"] = run_case("sft", pc, mesh, rank0=True)
         results["rm_pp2_tp2"] = run_case("rm", pc, mesh)
+        if importlib.util.find_spec("torchao") is not None:
+            # float8 linears under the stages' TP plan (DTensor weights; the policy's last stage runs the
+            # vocab-parallel log-prob head, which stays high precision).
+            for kind, recipe in (("sft", "rowwise"), ("rm", "tensorwise")):
+                pc = ParallelConfig(pp=2, tp=2, pp_schedule="1f1b", fp8=recipe)
+                results[f"{kind}_pp2_tp2_fp8_{recipe}"] = run_case(kind, pc, build_mesh(pc), rank0=(kind == "sft"))
     else:
         pc = ParallelConfig(pp=2, dp=2, pp_schedule="1f1b")
         mesh = build_mesh(pc)
