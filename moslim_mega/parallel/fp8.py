@@ -25,6 +25,11 @@ Composition (measured with 2 gloo processes, tests/parallel/test_fp8_equivalence
   (float8 all-gather of sequence-sharded activations), which the plan here does not use: their
   inputs are replicated, there is nothing to all-gather, and their local-shard scales moved the
   loss by 3e-4 and gradients by 7e-3 against the single-process fp8 step. So they are not used.
+- Pipeline (tests/parallel/test_pipeline_equivalence.py): ``parallelize_stage`` converts each
+  stage after the split, so the filter reads the stage's pruned decoder and picks its share of the
+  whole model's linears under their global names. Tensorwise activation scales are per micro-batch
+  tensor, and the engine pads a step's micro-batches to one shape: the padding rows enter the amax
+  (the pp step equals the single-process step on those padded micro-batches, bit for bit at pp=2).
 
 On a machine without CUDA, float8 matmuls are emulated (``Float8LinearConfig(emulate=True)``:
 fp8-rounded operands, fp32 matmul) — same numerics, no speed-up; a log line says so.
@@ -49,10 +54,22 @@ def fp8_enabled(pc) -> bool:
     return getattr(pc, "fp8", "none") != "none"
 
 
-def decoder_layers(model) -> nn.ModuleList:
-    """The transformer's decoder layers of a causal LM, a multi-head RM or a value model."""
-    backbone = model.backbone if hasattr(model, "backbone") else getattr(model, model.base_model_prefix)
-    return backbone.layers
+def decoder_layers(model) -> list[nn.Module]:
+    """The transformer's decoder layers of a causal LM, a multi-head RM, a value model or a pipeline
+    stage of one of them (parallel/pipeline.py ``StageModule``)."""
+    from .pipeline import StageModule  # deferred: pipeline.py is imported lazily by the engines
+
+    if isinstance(model, StageModule):
+        # A pipeline stage is converted after the split (parallelize_stage), so the filter sees the
+        # stage, not the model: it has no ``base_model_prefix`` of its own but names its (pruned)
+        # backbone ``decoder``, whose layers are an ``nn.ModuleDict`` keyed by global layer index —
+        # iterating that would give the keys, hence ``values()``. The converted set is then the
+        # stage's share of the unsplit model's (same FQNs), and the head on the last stage stays out.
+        backbone = model.decoder
+    else:
+        backbone = model.backbone if hasattr(model, "backbone") else getattr(model, model.base_model_prefix)
+    layers = backbone.layers
+    return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
 
 
 def fp8_module_filter(model, recipe: str, auto_filter: bool = False):

@@ -1,16 +1,18 @@
 """Run by ``torchrun`` from test_pipeline_equivalence.py (not a test module itself).
 
 ``pipeline_scenarios.py OUT.json pp2``  (2 processes): SFT, RM and RLOO steps with pp=2 under GPipe
-and 1F1B, a critic step, the RM under interleaved 1F1B (2 stages per rank), forward-only passes
-and a DCP save/load of the pipeline-sharded model and optimizer.
+and 1F1B, a critic step, the RM under interleaved 1F1B (2 stages per rank), forward-only passes,
+a DCP save/load of the pipeline-sharded model and optimizer, and SFT / RM steps under 1F1B with
+``parallel.fp8`` (torchao's CPU emulation), compared with the same fp8 conversion in one process.
 ``pipeline_scenarios.py OUT.json pp2dp2`` (4 processes): the RM with pp=2 × dp=2 (FSDP2 per stage).
 ``pipeline_scenarios.py OUT.json pp2tp2`` (4 processes): SFT and the RM with pp=2 × tp=2 (TP per stage,
-the vocab-parallel log-prob head on the last stage).
+the vocab-parallel log-prob head on the last stage), also with ``parallel.fp8``.
 
 Each case trains the same model (same seed) on the same micro-batches once through the pipeline
 engine and once in this process with plain backward + AdamW; rank 0 writes the largest differences.
 """
 
+import importlib.util
 import json
 import sys
 import tempfile
@@ -25,11 +27,13 @@ from moslim_mega.checkpoint.state import apply_tensor_state, tensor_state
 from moslim_mega.config import ParallelConfig
 from moslim_mega.engine.base import HeadIn, LogprobOut
 from moslim_mega.engine.pipeline import PipelineEngine
+from moslim_mega.parallel.fp8 import apply_fp8
 from moslim_mega.kernels.multihead_head import fused_multihead_head
 from moslim_mega.parallel.mesh import build_mesh
 from moslim_mega.utils.optim import Updater
 
-from tests.parallel.pipeline_models import NUM_CLASSES, build, micro_batches, skeleton
+from moslim_mega.parallel.pipeline import layer_ranges
+from tests.parallel.pipeline_models import LAYERS, NUM_CLASSES, build, micro_batches, skeleton
 
 OPTIM = dict(lr=1e-3, weight_decay=0.01, warmup_steps=0, grad_clip=0.05)
 TEMP = 0.7
@@ -95,16 +99,59 @@ def reference_head(model, role, mb):
     return model(mb["ids_BT"], mb["mask_BT"])
 
 
-def reference_steps(kind, mbs, steps):
+def padded_head(model, role, mb, shape_BT):
+    """``reference_head`` on ``mb`` padded to ``shape_BT`` as the engine pads a step's micro-batches
+    (``_stack_padded``: id 0, mask 0, an extra row attends its first token), cut back to its own rows
+    and tokens as ``_head_output`` does. Under tensorwise fp8 the activations' scale is the amax of
+    the whole micro-batch tensor, padding included, so the single-process reference has to see the
+    same tensors as the stages; everything else (right padding, causal attention) leaves the real
+    tokens as they are."""
+    (B, T), (b, t) = shape_BT, mb["ids_BT"].shape
+    ids_BT = torch.zeros(B, T, dtype=mb["ids_BT"].dtype)
+    mask_BT = torch.zeros(B, T, dtype=mb["mask_BT"].dtype)
+    ids_BT[:b, :t], mask_BT[:b, :t], mask_BT[b:, 0] = mb["ids_BT"], mb["mask_BT"], 1
+    out = reference_head(model, role, {"ids_BT": ids_BT, "mask_BT": mask_BT})
+    if role == "causal_lm":
+        return LogprobOut(out.logp_BT[:b, :t], out.entropy_BT[:b, :t])
+    if role == "reward":
+        return HeadIn(out.hidden_BD[:b], out.weight_CD, out.bias_C)
+    return out[:b, :t]
+
+
+def strided_head(model, role, mb, n):
+    """``reference_head`` as ``PipelineEngine.forward`` computes it: the rows cut into ``n`` strided
+    chunks, each its own tensor (for tensorwise fp8's per-tensor activation scale), then re-interleaved."""
+    parts = [reference_head(model, role, {k: mb[k][i::n] for k in ("ids_BT", "mask_BT")}) for i in range(n)]
+
+    def merge(xs):
+        out = torch.empty((sum(x.shape[0] for x in xs), *xs[0].shape[1:]), dtype=xs[0].dtype)
+        for i, x in enumerate(xs):
+            out[i::n] = x
+        return out
+
+    if role == "causal_lm":
+        return LogprobOut(merge([p.logp_BT for p in parts]), merge([p.entropy_BT for p in parts]))
+    if role == "reward":
+        return HeadIn(merge([p.hidden_BD for p in parts]), parts[0].weight_CD, parts[0].bias_C)
+    return merge(parts)
+
+
+def reference_steps(kind, mbs, steps, pc=None):
+    """``pc`` with ``fp8``: the whole model converted as the single-process path does, and each
+    micro-batch run at the engine's padded shape (see padded_head)."""
     role, loss_fn = LOSSES[kind]
     model = build(role)
+    fp8 = pc is not None and pc.fp8 != "none"
+    model.fp8_names = apply_fp8(model, pc) if fp8 else []
+    shape_BT = tuple(max(mb["ids_BT"].shape[d] for mb in mbs) for d in (0, 1))
     upd = Updater(model.parameters(), **OPTIM)
     losses, norms = [], []
     for step in range(steps):
         upd.zero_grad()
         total = 0.0
         for mb in weigh(mbs, kind):
-            loss, _ = loss_fn(reference_head(model, role, mb), mb)
+            out = padded_head(model, role, mb, shape_BT) if fp8 else reference_head(model, role, mb)
+            loss, _ = loss_fn(out, mb)
             loss.backward()
             total += float(loss)
         norms.append(upd.step(step))
@@ -137,7 +184,7 @@ def run_case(kind, pc, mesh, steps=2, dp=1, dp_rank=0, checkpoint=False, rank0=F
         t = torch.tensor(losses, dtype=torch.float64)
         dist.all_reduce(t, group=mesh["dp"].get_group())
         losses = (t / dp).tolist()
-    ref, ref_losses, ref_norms = reference_steps(kind, mbs, steps)
+    ref, ref_losses, ref_norms = reference_steps(kind, mbs, steps, pc)
     ref_params = dict(ref.named_parameters())
     exported = dict(engine.export_weights())
     assert exported.keys() == ref_params.keys(), sorted(set(exported) ^ set(ref_params))
@@ -149,9 +196,19 @@ def run_case(kind, pc, mesh, steps=2, dp=1, dp_rank=0, checkpoint=False, rank0=F
         "grad_norm": ref_norms[0],
         "param_diff": max(float((exported[n] - p).abs().max()) for n, p in ref_params.items()),
         "param_change": max(float((init[n] - p).abs().max()) for n, p in ref_params.items()),
-        "forward_diff": head_diff(engine.forward(mbs[0]), reference_head(ref, role, mbs[0])),
+        "forward_diff": head_diff(engine.forward(mbs[0]),
+                                  strided_head(ref, role, mbs[0], min(len(mbs[0]["ids_BT"]), pc.pp))
+                                  if pc.fp8 != "none" else reference_head(ref, role, mbs[0])),
     }
     r["num_dtensor_params"] = sum(type(p).__name__ == "DTensor" for s in engine.stages for p in s.parameters())
+    if pc.fp8 != "none":  # which linears each stage converted (gathered from every rank) vs one process
+        mine = {s.stage: [n for n, m in s.named_modules() if type(m).__name__ == "Float8Linear"]
+                for s in engine.stages}
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+        r["fp8_stage_names"] = {str(k): v for d in every for k, v in d.items()}
+        r["fp8_stage_layers"] = {str(s): list(ids) for s, ids in enumerate(layer_ranges(LAYERS, pc.pp))}
+        r["fp8_ref_names"] = ref.fp8_names
     if checkpoint:
         r["ckpt_diff"] = checkpoint_round_trip(engine, mbs, kind)
     return r
@@ -175,6 +232,14 @@ def checkpoint_round_trip(engine, mbs, kind):
     return max(float((after[n] - again[n]).abs().max()) for n in after)
 
 
+def fp8_cases(results):
+    """parallel.fp8 inside the stages: both recipes for the RM, rowwise for SFT. Two are built from
+    rank 0's weights, so the float8 conversion also runs on meta-device stages before they are filled."""
+    for kind, recipe, rank0 in (("sft", "rowwise", True), ("rm", "rowwise", False), ("rm", "tensorwise", True)):
+        pc = ParallelConfig(pp=2, pp_schedule="1f1b", fp8=recipe)
+        results[f"{kind}_1f1b_fp8_{recipe}"] = run_case(kind, pc, build_mesh(pc), rank0=rank0)
+
+
 def main():
     out, mode = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo")
@@ -191,11 +256,19 @@ def main():
         results["value_1f1b"] = run_case("value", pc, build_mesh(pc), rank0=True)
         pc = ParallelConfig(pp=2, pp_schedule="interleaved_1f1b", pp_stages_per_rank=2)
         results["rm_interleaved_1f1b"] = run_case("rm", pc, build_mesh(pc), checkpoint=True, rank0=True)
+        if importlib.util.find_spec("torchao") is not None:  # the fp8 extra; its tests skip without it
+            fp8_cases(results)
     elif mode == "pp2tp2":
         pc = ParallelConfig(pp=2, tp=2, pp_schedule="1f1b")
         mesh = build_mesh(pc)
         results["sft_pp2_tp2"] = run_case("sft", pc, mesh, rank0=True)
         results["rm_pp2_tp2"] = run_case("rm", pc, mesh)
+        if importlib.util.find_spec("torchao") is not None:
+            # float8 linears under the stages' TP plan (DTensor weights; the policy's last stage runs the
+            # vocab-parallel log-prob head, which stays high precision).
+            for kind, recipe in (("sft", "rowwise"), ("rm", "tensorwise")):
+                pc = ParallelConfig(pp=2, tp=2, pp_schedule="1f1b", fp8=recipe)
+                results[f"{kind}_pp2_tp2_fp8_{recipe}"] = run_case(kind, pc, build_mesh(pc), rank0=(kind == "sft"))
     else:
         pc = ParallelConfig(pp=2, dp=2, pp_schedule="1f1b")
         mesh = build_mesh(pc)

@@ -221,3 +221,36 @@ def test_hardware_fp8_step_tracks_bf16_on_gpu(recipe):
     assert not model.model.layers[0].mlp.up_proj.config.emulate  # torch._scaled_mm, not emulation
     got = train(model, 5, ids)
     assert max(abs(a - b) / b for a, b in zip(got, ref)) < 0.02, (got, ref)
+
+
+@pytest.mark.parametrize("role", ["causal_lm", "reward", "value"])
+def test_pipeline_stages_convert_their_share_of_the_whole_models_set(role, monkeypatch):
+    """parallelize_stage converts after the split: each stage's filter sees a StageModule (no
+    base_model_prefix, layers in a ModuleDict) and must pick the whole model's linears of its own
+    layers, by their global names; the last stage's head stays high precision."""
+    from moslim_mega.parallel.pipeline import ROLE_HEADS, parallelize_stage, split_model
+
+    def build():
+        torch.manual_seed(0)
+        if role == "causal_lm":
+            return lm()
+        backbone = AutoModel.from_config(qwen_cfg())
+        return MultiHeadRewardModel(backbone, (5, 2)) if role == "reward" else ValueModel(backbone)
+
+    # The size filter (fp8_auto_filter) is called with the stage's FQNs: they are the global ones.
+    seen = []
+    monkeypatch.setattr(fp8_mod, "_torchao_size_filter",
+                        lambda recipe: lambda mod, fqn: seen.append(fqn) or fqn.split(".")[2] == "1")
+    whole = build()
+    expected = set(apply_fp8(whole, pc("rowwise")))
+    assert len(expected) == 2 * len(DECODER_LINEARS)
+    stages = [split_model(build(), role, [s], 2)[0] for s in (0, 1)]
+    for s in stages:
+        parallelize_stage(s, None, pc("rowwise"))
+    got = [float8_names(s) for s in stages]
+    assert got[0] | got[1] == expected and not got[0] & got[1]
+    assert all(n.split(".")[2] == str(i) for i, names in enumerate(got) for n in names)
+    assert type(getattr(stages[1], ROLE_HEADS[role])) is not Float8Linear
+    filtered = split_model(build(), role, [1], 2)[0]
+    parallelize_stage(filtered, None, pc("rowwise", fp8_auto_filter=True))
+    assert float8_names(filtered) == got[1] and set(seen) == got[1]
