@@ -165,7 +165,12 @@ def test_state_dict_is_plain_and_exports_to_a_plain_hf_model(tmp_path):
 
 # ---- errors ----------------------------------------------------------------------------------------
 def test_bad_recipe_is_a_config_error_naming_the_field():
-    with pytest.raises(ConfigError, match=r"parallel\.fp8: 'blockwise' is not one of none, tensorwise, rowwise"):
+    with pytest.raises(ConfigError, match=r"parallel\.fp8: 'e5m2' is not one of none, tensorwise, rowwise"):
+        load_config(None, ["parallel.fp8=e5m2"])
+    # A Transformer Engine recipe of the megatron backend (tests/engine/megatron/test_fp8_megatron.py).
+    with pytest.raises(ConfigError, match=r"parallel\.fp8=blockwise: a Transformer Engine recipe of "
+                                          r"parallel\.backend=megatron; parallel\.backend=torch \(torchao\) offers "
+                                          r"tensorwise, rowwise"):
         load_config(None, ["parallel.fp8=blockwise"])
 
 
