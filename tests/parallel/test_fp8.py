@@ -226,3 +226,12 @@ def test_hardware_fp8_step_tracks_bf16_on_gpu(recipe):
     assert not model.model.layers[0].mlp.up_proj.config.emulate  # torch._scaled_mm, not emulation
     got = train(model, 5, ids)
     assert max(abs(a - b) / b for a, b in zip(got, ref)) < 0.02, (got, ref)
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
+def test_torchao_leaves_a_megatron_backend_model_alone(recipe):
+    """Under parallel.backend=megatron the engine runs Transformer Engine's FP8; torchao converts
+    nothing (its recipes are not TE's), so a one-process policy run reaches the engine's own refusal."""
+    model = lm()
+    assert apply_fp8(model, pc(recipe, backend="megatron")) == []
+    assert float8_names(model) == set()

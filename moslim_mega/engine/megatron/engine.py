@@ -42,6 +42,11 @@ positions over the attended tokens (``cumsum(mask) − 1``). A row's attended to
 be contiguous; rows with left padding (the policy's rollouts) are rolled to the front of their row
 for the model and rolled back (``_front_aligned``), which gives the torch engines' positions.
 
+FP8 (``EngineSettings.fp8``, ``parallel.fp8``): Transformer Engine's recipes through megatron-core's
+``TransformerConfig`` (config.fp8_fields); megatron-core's TransformerBlock enters TE's
+``fp8_autocast`` itself. Refused without TE, for MoE, below sm89 (MXFP8: sm100) and for GEMM dims
+that are not multiples of 16 (32); the token dimension is padded here (``_run``).
+
 Qwen2-MoE trains under expert parallelism (``ep``; not with pp > 1, nor tp > 1 without sequence
 parallelism). Not here (docs/megatron.md): context parallelism.
 """
