@@ -808,8 +808,9 @@ def _check_fp8(hf_config: dict, role: str, layout: Layout, settings: EngineSetti
         # SequentialMLP experts get any number of tokens each, and TE's FP8 GEMM needs multiples
         # of 16; megatron pads them (moe_router_padding_for_quantization) only with a dispatcher
         # other than the allgather one this engine uses.
-        raise MegatronEngineError(f"parallel.fp8={recipe}: FP8 of a Qwen2-MoE model is not in the megatron engine "
-                                  "(the experts' token counts are not padded for TE's FP8 GEMMs); use parallel.fp8=none")
+        raise MegatronEngineError(f"parallel.fp8={recipe}: FP8 of a Qwen2-MoE model is not in the megatron "
+                                  "engine (the experts' token counts are not padded for TE's FP8 GEMMs); "
+                                  "use parallel.fp8=none")
     check_layout(dims, layout)
     check_fp8_dims(dims, layout, recipe)
     if not torch.cuda.is_available():
