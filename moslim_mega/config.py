@@ -368,6 +368,14 @@ class CompareConfig:
     """Cap on each DPA fine-tuning iteration in minutes (0 = none)."""
 
 
+FP8_TORCH = ("tensorwise", "rowwise")
+"""``parallel.fp8`` recipes of the torch backend (torchao's ``Float8LinearConfig.from_recipe_name``)."""
+FP8_MEGATRON = ("tensorwise", "delayed", "blockwise", "mxfp8")
+"""``parallel.fp8`` recipes of the megatron backend (megatron-core's ``fp8_recipe``, run by Transformer Engine)."""
+FP8_TORCH_ONLY = tuple(r for r in FP8_TORCH if r not in FP8_MEGATRON)
+FP8_MEGATRON_ONLY = tuple(r for r in FP8_MEGATRON if r not in FP8_TORCH)
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     """torch.distributed layout of every stage under `torchrun` (issue 6); world size = pp × dp × tp."""
@@ -395,9 +403,19 @@ class ParallelConfig:
     reshard_after_forward: bool = True
     """FSDP2: free the gathered parameters after forward (ZeRO-3); False keeps them (ZeRO-2-like)."""
     fp8: str = "none"
-    """Float8 training of the decoder layers' linears (torchao): `none`, `tensorwise` or `rowwise`; emulated on CPU."""
+    """Float8 training of the decoder layers' linears: `none`; torch backend (torchao, emulated on CPU): `tensorwise` or `rowwise`; megatron backend (Transformer Engine, E4M3 forward / E5M2 gradients, needs TE and a GPU): `tensorwise` (current scaling per tensor), `delayed` (amax history), `blockwise` or `mxfp8` (Blackwell) — docs/megatron.md."""
     fp8_auto_filter: bool = False
     """Also skip linears below torchao's H100 size thresholds (too small for fp8 to pay); else only dims % 16 ≠ 0 are skipped."""
+
+    def __post_init__(self):
+        # Each backend offers the recipes its FP8 library has; refused at load time, before a run
+        # starts, rather than silently trained in another precision.
+        if self.backend == "torch" and self.fp8 in FP8_MEGATRON_ONLY:
+            raise ConfigError(f"parallel.fp8={self.fp8}: a Transformer Engine recipe of parallel.backend=megatron; "
+                              f"parallel.backend=torch (torchao) offers {', '.join(FP8_TORCH)}")
+        if self.backend == "megatron" and self.fp8 in FP8_TORCH_ONLY:
+            raise ConfigError(f"parallel.fp8={self.fp8}: torchao's recipe of parallel.backend=torch; "
+                              f"parallel.backend=megatron (Transformer Engine) offers {', '.join(FP8_MEGATRON)}")
 
 
 @dataclass(frozen=True)
@@ -549,7 +567,7 @@ _CHOICES = {
     (BenchConfig, "rm_score"): ("mapped", "expected"),
     (ParallelConfig, "backend"): ("torch", "megatron"),
     (ParallelConfig, "mixed_precision"): ("none", "bf16"),
-    (ParallelConfig, "fp8"): ("none", "tensorwise", "rowwise"),
+    (ParallelConfig, "fp8"): ("none", *FP8_TORCH, *FP8_MEGATRON_ONLY),
     (ParallelConfig, "pp_schedule"): ("gpipe", "1f1b", "interleaved_1f1b"),
     (KernelsConfig, "impl"): ("auto", "triton", "reference"),
     (RunConfig, "device"): ("auto", "cuda", "cpu"),

@@ -5,6 +5,7 @@ same weights and batch for both, side by side in one run.
 
     python kernels/bench/bench_megatron.py --out megatron.json            # CUDA: B=4, T=2048, bf16
     python kernels/bench/bench_megatron.py --small --out megatron.json    # tiny model (see below)
+    python kernels/bench/bench_megatron.py --fp8 tensorwise --out m.json  # + megatron with TE FP8
 
 Variants: ``torch`` — the HF model, ``algos.logprob.sequence_logprobs`` (the fused kernel),
 ``torch.optim.AdamW`` on the bf16 parameters; ``megatron`` — ``MegatronEngine`` (tp = pp = 1, the
@@ -12,6 +13,12 @@ TE layer spec when transformer_engine imports, else the local spec — recorded 
 megatron's DDP and distributed optimizer (fp32 main parameters and Adam states: more memory than
 ``torch`` by design). The first step's mean token log-prob of each variant is recorded: both start
 from the same weights and batch, so they agree to bf16 precision.
+
+``--fp8 RECIPE`` (tensorwise, delayed, blockwise, mxfp8: ``parallel.fp8`` under the megatron
+backend) adds a third variant, ``megatron_fp8``: the same engine with Transformer Engine FP8 in the
+decoder layers, side by side with bf16 (``speedup_vs_megatron_bf16``). Without transformer_engine
+it is skipped with a line that says so (recorded as ``skipped``); a refusal of the engine (a GPU
+below sm89, MXFP8 below Blackwell) is recorded as its ``error``.
 
 ``--small`` builds a tiny model; the torch variant runs anywhere, the megatron one needs CUDA — on
 CPU only the test-only shim (tests/engine/megatron/cpu_shim.py) makes it run, which is how
@@ -39,6 +46,7 @@ SHAPE = dict(vocab_size=151936, hidden_size=2048, intermediate_size=5504, num_hi
 SMALL_SHAPE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
 VARIANTS = ("torch", "megatron")
+FP8_RECIPES = ("tensorwise", "delayed", "blockwise", "mxfp8")  # engine/megatron/config.FP8_RECIPES
 
 
 def parse_args(argv=None):
@@ -50,6 +58,8 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=4, help="sequences per step")
     ap.add_argument("--seq", type=int, default=2048, help="tokens per sequence")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    ap.add_argument("--fp8", default="none", choices=("none",) + FP8_RECIPES,
+                    help="also run the megatron engine with this Transformer Engine FP8 recipe (needs TE)")
     args = ap.parse_args(argv)
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if unknown:
@@ -115,7 +125,7 @@ def run_torch(shape, dtype, dev, micro, args):
     return r, losses  # model and optimizer die with this frame, before the next variant
 
 
-def run_megatron(shape, dtype, dev, micro, args):
+def run_megatron(shape, dtype, dev, micro, args, fp8: str = "none"):
     from transformers import Qwen2Config
 
     from moslim_mega.engine.megatron.dims import Layout
@@ -124,7 +134,8 @@ def run_megatron(shape, dtype, dev, micro, args):
     model = _hf_model(shape, dtype, dev)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     config = {**Qwen2Config(**shape).to_dict(), "dtype": "bfloat16" if dtype == torch.bfloat16 else "float32"}
-    engine = MegatronEngine(config, state.__getitem__, "causal_lm", Layout(), EngineSettings(lr=1e-6, grad_clip=1.0))
+    engine = MegatronEngine(config, state.__getitem__, "causal_lm", Layout(),
+                            EngineSettings(lr=1e-6, grad_clip=1.0, fp8=fp8))
     del model, state
     gc.collect()
     losses = []
@@ -135,10 +146,19 @@ def run_megatron(shape, dtype, dev, micro, args):
 
     r = benchutil.measure(step, args.warmup, args.iters)
     r["layer_spec"] = "transformer_engine" if engine.use_te else "local"
+    r["fp8"] = fp8
     from megatron.core import parallel_state as ps
 
     ps.destroy_model_parallel()
     return r, losses
+
+
+def _te_importable() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _init_single_process(dev):
@@ -169,11 +189,22 @@ def run(args) -> dict:
     tokens = args.batch * args.seq
     peak, peak_src = peak_tflops(ProfileConfig(), dev.type, torch.cuda.get_device_name() if dev.type == "cuda" else "")
     results = {}
+    names = args.variants.split(",") + (["megatron_fp8"] if args.fp8 != "none" else [])
     try:
-        for name in args.variants.split(","):
+        for name in names:
             t0 = time.perf_counter()
+            if name == "megatron_fp8" and not _te_importable():
+                line = (f"megatron_fp8 skipped: transformer_engine is not importable, and FP8 in megatron-core "
+                        f"needs it (--fp8 {args.fp8} compares nothing here)")
+                print(line, flush=True)
+                results[name] = {"skipped": line, "fp8": args.fp8}
+                continue
             try:
-                r, losses = (run_torch if name == "torch" else run_megatron)(shape, dtype, dev, micro, args)
+                if name == "torch":
+                    r, losses = run_torch(shape, dtype, dev, micro, args)
+                else:
+                    r, losses = run_megatron(shape, dtype, dev, micro, args,
+                                             fp8=args.fp8 if name == "megatron_fp8" else "none")
             except Exception as exc:  # an OOM or a missing megatron-core is recorded, not raised
                 r, losses = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}, []
             if "ms" in r:
@@ -192,10 +223,16 @@ def run(args) -> dict:
             dist.destroy_process_group()
     if all("ms" in results.get(v, {}) for v in VARIANTS):
         results["megatron"]["speedup_vs_torch"] = results["megatron"]["tokens_per_s"] / results["torch"]["tokens_per_s"]
+    if "ms" in results.get("megatron", {}) and "ms" in results.get("megatron_fp8", {}):
+        fp8 = results["megatron_fp8"]
+        fp8["speedup_vs_megatron_bf16"] = fp8["tokens_per_s"] / results["megatron"]["tokens_per_s"]
+        # Same weights and batch: the first step's mean log-prob differs by FP8's rounding only.
+        fp8["first_logp_mean_diff_vs_bf16"] = fp8["first_logp_mean"] - results["megatron"]["first_logp_mean"]
     record = {"benchmark": "megatron_vs_torch_actor_step", "small": args.small, "device": dev.type,
               "dtype": str(dtype).removeprefix("torch."), "model": "qwen2-shaped", "shape": shape,
               "approx_params": flops.params, "batch": args.batch, "seq": args.seq, "iters": args.iters,
-              "warmup": args.warmup, "peak_tflops": peak, "peak_source": peak_src, "results": results}
+              "warmup": args.warmup, "fp8": args.fp8, "peak_tflops": peak, "peak_source": peak_src,
+              "results": results}
     benchutil.write(args.out, record)
     return record
 

@@ -9,8 +9,9 @@
 # rerun a single step if one is cut off. `fp8` (issue 16: bf16 vs float8 training step of a ~1B
 # Qwen2-shaped model, 300 s) is its own command and not part of `all`, which would then overrun
 # one device command; it needs torchao (carried by fetch_wheels.sh). `megatron` (issue 17: the
-# megatron engine's GPU tests, 120 s, then the torch path vs the megatron engine on a ~1B Qwen2-shaped
-# model, 360 s) is its own command too; it needs megatron-core (pip install -e '.[megatron]').
+# megatron engine's GPU tests, 120 s, then the torch path vs the megatron engine in bf16 and, where
+# transformer_engine is installed, in TE FP8 (--fp8 tensorwise) on a ~1B Qwen2-shaped model, 420 s)
+# is its own command too; it needs megatron-core (pip install -e '.[megatron]').
 set -u
 WHAT="${1:-all}"
 OUT="${OUT:-bench_out}"
@@ -50,6 +51,8 @@ if [[ "$WHAT" == fp8 ]]; then
 fi
 if [[ "$WHAT" == megatron ]]; then
   step megatron_gpu_tests 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/engine/megatron/test_engine_gpu.py
-  step bench_megatron 360 "$PY" kernels/bench/bench_megatron.py --out "$OUT/bench_megatron.json"
+  # --fp8: bf16 and TE FP8 (current scaling per tensor) megatron side by side; a line says it was
+  # skipped where transformer_engine is not installed.
+  step bench_megatron 420 "$PY" kernels/bench/bench_megatron.py --fp8 tensorwise --out "$OUT/bench_megatron.json"
 fi
 cat "$summary"

@@ -119,7 +119,9 @@ def fp8_emulate() -> bool:
 def apply_fp8(model, pc, fsdp: bool = False):
     """Convert ``model``'s decoder-layer linears in place for ``parallel.fp8`` (no-op for ``none``);
     call before TP and FSDP2. Returns the fully qualified names of the converted linears."""
-    if not fp8_enabled(pc):
+    if not fp8_enabled(pc) or getattr(pc, "backend", "torch") != "torch":
+        # Under parallel.backend=megatron the engine runs Transformer Engine's FP8 itself (its
+        # recipes, e.g. delayed, are not torchao's); a model that reaches here is not trained.
         return []
     try:
         from torchao.float8 import convert_to_float8_training

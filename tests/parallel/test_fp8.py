@@ -165,7 +165,12 @@ def test_state_dict_is_plain_and_exports_to_a_plain_hf_model(tmp_path):
 
 # ---- errors ----------------------------------------------------------------------------------------
 def test_bad_recipe_is_a_config_error_naming_the_field():
-    with pytest.raises(ConfigError, match=r"parallel\.fp8: 'blockwise' is not one of none, tensorwise, rowwise"):
+    with pytest.raises(ConfigError, match=r"parallel\.fp8: 'e5m2' is not one of none, tensorwise, rowwise"):
+        load_config(None, ["parallel.fp8=e5m2"])
+    # A Transformer Engine recipe of the megatron backend (tests/engine/megatron/test_fp8_megatron.py).
+    with pytest.raises(ConfigError, match=r"parallel\.fp8=blockwise: a Transformer Engine recipe of "
+                                          r"parallel\.backend=megatron; parallel\.backend=torch \(torchao\) offers "
+                                          r"tensorwise, rowwise"):
         load_config(None, ["parallel.fp8=blockwise"])
 
 
@@ -254,3 +259,12 @@ def test_pipeline_stages_convert_their_share_of_the_whole_models_set(role, monke
     filtered = split_model(build(), role, [1], 2)[0]
     parallelize_stage(filtered, None, pc("rowwise", fp8_auto_filter=True))
     assert float8_names(filtered) == got[1] and set(seen) == got[1]
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
+def test_torchao_leaves_a_megatron_backend_model_alone(recipe):
+    """Under parallel.backend=megatron the engine runs Transformer Engine's FP8; torchao converts
+    nothing (its recipes are not TE's), so a one-process policy run reaches the engine's own refusal."""
+    model = lm()
+    assert apply_fp8(model, pc(recipe, backend="megatron")) == []
+    assert float8_names(model) == set()

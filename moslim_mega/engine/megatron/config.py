@@ -13,9 +13,40 @@ from dataclasses import dataclass, field
 import torch
 
 from . import require_megatron_core
-from .dims import Layout, ModelDims, check_layout, model_dims, rope_settings
+from .dims import Layout, ModelDims, check_fp8_dims, check_layout, model_dims, rope_settings
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+FP8_RECIPES = ("tensorwise", "delayed", "blockwise", "mxfp8")
+"""``parallel.fp8`` under the megatron backend: each is megatron-core's ``fp8_recipe`` of the same
+name (megatron/core/enums.py ``Fp8Recipe``; its ``custom`` needs a quantizer factory and is not
+offered), which ``fp8_utils.get_fp8_recipe`` turns into Transformer Engine's recipe:
+``tensorwise`` → ``Float8CurrentScaling`` (scale from this tensor's own amax, per tensor),
+``delayed`` → ``DelayedScaling`` (scale from an amax history), ``blockwise`` →
+``Float8BlockScaling`` (1×128 / 128×128 blocks), ``mxfp8`` → ``MXFP8BlockScaling`` (Blackwell,
+1×32 blocks with E8M0 scales)."""
+
+
+def fp8_fields(recipe: str) -> dict:
+    """The ``TransformerConfig`` FP8 fields for a ``parallel.fp8`` recipe ({} for ``none``)."""
+    if recipe == "none":
+        return {}
+    if recipe not in FP8_RECIPES:
+        raise ValueError(f"parallel.fp8={recipe!r}: the megatron backend offers {', '.join(FP8_RECIPES)}")
+    return dict(
+        # hybrid: E4M3 (more mantissa) for weights and activations in forward, E5M2 (more range)
+        # for the gradients in backward — the format every TE recipe above is trained with.
+        fp8="hybrid", fp8_recipe=recipe, fp8_margin=0,
+        # Delayed scaling takes each scale from the max over the last 1024 steps' amaxes (TE's own
+        # DelayedScaling default; megatron's default of 1 most-recent value makes a step's scale
+        # follow one outlier). The other recipes compute their scales from the tensor itself and
+        # ignore both fields.
+        fp8_amax_history_len=1024 if recipe == "delayed" else 1,
+        fp8_amax_compute_algo="max" if recipe == "delayed" else "most_recent",
+        # The parameters stay in the model's dtype (TE casts them per GEMM): checkpoints, the HF
+        # export and the optimizer are the same as without FP8, as under the torch backend.
+        fp8_param=False,
+    )
 
 
 @dataclass(frozen=True)
@@ -48,10 +79,13 @@ def params_dtype(config: dict) -> torch.dtype:
 
 
 def transformer_config_kwargs(config: dict, layout: Layout = Layout(), *, dims: ModelDims | None = None,
-                              dtype: torch.dtype | None = None) -> dict:
-    """The ``TransformerConfig`` fields for an HF config (a dict), without importing megatron."""
+                              dtype: torch.dtype | None = None, fp8: str = "none") -> dict:
+    """The ``TransformerConfig`` fields for an HF config (a dict), without importing megatron;
+    ``fp8`` a ``parallel.fp8`` recipe (:data:`FP8_RECIPES`), whose dims rule is checked here."""
     dims = dims or model_dims(config, tp=layout.tp)
     check_layout(dims, layout)
+    if fp8 != "none":
+        check_fp8_dims(dims, layout, fp8)
     dtype = dtype or params_dtype(config)
     kw = dict(
         num_layers=dims.num_layers, hidden_size=dims.hidden_size, num_attention_heads=dims.num_heads,
@@ -87,17 +121,20 @@ def transformer_config_kwargs(config: dict, layout: Layout = Layout(), *, dims: 
             # alltoall wants a CUDA stream at construction).
             moe_grouped_gemm=False,
         )
+    kw.update(fp8_fields(fp8))
     return kw
 
 
 def transformer_config(config: dict, layout: Layout = Layout(), *, dims: ModelDims | None = None,
-                       dtype: torch.dtype | None = None, **overrides):
-    """megatron-core ``TransformerConfig`` for an HF config (a dict); ``overrides`` are further
-    ``TransformerConfig`` fields (an engine's performance switches, ``use_cpu_initialization``)."""
+                       dtype: torch.dtype | None = None, fp8: str = "none", **overrides):
+    """megatron-core ``TransformerConfig`` for an HF config (a dict); ``fp8`` a ``parallel.fp8``
+    recipe; ``overrides`` are further ``TransformerConfig`` fields (an engine's performance
+    switches, ``use_cpu_initialization``)."""
     require_megatron_core()
     from megatron.core.transformer import TransformerConfig
 
-    return TransformerConfig(**{**transformer_config_kwargs(config, layout, dims=dims, dtype=dtype), **overrides})
+    kw = transformer_config_kwargs(config, layout, dims=dims, dtype=dtype, fp8=fp8)
+    return TransformerConfig(**{**kw, **overrides})
 
 
 def gpt_model_args(config: dict, layout: Layout = Layout(), *, dims: ModelDims | None = None) -> GPTModelArgs:

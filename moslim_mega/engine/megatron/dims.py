@@ -209,3 +209,29 @@ def check_layout(dims: ModelDims, layout: Layout) -> None:
     for name, size, field, value in checks:
         if value % size:
             raise LayoutError(f"{name}={size} does not divide {field}={value}")
+
+
+def fp8_align(recipe: str) -> int:
+    """What every GEMM dimension of a Transformer Engine FP8 linear must be a multiple of: 16
+    (TE's FP8 GEMM rule for per-tensor and blockwise scaling), 32 for MXFP8 (its 1×32 scaling
+    blocks) — megatron-core's ``fp8_utils.get_fp8_align_size``, without importing it."""
+    return 32 if recipe == "mxfp8" else 16
+
+
+def check_fp8_dims(dims: ModelDims, layout: Layout, recipe: str) -> None:
+    """Raise :class:`LayoutError` naming the first HF size that makes one rank's FP8 linear (TE's
+    fused q/k/v, attention output, MLP fc1/fc2) not a multiple of :func:`fp8_align` — before TE
+    would assert on it deep inside the first forward. The token dimension is the engine's to pad."""
+    align = fp8_align(recipe)
+    tp = layout.tp
+    qkv = dims.head_dim * (dims.num_heads + 2 * dims.num_query_groups)
+    sizes = [("hidden_size", dims.hidden_size, dims.hidden_size),
+             ("head_dim × (num_attention_heads + 2 × num_key_value_heads) / tp", qkv, qkv // tp),
+             ("head_dim × num_attention_heads / tp", dims.head_dim * dims.num_heads,
+              dims.head_dim * dims.num_heads // tp),
+             ("intermediate_size / tp", dims.ffn_hidden_size, dims.ffn_hidden_size // tp)]
+    for field, whole, per_rank in sizes:
+        if per_rank % align:
+            raise LayoutError(f"parallel.fp8={recipe}: {field} = {per_rank} (from {whole}) is not a multiple of "
+                              f"{align}, which Transformer Engine's FP8 GEMMs need; use parallel.fp8=none for "
+                              "this model")

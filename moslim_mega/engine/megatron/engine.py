@@ -42,6 +42,11 @@ positions over the attended tokens (``cumsum(mask) − 1``). A row's attended to
 be contiguous; rows with left padding (the policy's rollouts) are rolled to the front of their row
 for the model and rolled back (``_front_aligned``), which gives the torch engines' positions.
 
+FP8 (``EngineSettings.fp8``, ``parallel.fp8``): Transformer Engine's recipes through megatron-core's
+``TransformerConfig`` (config.fp8_fields); megatron-core's TransformerBlock enters TE's
+``fp8_autocast`` itself. Refused without TE, for MoE, below sm89 (MXFP8: sm100) and for GEMM dims
+that are not multiples of 16 (32); the token dimension is padded here (``_run``).
+
 Qwen2-MoE trains under expert parallelism (``ep``; not with pp > 1, nor tp > 1 without sequence
 parallelism). Not here (docs/megatron.md): context parallelism.
 """
@@ -68,7 +73,7 @@ from ..base import ROLES, HeadIn, LogprobOut, LossFn, MicroBatch, TrainEngine
 from . import require_megatron_core
 from .config import gpt_model_args, transformer_config
 from .convert import LAYOUT_FILE
-from .dims import ConversionError, Layout, check_layout, model_dims
+from .dims import ConversionError, Layout, check_fp8_dims, check_layout, fp8_align, model_dims
 from .mapping import RankCoords, iter_hf_tensors, rank_state_dict, rules, to_megatron
 
 # Local spec name → Transformer Engine spec name: TE fuses each pre-norm into the next linear.
@@ -112,6 +117,10 @@ class EngineSettings:
     activation_checkpointing: bool = False
     """Full recomputation (``parallel.activation_checkpointing``): each layer's activations are
     dropped after its forward and recomputed in the backward; the gradients are the same."""
+    fp8: str = "none"
+    """``parallel.fp8``: a Transformer Engine FP8 recipe of the decoder layers' linears
+    (config.FP8_RECIPES: tensorwise, delayed, blockwise, mxfp8), or none. Needs the TE layer spec
+    and a GPU with FP8 tensor cores; the embedding and the heads stay in the model's dtype."""
 
 
 def te_available() -> bool:
@@ -282,6 +291,8 @@ class MegatronEngine(TrainEngine):
                                       "local spec norms refuse it); transformer_engine is not importable")
         if role == "reward" and not num_classes:
             raise MegatronEngineError("num_classes: the reward role needs the heads' class counts")
+        if settings.fp8 != "none":
+            _check_fp8(hf_config, role, layout, settings)
         if not dist.is_initialized():
             raise MegatronEngineError("torch.distributed is not initialised (run under torchrun)")
         require_megatron_core()
@@ -382,8 +393,15 @@ class MegatronEngine(TrainEngine):
         moe = {}
         if self.dims.is_moe and self.settings.moe_aux_loss_coeff is not None:
             moe["moe_aux_loss_coeff"] = self.settings.moe_aux_loss_coeff
+        # FP8: megatron-core's TransformerBlock enters TE's fp8_autocast itself whenever config.fp8
+        # is set (fp8_utils.get_fp8_context: around the whole block for delayed scaling, whose
+        # amax reduction must see every layer; per layer for the others), in forward and in the
+        # recomputed forward, and TE's linears run their backward GEMMs in FP8 from what that
+        # autocast recorded — so nothing here wraps forward or backward. The output layer (our
+        # log-prob kernel) and the reward/value heads run outside the block, in the model's dtype.
         cfg = transformer_config(
-            hf_config, self.layout, dims=self.dims, dtype=dtype, use_cpu_initialization=not self.cuda, **moe,
+            hf_config, self.layout, dims=self.dims, dtype=dtype, fp8=self.settings.fp8,
+            use_cpu_initialization=not self.cuda, **moe,
             # perform_initialization stays True although every weight is loaded next: megatron-core
             # 0.16 marks a TP-split weight (tensor_model_parallel, partition_dim) only inside its
             # init, and without the mark the grad norm drops TP rank > 0's shards as "duplicates".
@@ -600,6 +618,13 @@ class MegatronEngine(TrainEngine):
             # at the end to the step's largest B and T.
             B, T = max(i.shape[0] for i in ids), max(i.shape[1] for i in ids)
             ids = [torch.nn.functional.pad(i, (0, T - i.shape[1], 0, B - i.shape[0])) for i in ids]
+        if self.settings.fp8 != "none":
+            # TE's FP8 GEMMs also need the token dimension (T·B, T/tp·B under sequence parallelism)
+            # to be a multiple of 16 (32 for MXFP8): pad every row at the end. Causal attention
+            # keeps the pad tokens out of the real ones, and loss_func cuts the output back to T.
+            mult = fp8_align(self.settings.fp8) * (self.layout.tp if self.cfg.sequence_parallel else 1)
+            T = -(-max(i.shape[1] for i in ids) // mult) * mult
+            ids = [torch.nn.functional.pad(i, (0, T - i.shape[1])) for i in ids]
         # One iterator per chunk: each chunk's forward steps take the micro-batches in order
         # (the first chunk reads ids, the last one the head's inputs; all of them T).
         pairs = list(zip(ids, micro_batches))
@@ -735,7 +760,8 @@ def build_megatron_engine(parallel, model_path: str | Path, role: str, settings:
                           name: str = "model") -> MegatronEngine:
     """The engine ``parallel.backend=megatron`` selects: ``parallel`` is the run's ParallelConfig
     (its ``tp`` and ``pp``, dp = world / (tp·pp); ``pp_schedule`` / ``pp_stages_per_rank``, the
-    virtual stages; ``activation_checkpointing``, full recomputation); ``model_path`` an HF (or
+    virtual stages; ``activation_checkpointing``, full recomputation; ``fp8``, the Transformer
+    Engine recipe, :data:`~.config.FP8_RECIPES`); ``model_path`` an HF (or
     reward-model) directory; ``name`` the checkpoint item's name."""
     from ...config import ConfigError
 
@@ -751,10 +777,52 @@ def build_megatron_engine(parallel, model_path: str | Path, role: str, settings:
         vpp = parallel.pp_stages_per_rank
     if getattr(parallel, "activation_checkpointing", False):
         settings = replace(settings, activation_checkpointing=True)
+    fp8 = getattr(parallel, "fp8", "none")
+    if fp8 == "rowwise":  # ParallelConfig refuses it at load time; a hand-built one is refused here
+        raise ConfigError("parallel.fp8=rowwise: torchao's recipe of parallel.backend=torch; the megatron backend "
+                          "(Transformer Engine) offers tensorwise, delayed, blockwise, mxfp8")
+    if fp8 != "none":
+        settings = replace(settings, fp8=fp8)
     layout = Layout(tp=parallel.tp, pp=parallel.pp, vpp=vpp)
     engine = MegatronEngine.from_pretrained(model_path, role, layout, settings)
     engine.name = name
     return engine
+
+
+def _check_fp8(hf_config: dict, role: str, layout: Layout, settings: EngineSettings) -> None:
+    """Refuse a ``parallel.fp8`` recipe this engine cannot run, naming the field, before megatron
+    or TE builds anything: megatron-core without TE silently runs FP8 configs in full precision
+    (its ``get_fp8_context`` is then a null context), and TE itself fails deep in the first GEMM."""
+    from .config import FP8_RECIPES
+
+    recipe = settings.fp8
+    if recipe not in FP8_RECIPES:
+        raise MegatronEngineError(f"parallel.fp8={recipe}: the megatron backend (Transformer Engine) offers "
+                                  f"{', '.join(FP8_RECIPES)}")
+    if not (te_available() if settings.use_te is None else settings.use_te):
+        raise MegatronEngineError(f"parallel.fp8={recipe}: FP8 in megatron-core needs Transformer Engine (its layer "
+                                  "spec's linears do the FP8 GEMMs) and transformer_engine is not importable here "
+                                  "(or the local spec was asked for); install it or set parallel.fp8=none")
+    dims = model_dims(hf_config, tp=layout.tp, backbone=role != "causal_lm")
+    if dims.is_moe:
+        # SequentialMLP experts get any number of tokens each, and TE's FP8 GEMM needs multiples
+        # of 16; megatron pads them (moe_router_padding_for_quantization) only with a dispatcher
+        # other than the allgather one this engine uses.
+        raise MegatronEngineError(f"parallel.fp8={recipe}: FP8 of a Qwen2-MoE model is not in the megatron "
+                                  "engine (the experts' token counts are not padded for TE's FP8 GEMMs); "
+                                  "use parallel.fp8=none")
+    check_layout(dims, layout)
+    check_fp8_dims(dims, layout, recipe)
+    if not torch.cuda.is_available():
+        raise MegatronEngineError(f"parallel.fp8={recipe}: Transformer Engine's FP8 runs on CUDA GPUs only")
+    cap = torch.cuda.get_device_capability()
+    need = (10, 0) if recipe == "mxfp8" else (8, 9)
+    if cap < need:
+        what = "MXFP8 needs Blackwell (compute capability ≥ 10.0)" if recipe == "mxfp8" else \
+            "FP8 needs compute capability ≥ 8.9 (Ada, Hopper, Blackwell)"
+        alt = "tensorwise or delayed" if recipe == "mxfp8" and cap >= (8, 9) else "none"
+        raise MegatronEngineError(f"parallel.fp8={recipe}: {what}; {torch.cuda.get_device_name()} is "
+                                  f"sm{cap[0]}{cap[1]} — use parallel.fp8={alt}")
 
 
 def _no_pad_row_gradient(pad_id: int, module, inputs, out_BTD):

@@ -54,3 +54,30 @@ def test_bench_megatron_checks_its_arguments(tmp_path, argv, message):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert not out.exists()
+
+
+def _te_importable() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(_te_importable(), reason="the skip is the behaviour without transformer_engine")
+def test_bench_megatron_fp8_is_skipped_with_a_line_without_te(tmp_path):
+    out = tmp_path / "fp8.json"
+    argv = ["--small", "--iters", "1", "--warmup", "0", "--variants", "torch", "--fp8", "tensorwise", "--out", str(out)]
+    proc = subprocess.run([sys.executable, str(SCRIPT), *argv], env=_env(), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "megatron_fp8 skipped: transformer_engine is not importable" in proc.stdout
+    record = json.loads(out.read_text())
+    assert record["fp8"] == "tensorwise" and "tokens_per_s" in record["results"]["torch"]
+    assert record["results"]["megatron_fp8"]["skipped"].startswith("megatron_fp8 skipped")
+
+
+def test_bench_megatron_refuses_an_unknown_fp8_recipe(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--small", "--fp8", "rowwise", "--out", str(tmp_path / "x.json")],
+                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--fp8: invalid choice: 'rowwise'" in proc.stderr, proc.stderr[-2000:]
