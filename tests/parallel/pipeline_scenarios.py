@@ -26,7 +26,7 @@ from moslim_mega.algos.ppo import ppo_policy_loss
 from moslim_mega.checkpoint.state import apply_tensor_state, tensor_state
 from moslim_mega.config import ParallelConfig
 from moslim_mega.engine.base import HeadIn, LogprobOut
-from moslim_mega.engine.pipeline import PipelineEngine
+from moslim_mega.engine.pipeline import PipelineEngine, _unstride
 from moslim_mega.parallel.fp8 import apply_fp8
 from moslim_mega.kernels.multihead_head import fused_multihead_head
 from moslim_mega.parallel.mesh import build_mesh
@@ -122,18 +122,7 @@ def strided_head(model, role, mb, n):
     """``reference_head`` as ``PipelineEngine.forward`` computes it: the rows cut into ``n`` strided
     chunks, each its own tensor (for tensorwise fp8's per-tensor activation scale), then re-interleaved."""
     parts = [reference_head(model, role, {k: mb[k][i::n] for k in ("ids_BT", "mask_BT")}) for i in range(n)]
-
-    def merge(xs):
-        out = torch.empty((sum(x.shape[0] for x in xs), *xs[0].shape[1:]), dtype=xs[0].dtype)
-        for i, x in enumerate(xs):
-            out[i::n] = x
-        return out
-
-    if role == "causal_lm":
-        return LogprobOut(merge([p.logp_BT for p in parts]), merge([p.entropy_BT for p in parts]))
-    if role == "reward":
-        return HeadIn(merge([p.hidden_BD for p in parts]), parts[0].weight_CD, parts[0].bias_C)
-    return merge(parts)
+    return _unstride(parts, n, mb["ids_BT"].shape[0], role)
 
 
 def reference_steps(kind, mbs, steps, pc=None):

@@ -44,18 +44,22 @@ GRAD_NORM_RTOL = 1e-5
 PARAM_TOL = 5e-5
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def run_engine_cases(cases: list[dict], out: Path, timeout: int) -> dict:
+    """engine_worker.py over ``cases`` on 2 gloo processes: {(case name, rank): its result row}."""
     require_pinned()
-    out = tmp_path_factory.mktemp("megatron_engine")
-    (out / "cases.json").write_text(json.dumps(CASES))
+    (out / "cases.json").write_text(json.dumps(cases))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(Path(__file__).parent / "engine_worker.py"), str(out / "cases.json")]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return {(c["name"], r): json.loads((out / f"result_{c['name']}_rank{r}.json").read_text())
-            for c in CASES for r in (0, 1)}
+            for c in cases for r in (0, 1)}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return run_engine_cases(CASES, tmp_path_factory.mktemp("megatron_engine"), timeout=1200)
 
 
 @pytest.mark.parametrize("case", [c["name"] for c in CASES])

@@ -12,18 +12,10 @@ against plain torch (see test_engine_gloo.py).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from .cpu_shim import require_pinned
-from .test_engine_gloo import FORWARD_TOL, GRAD_NORM_RTOL, PARAM_TOL
+from .test_engine_gloo import FORWARD_TOL, GRAD_NORM_RTOL, PARAM_TOL, run_engine_cases
 
-ROOT = Path(__file__).resolve().parents[3]
 VPP = {"pp": 2, "vpp": 2}
 CASES = [
     # The two micro-batches differ in T (10, 7): the interleaved schedule's p2p sends shapes too.
@@ -39,16 +31,7 @@ NUM_MICRO = 2  # engine_worker.batches
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    require_pinned()
-    out = tmp_path_factory.mktemp("megatron_vpp")
-    (out / "cases.json").write_text(json.dumps(CASES))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(Path(__file__).parent / "engine_worker.py"), str(out / "cases.json")]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return {(c["name"], r): json.loads((out / f"result_{c['name']}_rank{r}.json").read_text())
-            for c in CASES for r in (0, 1)}
+    return run_engine_cases(CASES, tmp_path_factory.mktemp("megatron_vpp"), timeout=900)
 
 
 @pytest.mark.parametrize("case", [c["name"] for c in CASES])
