@@ -57,9 +57,9 @@ def fp8_enabled(pc) -> bool:
 def decoder_layers(model) -> list[nn.Module]:
     """The transformer's decoder layers of a causal LM, a multi-head RM, a value model or a pipeline
     stage of one of them (parallel/pipeline.py ``StageModule``)."""
-    from .pipeline import StageModule  # deferred: pipeline.py is imported lazily by the engines
-
-    if isinstance(model, StageModule):
+    # Recognised by its marker, not isinstance: pipeline.py imports parallelize.py, which imports
+    # this module (an import cycle otherwise, tests/test_import_graph.py).
+    if getattr(model, "is_pipeline_stage", False):
         # A pipeline stage is converted after the split (parallelize_stage), so the filter sees the
         # stage, not the model: it has no ``base_model_prefix`` of its own but names its (pruned)
         # backbone ``decoder``, whose layers are an ``nn.ModuleDict`` keyed by global layer index —

@@ -103,6 +103,9 @@ class StageModule(nn.Module):
     ``(hidden_BD, weight_CD, bias_C)`` or ``values_BT``.
     """
 
+    is_pipeline_stage = True
+    """How parallel/fp8.py tells a stage from a whole model without importing this module."""
+
     def __init__(self, pruned: nn.Module, role: str, stage: int, num_stages: int, layers: range,
                  temperature: float = 1.0, logprob_chunk: int = 8192, kernels_impl: str | None = None):
         super().__init__()
