@@ -13,7 +13,6 @@ profile's token count."""
 import json
 
 import pytest
-import torch
 
 from moslim_mega.config import load_config
 from moslim_mega.policy.controller import train_policy
@@ -23,7 +22,8 @@ from moslim_mega.sft import train_sft
 from moslim_mega.world.build import build_world
 
 from .test_equivalence import REPO, torchrun
-from .test_torchrun_stages import DPO, POLICY, PPO_GREEDY, RLOO, RM, SFT, _last_metrics, _max_diff, _numbers
+from .test_torchrun_stages import (DPO, POLICY, PPO_GREEDY, RLOO, RM, SFT, _last_metrics, _max_diff,
+                                   assert_rm_runs_equal)
 
 pytestmark = pytest.mark.slow
 
@@ -91,13 +91,7 @@ def test_sft_under_pp2_equals_single_process(runs):
 @pytest.mark.parametrize("layout", ["pp2", "pp2dp2"])
 def test_rm_train_under_pp2_equals_single_process(runs, layout):
     single, par = runs / "rm_1", runs / f"rm_{layout}"
-    assert _max_diff(single / "heads.safetensors", par / "heads.safetensors") < 1e-5
-    assert _max_diff(single / "backbone" / "model.safetensors", par / "backbone" / "model.safetensors") < 1e-5
-    s1, s2 = (json.loads((d / "mapping_stats.json").read_text()) for d in (single, par))
-    flat = lambda x: torch.tensor([v for v in _numbers(x)])  # noqa: E731
-    assert torch.allclose(flat(s1), flat(s2), atol=1e-5)
-    m1, m2 = _last_metrics(single), _last_metrics(par)
-    assert m1["step"] == m2["step"] and abs(m1["loss"] - m2["loss"]) < 1e-5 and abs(m1["grad_norm"] - m2["grad_norm"]) < 1e-4
+    assert_rm_runs_equal(single, par)
     e1, e2 = (json.loads((d / "eval.json").read_text())["mean"] for d in (single, par))
     assert e1.keys() == e2.keys() and all(abs(e1[k] - e2[k]) < 1e-5 for k in e1 if isinstance(e1[k], float))
 
